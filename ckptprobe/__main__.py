@@ -1,0 +1,3 @@
+from ckptprobe.cli import run
+
+run()

@@ -1,0 +1,105 @@
+"""Which weights did a fine-tune change? The bf16-aware update rule.
+
+"The Path Not Taken" (Def. 2.1/2.2) calls a weight unchanged iff
+`|w' - w| <= eta * max(|w|, |w'|)` with eta = 1e-3. Since eta < 2^-9 (half a bf16
+ULP, relative), two bf16 values satisfy it exactly when their bits are equal (with
++0 == -0), so for bf16 checkpoints the rule *is* a bitwise comparison, which is also
+the cheapest one. Other modes serve other checkpoints and comparisons:
+
+- bitwise: storage equality (both sides one dtype); the paper's probe for bf16.
+- bf16:    round both sides to bf16 first: "would this change survive bf16 storage?"
+- eta:     the relative rule with any eta.
+- atol:    `|w' - w| <= atol`, the fixed tolerance of earlier work. It over-reports
+           for large weights (1024.001 vs 1024.002 in fp32 differ by 1e-3 > 1e-5,
+           yet are the same bf16 value) and under-reports for small ones (1e-6 vs
+           2e-6 differ by 1e-6 < 1e-5, yet are a 2x change that bf16 keeps).
+
+Entries where either side is NaN or +-inf are counted as non-finite, never as
+changed or unchanged.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+from ckptprobe.analysis.bf16 import to_bf16_bits, to_float32
+from ckptprobe.errors import UsageError
+
+
+class CompareMode(str, Enum):
+    bitwise = "bitwise"
+    bf16 = "bf16"
+    eta = "eta"
+    atol = "atol"
+
+
+DEFAULT_ETA = 1e-3
+DEFAULT_ATOL = 1e-5
+# Bits of the exponent field of the 16-bit floats: all ones means inf or NaN.
+_EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}
+_CHUNK = 1 << 16  # elements per step of the fast path: both sides and the xor stay in L2
+
+
+def default_mode(dtype_a: str, dtype_b: str) -> CompareMode:
+    return CompareMode.bitwise if dtype_a == dtype_b else CompareMode.bf16
+
+
+def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
+    return raw.astype(np.float64) if dtype == "F64" else to_float32(raw, dtype)
+
+
+def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode,
+                eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL) -> tuple[np.ndarray, np.ndarray]:
+    """Storage arrays of one shape -> (changed, nonfinite) bool arrays of that shape.
+
+    `a` is the base, `b` the fine-tune, each in its storage dtype (BF16 as uint16 bits).
+    `changed` is False wherever `nonfinite` is True.
+    """
+    if mode == CompareMode.bf16:
+        a, b, dtype_a, dtype_b = to_bf16_bits(a, dtype_a), to_bf16_bits(b, dtype_b), "BF16", "BF16"
+        mode = CompareMode.bitwise
+    if mode == CompareMode.bitwise and dtype_a != dtype_b:
+        raise UsageError(f"bitwise comparison needs one dtype on both sides, got {dtype_a} and {dtype_b}",
+                         hint="use --mode bf16 (round both to bf16) or --mode eta")
+    if dtype_a not in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"):  # integers, bools: plain equality
+        return a != b, np.zeros(a.shape, bool)
+    fa, fb = _values(a, dtype_a), _values(b, dtype_b)
+    nonfinite = ~(np.isfinite(fa) & np.isfinite(fb))
+    if mode == CompareMode.bitwise:
+        changed = (a != b) & ~((fa == 0) & (fb == 0))  # +0 and -0 are the same weight
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(fb - fa)
+            tol = eta * np.maximum(np.abs(fa), np.abs(fb)) if mode == CompareMode.eta else atol
+            changed = diff > tol
+    return changed & ~nonfinite, nonfinite
+
+
+def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode,
+                  eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL) -> tuple[int, int]:
+    """Flat storage arrays -> (changed, nonfinite) counts; the same numbers as `update_mask`, faster.
+
+    The bitwise 16-bit case (every bf16 checkpoint) takes a fast path: xor and count,
+    plus four max-reductions that prove the chunk holds no inf/NaN and no sign-only
+    difference (the +-0 case); a chunk that fails the proof goes through `update_mask`.
+    """
+    exp = _EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
+    if exp is None:
+        changed, nonfinite = update_mask(a, b, dtype_a, dtype_b, mode, eta, atol)
+        return int(np.count_nonzero(changed)), int(np.count_nonzero(nonfinite))
+    changed = nonfinite = 0
+    buf = np.empty(min(_CHUNK, a.size), np.uint16)
+    for i in range(0, a.size, _CHUNK):
+        x, y = a[i:i + _CHUNK], b[i:i + _CHUNK]
+        xor = np.bitwise_xor(x, y, out=buf[:x.size])
+        # As int16, positive inf/NaN are the largest values; as uint16, negative ones are.
+        special = (xor.max() >= 0x8000 or x.view(np.int16).max() >= exp or y.view(np.int16).max() >= exp
+                   or x.max() >= 0x8000 | exp or y.max() >= 0x8000 | exp)
+        if special:
+            c, n = update_mask(x, y, dtype_a, dtype_b, mode)
+            changed, nonfinite = changed + int(np.count_nonzero(c)), nonfinite + int(np.count_nonzero(n))
+        else:
+            changed += int(np.count_nonzero(xor))
+    return changed, nonfinite

@@ -1,0 +1,137 @@
+"""Mask files: one bit-packed boolean mask per parameter, in a safetensors file.
+
+Layout: each mask is a 1-D uint8 tensor, 8 entries a byte, little bit order
+(`np.packbits(..., bitorder="little")`), so a 7B model's masks take under 1 GB.
+The file's `__metadata__["ckptprobe"]` is a JSON object with the recipe (kind,
+expression, base reference, k, alpha, seed, ...) and, per tensor, its `shape`,
+`density` and a `fingerprint` of the base tensor it was computed from, so a mask is
+never applied to the wrong model or silently broadcast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ckptprobe.errors import InvalidCheckpointError, MaskFileError
+from ckptprobe.io._safetensors import SafetensorsFile
+from ckptprobe.io.writer import write_safetensors
+
+FORMAT = 1
+
+
+def pack(mask: np.ndarray) -> np.ndarray:
+    """bool array, any shape -> uint8 (ceil(numel/8),), little bit order."""
+    return np.packbits(mask.reshape(-1), bitorder="little")
+
+
+def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack`: uint8 bits -> bool array of `shape`."""
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.unpackbits(packed, count=n, bitorder="little").view(np.bool_).reshape(shape)
+
+
+def fingerprint(raw: np.ndarray, dtype: str) -> str:
+    """`dtype:hash` of a tensor's stored bytes (C order); equal iff the stored tensors are bitwise equal."""
+    digest = hashlib.blake2b(np.ascontiguousarray(raw).view(np.uint8).data, digest_size=16).hexdigest()
+    return f"{dtype}:{digest}"
+
+
+def write_masks(path: str | os.PathLike, masks: Mapping[str, np.ndarray], recipe: Mapping,
+                fingerprints: Mapping[str, str]) -> None:
+    """Write boolean `masks` {name: bool array} with the `recipe` dict and per-tensor base fingerprints."""
+    tensors = {name: ("U8", pack(m)) for name, m in masks.items()}
+    meta = {"format": FORMAT, **recipe, "tensors": {
+        name: {"shape": list(m.shape), "density": float(m.mean()) if m.size else 0.0,
+               "fingerprint": fingerprints.get(name)} for name, m in masks.items()}}
+    write_safetensors(path, tensors, {"ckptprobe": json.dumps(meta)})
+
+
+@dataclass(frozen=True)
+class MaskFile:
+    """A mask file read and checked: `recipe` (metadata without tensors) and per-tensor entries."""
+
+    path: str
+    recipe: dict
+    tensors: dict  # name -> {"shape": [...], "density": float, "fingerprint": str | None}
+    _file: SafetensorsFile = field(repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def mask(self, name: str) -> np.ndarray:
+        """The boolean mask of `name`, shaped like its parameter."""
+        return unpack(self._file.read(name), self.shape(name))
+
+
+def read_masks(path: str | os.PathLike) -> MaskFile:
+    """Open a mask file, refusing one that is truncated, not a mask file, or inconsistent."""
+    try:
+        f = SafetensorsFile(path)
+    except FileNotFoundError:
+        raise MaskFileError(f"{path}: no such mask file") from None
+    except InvalidCheckpointError as e:
+        raise MaskFileError(f"not a valid mask file: {e}") from None
+    try:
+        meta = json.loads(f.metadata["ckptprobe"])
+        tensors = meta.pop("tensors")
+    except (KeyError, json.JSONDecodeError, TypeError):
+        raise MaskFileError(f"{path}: not a ckptprobe mask file (no 'ckptprobe' metadata)",
+                            hint="write one with `ckptprobe masks BASE --kind ...`") from None
+    if meta.get("format") != FORMAT:
+        raise MaskFileError(f"{path}: mask file format {meta.get('format')!r}, this version reads {FORMAT}")
+    if set(tensors) != set(f.keys()):
+        raise MaskFileError(f"{path}: metadata and stored masks name different tensors")
+    for name, entry in tensors.items():
+        info = f.info(name)
+        n = int(np.prod(entry["shape"], dtype=np.int64))
+        if info.dtype != "U8" or info.shape != ((n + 7) // 8,):
+            raise MaskFileError(f"{path}: mask {name!r} holds {info.shape} {info.dtype}, "
+                                f"expected ({(n + 7) // 8},) U8 for shape {tuple(entry['shape'])}")
+    return MaskFile(str(path), meta, tensors, f)
+
+
+def check_against(masks: MaskFile, shapes: Mapping[str, tuple[int, ...]],
+                  fingerprints: Mapping[str, str] | None = None) -> None:
+    """Raise MaskFileError unless every mask matches the model's shape (and fingerprint, when given).
+
+    `shapes`/`fingerprints` describe the model: {name: shape}, {name: fingerprint}. Masks
+    for names the model lacks are refused too: a mask is never silently ignored.
+    """
+    problems = []
+    for name, entry in masks.tensors.items():
+        if name not in shapes:
+            problems.append(f"{name}: not in the model")
+        elif tuple(shapes[name]) != tuple(entry["shape"]):
+            problems.append(f"{name}: mask shape {tuple(entry['shape'])} != model shape {tuple(shapes[name])}")
+        elif fingerprints and entry["fingerprint"] and fingerprints.get(name) not in (None, entry["fingerprint"]):
+            problems.append(f"{name}: the model's tensor differs from the base the mask was computed on")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MaskFileError(f"{masks.path} does not match the model: {problems[0]}{more}")
+
+
+class MaskSet(dict):
+    """{parameter name: bool torch tensor}, with the file's `recipe` and base `fingerprints`."""
+
+    recipe: dict
+    fingerprints: dict
+
+
+def load_masks(path: str | os.PathLike, device="cpu") -> MaskSet:
+    """Load a mask file as boolean torch tensors on `device`, shaped like their parameters."""
+    import torch
+
+    mf = read_masks(path)
+    out = MaskSet({name: torch.from_numpy(mf.mask(name).copy()).to(device) for name in mf.keys()})
+    out.recipe = mf.recipe
+    out.fingerprints = {n: e["fingerprint"] for n, e in mf.tensors.items() if e["fingerprint"]}
+    return out

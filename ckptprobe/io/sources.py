@@ -1,0 +1,128 @@
+"""Tensor sources: where a checkpoint's tensors come from, one tensor at a time.
+
+Every source has the same small interface (the `TensorSource` protocol):
+`ref` (what the user typed), `keys()`, `info(name)` (dtype and shape, no data read),
+`read(name, start, stop)` (a flat element range in the storage dtype) and
+`get_array(name)` (the whole tensor, shaped). `open_source` turns a reference into one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError
+from ckptprobe.io._safetensors import SafetensorsFile, TensorInfo
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; convert the checkpoint with "
+               "transformers' `model.save_pretrained(dir, safe_serialization=True)` and point ckptprobe at that")
+HUB_REF = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^\s]+))?$")
+
+
+class TensorSource(Protocol):
+    ref: str
+
+    def keys(self) -> list[str]: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+    def get_array(self, name: str) -> np.ndarray: ...
+
+
+class MultiFileSource:
+    """Several safetensors files seen as one checkpoint (a sharded folder).
+
+    `files` maps each tensor name to the file holding it; headers are parsed at open
+    (cheap), data is read on demand.
+    """
+
+    def __init__(self, ref: str, files: list[Path], weight_map: dict[str, str] | None = None):
+        self.ref = ref
+        self._files = {p.name: SafetensorsFile(p) for p in files}
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self._files.values():
+            for name in f.keys():
+                if name in self._where:
+                    raise InvalidCheckpointError(f"{ref}: tensor {name!r} appears in both {self._where[name].path.name} and {f.path.name}")
+                self._where[name] = f
+        for name, shard in (weight_map or {}).items():
+            if name not in self._where:
+                raise InvalidCheckpointError(f"{ref}: the index puts {name!r} in {shard}, which does not hold it")
+        self.metadata = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._where[name].info(name)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._where[name].read(name, start, stop)
+
+    def get_array(self, name: str) -> np.ndarray:
+        return self._where[name].get_array(name)
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise InvalidCheckpointError(f"{path}: refusing to open a pickle checkpoint", hint=PICKLE_HINT)
+
+
+def open_folder(folder: Path) -> MultiFileSource:
+    """A folder with `*.safetensors.index.json`, `model.safetensors`, or several `*.safetensors`."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index_path = indexes[0]
+        try:
+            weight_map = json.loads(index_path.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            weight_map = None
+        if not isinstance(weight_map, dict):
+            raise InvalidCheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object)")
+        root = folder.resolve()
+        shards = []
+        for shard in sorted(set(weight_map.values())):
+            path = (folder / shard).resolve()
+            if not isinstance(shard, str) or os.path.isabs(shard) or root not in path.parents:
+                raise InvalidCheckpointError(f"{index_path}: shard path {shard!r} points outside the folder")
+            if not path.is_file():
+                raise CheckpointNotFoundError(f"{index_path}: names shard {shard!r}, which does not exist")
+            shards.append(path)
+        return MultiFileSource(str(folder), shards, weight_map)
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return MultiFileSource(str(folder), files)
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        _refuse_pickle(pickles[0])
+    raise CheckpointNotFoundError(f"{folder}: folder holds no *.safetensors files")
+
+
+def open_source(ref: str, revision: str | None = None, token: str | bool | None = None,
+                download: bool = False) -> TensorSource:
+    """Resolve a checkpoint reference: a file, a folder, or a Hub repo.
+
+    An existing local path always wins over a Hub name. Hub references are
+    `org/name`, `org/name@revision` or `hf://org/name@revision`; `revision`
+    overrides the one in the reference.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return open_folder(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path)
+        if path.name.endswith(".index.json"):
+            return open_folder(path.parent)
+        return MultiFileSource(ref, [path])
+    match = HUB_REF.match(ref)
+    if match and not ref.startswith((".", "/", "~")):
+        from ckptprobe.io.hub import HubSource  # only Hub users pay for importing huggingface_hub
+
+        return HubSource(match["repo"], revision or match["rev"], token=token, download=download, ref=ref)
+    raise CheckpointNotFoundError(
+        f"{ref}: no such file or folder, and not a Hub reference (org/name[@revision])")
