@@ -1,0 +1,49 @@
+"""Shared plumbing for figures: matplotlib without a display, atomic saves, block averaging.
+
+matplotlib is imported lazily (it costs ~0.15 s), only by commands asked to plot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ckptprobe.io.writer import atomic_write
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
+    """Save `fig` atomically; the format follows the suffix (.png, .pdf, .svg). Closes the figure."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_write(path) as f:
+        fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def block_average(m: np.ndarray, max_size: int = 256) -> np.ndarray:
+    """Shrink a 2-D array to at most `max_size` per side by averaging blocks (for heatmaps of big matrices).
+
+    (R, C) -> (ceil(R/b), ceil(C/b)) with one block size b for both axes so aspect is kept;
+    partial edge blocks average what they hold.
+    """
+    m = np.asarray(m, dtype=np.float64)
+    b = max(1, -(-max(m.shape) // max_size))
+    if b == 1:
+        return m
+    rows, cols = -(-m.shape[0] // b), -(-m.shape[1] // b)
+    padded = np.full((rows * b, cols * b), np.nan)
+    padded[:m.shape[0], :m.shape[1]] = m
+    return np.nanmean(padded.reshape(rows, b, cols, b), axis=(1, 3))
