@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ckptprobe.cli.drift import drift
 from ckptprobe.cli.sparsity import sparsity
 
 app = typer.Typer(
@@ -26,3 +27,4 @@ def _root() -> None:
 
 
 app.command(no_args_is_help=True)(sparsity)
+app.command(no_args_is_help=True)(drift)

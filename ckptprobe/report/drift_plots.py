@@ -1,0 +1,28 @@
+"""Figure for `ckptprobe drift`: per-group drift from the base and per step, surges marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptprobe.report.figures import pyplot, save_figure
+
+
+def plot_drift(result, path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = range(1, len(result.checkpoints) + 1)
+    for ax, kind, title in zip(axes, ("rel_to_base", "rel_step"), ("||W_t - W_0|| / ||W_0||", "||W_t - W_t-1|| / ||W_t-1||")):
+        for group, series in result.groups.items():
+            ax.plot(x, series[kind], marker="o", label=group)
+        ax.set_yscale("log")
+        ax.set_xlabel("checkpoint")
+        ax.set_title(title)
+    for s in result.surges:
+        axes[1].axvline(s.index + 1, color="red", ls="--", lw=1)
+        axes[1].annotate(f"surge z={s.z:.1f}", (s.index + 1, s.rel_step), color="red", fontsize=8)
+    axes[0].legend(fontsize=8)
+    names = [Path(c).name or c for c in result.checkpoints]
+    for ax in axes:
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
+    fig.suptitle(f"Drift from {Path(result.base).name or result.base}")
+    return save_figure(fig, path)
