@@ -13,8 +13,8 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 

@@ -11,8 +11,8 @@ from a copy taken once. The result is bitwise, for any torch optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -32,10 +32,10 @@ _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.floa
 class MaskedUpdates:
     """What `mask_updates` installed; `remove()` takes it all out and frees the copies.
 
-    `frozen` maps each constrained parameter name to `(frozen, values)`: `frozen` is a bool
-    tensor shaped like the parameter (True = kept fixed), or None when the whole parameter
-    is frozen; `values` is 1-D, in the parameter's dtype, holding the frozen entries in
-    row-major order (all entries when `frozen` is None).
+    `frozen` maps each constrained parameter name to `(mask, values)`: `mask` is the bool
+    mask (True = trained, shaped like the parameter, the caller's tensor when it already
+    sat on the parameter's device), or None when the whole parameter is frozen; `values`
+    is 1-D, in the parameter's dtype: the frozen entries in row-major order.
     """
 
     frozen: dict[str, tuple[torch.Tensor | None, torch.Tensor]]
@@ -84,10 +84,14 @@ def _chunks(t: torch.Tensor):
     return [t[s:s + rows] for s in range(0, t.shape[0], rows)]
 
 
-def _zero_frozen_grad(frozen: torch.Tensor | None):
+def _zero_frozen_grad(keep: torch.Tensor | None):
     def hook(p: torch.Tensor) -> None:
-        if p.grad is not None:
-            p.grad.zero_() if frozen is None else p.grad.masked_fill_(frozen, 0)
+        if p.grad is None:
+            return
+        if keep is None:
+            p.grad.zero_()
+        else:  # in place, no temporary; a NaN in a frozen entry becomes 0 too
+            torch.where(keep, p.grad, p.grad.new_zeros(()), out=p.grad)
     return hook
 
 
@@ -110,9 +114,12 @@ def mask_updates(model: torch.nn.Module, masks: Mapping[str, torch.Tensor], opti
 
     Memory, per constrained parameter of n entries with a fraction f frozen: a bool mask
     (n bytes) plus the frozen values in the parameter's own dtype (f * n * itemsize bytes):
-    1 + 2f bytes per entry for bf16, nothing in fp32. A wholly frozen parameter (`missing=
-    "freeze"` or an all-False mask) keeps no mask (itemsize bytes per entry); an all-True
-    mask costs nothing. Setup needs one more copy of the frozen values transiently.
+    1 + 2f bytes per entry for bf16, nothing in fp32. The mask is the caller's tensor when
+    it is already on the parameter's device (load the masks there: no second copy). A
+    wholly frozen parameter (`missing="freeze"` or an all-False mask) keeps no mask
+    (itemsize bytes per entry); an all-True mask costs nothing. Setup needs one more copy
+    of the frozen values transiently; each restore works in chunks of 2^24 entries.
+    Do not modify the masks in place while the hooks are installed.
 
     Refused (errors name the parameter): masks for names the model lacks (MaskFileError),
     a mask whose shape or base fingerprint differs from its parameter (TensorMismatchError),
@@ -140,8 +147,7 @@ def mask_updates(model: torch.nn.Module, masks: Mapping[str, torch.Tensor], opti
                               "the tensors the optimizer steps")
     fps = getattr(masks, "fingerprints", None) or {}
 
-    handle = MaskedUpdates({})
-    entries = []  # (param, frozen bool or None, frozen values split per chunk)
+    plan = []  # (name, param, keep mask or None = all frozen); everything checked before any hook
     for pid, p in params.items():
         named = [n for n in names[pid] if n in masks]
         for n in named:
@@ -152,41 +158,42 @@ def mask_updates(model: torch.nn.Module, masks: Mapping[str, torch.Tensor], opti
             if named and p.requires_grad:
                 raise UsageError(f"{named[0]} has a mask but the optimizer does not step it, so the mask "
                                  "would not be enforced", hint="pass the optimizer that updates it")
-            continue
-        if not named:
+        elif not named:
             if missing == "error":
                 raise MaskFileError(f"no mask for {names[pid][0]}, which the optimizer trains",
                                     hint="pass missing='freeze' to keep it fixed or missing='train' to train it fully")
-            if missing == "train":
-                continue
-            keep = None
+            if missing == "freeze":
+                plan.append((names[pid][0], p, None))
         else:
-            keep = masks[named[0]].to(p.device)
-            if bool(keep.all()):
-                continue  # fully trainable: no hooks, no memory
-            if not bool(keep.any()):
-                keep = None
+            keep = masks[named[0]].to(p.device)  # the caller's tensor when already there: no copy
+            if not bool(keep.all()):  # an all-True mask needs nothing
+                plan.append((named[0], p, keep if bool(keep.any()) else None))
+
+    handle = MaskedUpdates({})
+    entries = []  # (param, keep mask or None, frozen values split per chunk)
+    for name, p, keep in plan:
         with torch.no_grad():
             if keep is None:
-                frozen, values = None, p.detach().reshape(-1).clone()
+                values = p.detach().reshape(-1).clone()
                 pieces = [values]
             else:
-                frozen = ~keep
-                values = torch.cat([pc[fc] for pc, fc in zip(_chunks(p.detach()), _chunks(frozen))])
-                pieces = values.split([int(fc.sum()) for fc in _chunks(frozen)])  # views, no copy
-        handle.frozen[names[pid][0]] = (frozen, values)
-        entries.append((p, frozen, pieces))
+                parts = [pc[~kc] for pc, kc in zip(_chunks(p.detach()), _chunks(keep), strict=True)]
+                values = torch.cat(parts)
+                pieces = values.split([len(part) for part in parts])  # views into values, no copy
+                del parts
+        handle.frozen[name] = (keep, values)
+        entries.append((p, keep, pieces))
         if p.requires_grad:
-            handle._handles.append(p.register_post_accumulate_grad_hook(_zero_frozen_grad(frozen)))
+            handle._handles.append(p.register_post_accumulate_grad_hook(_zero_frozen_grad(keep)))
 
     @torch.no_grad()
     def restore(opt, args, kwargs) -> None:
-        for p, frozen, pieces in entries:
-            if frozen is None:
+        for p, keep, pieces in entries:
+            if keep is None:
                 p.copy_(pieces[0].view_as(p))
             else:
-                for pc, fc, vc in zip(_chunks(p), _chunks(frozen), pieces):
-                    pc.masked_scatter_(fc, vc)
+                for pc, kc, vc in zip(_chunks(p), _chunks(keep), pieces, strict=True):
+                    pc.masked_scatter_(~kc, vc)
 
     if entries:
         handle._handles.append(optimizer.register_step_post_hook(restore))

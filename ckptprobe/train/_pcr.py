@@ -11,7 +11,7 @@ projection, alpha -> 0 leaves g_pla alone. The paper applies it to MLP weights o
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -72,7 +72,7 @@ def apply_pcr(model: torch.nn.Module, grads_pla: Mapping[str, torch.Tensor], gra
         gp, gs = grads_pla.get(name), grads_sta.get(name)
         for g in (gp, gs):
             if g is not None and g.shape != p.shape:
-                raise TensorMismatchError(f"{name}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
+                raise TensorMismatchError(f"{name}: gradient shape {tuple(g.shape)} != parameter {tuple(p.shape)}")
         if gp is None or gs is None:
             if gp is not None or gs is not None:
                 p.grad = (gs if gp is None else gp).detach().to(p.dtype)

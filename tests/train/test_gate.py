@@ -78,9 +78,9 @@ def test_replay_matches_reference(window, tau):
                 break
     ref = reference_decisions(calls, window, tau)
     assert [h.allowed for h in gate.history] == [a for a, _ in ref]
-    for h, (_, z) in zip(gate.history, ref):
+    for h, (_, z) in zip(gate.history, ref, strict=True):
         assert (h.z is None) == (z is None) and (z is None or h.z == pytest.approx(z, rel=1e-9, abs=1e-9))
-    surge = [h for h, (g, k) in zip(gate.history, calls) if g == energies[20, 3]]
+    surge = [h for h, (g, _) in zip(gate.history, calls, strict=True) if g == energies[20, 3]]
     assert len(surge) == 1 and not surge[0].allowed  # the known surge is gated
     assert not any(h.allowed is False and h.reuse_index == 1 for h in gate.history)
 
@@ -131,7 +131,8 @@ def test_refusal_clears_grads_and_logs(caplog):
         only_head.observe(g, 1)
     (100.0 * loss(model, ids)).backward()
     assert not only_head.allow(reuse_index=2)
-    assert model.lm_head.weight.grad is None and model.body.weight.grad is not None  # the default clears the watched one only
+    # the default clears the watched parameter only
+    assert model.lm_head.weight.grad is None and model.body.weight.grad is not None
 
 
 def test_tied_embedding_measures_the_sum_of_both_uses():

@@ -118,7 +118,7 @@ def test_trainable_entries_match_reference_loop():
         with torch.no_grad():
             for n, p in ref.named_parameters():
                 p.copy_(torch.where(masks[n], p, start[n]))
-    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(bits(p), bits(q)), n
 
 
@@ -283,3 +283,22 @@ def test_memory_cost_per_parameter():
     frozen_frac = sum(int((~masks[n]).sum()) for n in handle.frozen if n != "norm.bias") / n_constrained
     per_entry = (handle.nbytes - 16) / n_constrained
     assert per_entry == pytest.approx(1 + 2 * frozen_frac)
+
+
+def test_refusal_installs_nothing():
+    """A call that raises leaves no hook behind: later training is unconstrained."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    masks = {n: m for n, m in random_masks(model).items() if n != "lm_head.weight"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(MaskFileError):
+        mask_updates(model, masks, opt)
+    model(torch.randint(0, 11, (2, 5))).sum().backward()
+    assert model.up_proj.weight.grad[~masks["up_proj.weight"]].ne(0).any()
+
+
+def test_masks_on_the_device_are_not_copied():
+    model = TinyLM()
+    masks = random_masks(model)
+    handle = mask_updates(model, masks, torch.optim.AdamW(model.parameters()))
+    assert all(handle.frozen[n][0] is masks[n] for n in handle.frozen)

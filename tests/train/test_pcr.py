@@ -77,7 +77,7 @@ def test_conflict_shrinks_by_one_minus_alpha(pairs, alpha):
     """Invariant: after projection g.g_sta = (1 - alpha) * min(g_pla.g_sta, 0) + max(g_pla.g_sta, 0)."""
     gp = torch.tensor([a for a, _ in pairs])
     gs = torch.tensor([b for _, b in pairs])
-    out = pcr_combine(gp, gs, alpha, 1.0 - alpha) if 0 < alpha < 1 else pcr_combine(gp, gs, alpha, 1 - alpha)
+    out = pcr_combine(gp, gs, alpha, 1.0 - alpha)  # var_pla / (var_pla + var_sta) = alpha
     dot = float(np.dot(gp.numpy().astype(np.float64), gs.numpy().astype(np.float64)))
     expected = (1 - alpha) * min(dot, 0.0) + max(dot, 0.0)
     scale = float(gp.norm() * gs.norm()) + 1e-30
