@@ -83,12 +83,12 @@ def open_folder(folder: Path) -> MultiFileSource:
             weight_map = None
         if not isinstance(weight_map, dict):
             raise InvalidCheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object)")
-        root = folder.resolve()
         shards = []
-        for shard in sorted(set(weight_map.values())):
-            path = (folder / shard).resolve()
-            if not isinstance(shard, str) or os.path.isabs(shard) or root not in path.parents:
+        for shard in sorted(set(map(str, weight_map.values()))):
+            # Checked by name, not by resolving: in the Hub cache every shard is a symlink into blobs/.
+            if os.path.isabs(shard) or ".." in Path(shard).parts:
                 raise InvalidCheckpointError(f"{index_path}: shard path {shard!r} points outside the folder")
+            path = folder / shard
             if not path.is_file():
                 raise CheckpointNotFoundError(f"{index_path}: names shard {shard!r}, which does not exist")
             shards.append(path)
@@ -107,8 +107,8 @@ def open_source(ref: str, revision: str | None = None, token: str | bool | None 
     """Resolve a checkpoint reference: a file, a folder, or a Hub repo.
 
     An existing local path always wins over a Hub name. Hub references are
-    `org/name`, `org/name@revision` or `hf://org/name@revision`; `revision`
-    overrides the one in the reference.
+    `org/name`, `org/name@revision` or `hf://org/name@revision`; `revision` applies
+    to Hub references that do not name one with `@`.
     """
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -123,6 +123,6 @@ def open_source(ref: str, revision: str | None = None, token: str | bool | None 
     if match and not ref.startswith((".", "/", "~")):
         from ckptprobe.io.hub import HubSource  # only Hub users pay for importing huggingface_hub
 
-        return HubSource(match["repo"], revision or match["rev"], token=token, download=download, ref=ref)
+        return HubSource(match["repo"], match["rev"] or revision, token=token, download=download, ref=ref)
     raise CheckpointNotFoundError(
         f"{ref}: no such file or folder, and not a Hub reference (org/name[@revision])")

@@ -1,0 +1,284 @@
+"""Hub model repos as tensor sources, read one tensor at a time over HTTP range requests.
+
+A safetensors file can be read piecewise: its first 8 bytes give the length of the JSON
+header, and the header gives each tensor's byte span. `HubSource` therefore fetches, per
+file, 8 bytes and the header, and later only the byte ranges of the tensors asked for:
+comparing one layer of two 14 GB repos moves that layer, not 28 GB.
+
+With `download=True` whole files go into the Hub cache instead (`hf_hub_download`, one
+at a time, when a tensor of the file is first read) and are read from there. Files
+already in the cache are always read from it, and with HF_HUB_OFFLINE=1 the cache is
+the only source: no request is made at all.
+
+URLs, auth headers, the endpoint (HF_ENDPOINT), the cache and error types are the
+`huggingface_hub` client's own. Only this module imports it, so local runs do not pay
+for the import.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx2  # huggingface_hub's HTTP client: its transport errors are not wrapped
+import numpy as np
+from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
+                                    LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
+from ckptprobe.io._safetensors import MAX_HEADER_BYTES, STORAGE_DTYPES, SafetensorsFile, TensorInfo, parse_header
+from ckptprobe.io.sources import PICKLE_HINT, PICKLE_SUFFIXES
+
+TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
+NETWORK_HINT = ("check the network and HF_ENDPOINT; to read files already in the Hub cache (from an earlier "
+                "--download run), set HF_HUB_OFFLINE=1")
+OFFLINE_HINT = "run once online with --download to fill the Hub cache, or unset HF_HUB_OFFLINE"
+
+_download_lock = threading.Lock()  # --download fetches one whole file at a time
+
+
+class HubSource:
+    """The safetensors checkpoint of a Hub model repo at one revision.
+
+    Same interface as the local sources: `keys()`, `info(name)`, `read(name, start, stop)`
+    (elements [start, stop) of the flattened tensor, numpy storage dtype: uint16 bits
+    for BF16), `get_array(name)`. The revision is resolved once to `commit`, and every
+    read is pinned to that commit. Picks the files like a local folder does: the
+    `*.safetensors.index.json` and its shards, else every `*.safetensors` at the root.
+    """
+
+    def __init__(self, repo_id: str, revision: str | None = None, token: str | bool | None = None,
+                 download: bool = False, ref: str | None = None):
+        self.repo_id = repo_id
+        self.revision = revision or constants.DEFAULT_REVISION
+        self.ref = ref or f"{repo_id}@{self.revision}"
+        self.metadata: dict[str, str] = {}
+        self._label = f"{repo_id}@{self.revision}"
+        self._token = token if token != "" else None  # None: HF_TOKEN, then the saved token
+        self._download = download
+        self._offline = constants.is_offline_mode()
+        with self._errors():
+            self._headers = build_hf_headers(token=self._token)
+            files, weight_map = self._open_cached() if self._offline else self._open_online()
+        self._where: dict[str, SafetensorsFile | _RemoteFile] = {}
+        file_of: dict[str, str] = {}
+        for filename, f in files:
+            for name in f.keys():
+                if name in self._where:
+                    raise InvalidCheckpointError(f"{self._label}: tensor {name!r} appears in both "
+                                                 f"{file_of[name]} and {filename}")
+                self._where[name], file_of[name] = f, filename
+        for name, shard in (weight_map or {}).items():
+            if file_of.get(name) != shard:
+                raise InvalidCheckpointError(
+                    f"{self._label}: the index puts {name!r} in {shard}, which does not hold it")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._where[name].info(name)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._where[name].read(name, start, stop)
+
+    def get_array(self, name: str) -> np.ndarray:
+        return self.read(name).reshape(self.info(name).shape)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open_online(self) -> tuple[list, dict | None]:
+        # One short API call resolves the revision and lists the files; it fails at once when
+        # the endpoint is unreachable (no retries), so a wrong HF_ENDPOINT costs no waiting.
+        info = HfApi().model_info(self.repo_id, revision=self.revision, token=self._token,
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        self.commit = info.sha
+        shards, weight_map = self._pick([s.rfilename for s in info.siblings or ()], self._read_text)
+        return [(s, self._open_file(s)) for s in shards], weight_map
+
+    def _open_cached(self) -> tuple[list, dict | None]:
+        try:
+            folder = Path(snapshot_download(self.repo_id, revision=self.revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+        except LocalEntryNotFoundError:
+            raise HubError(f"{self._label}: not in the Hub cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 "
+                           "forbids downloading it", hint=OFFLINE_HINT) from None
+        self.commit = folder.name
+        names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        shards, weight_map = self._pick(names, lambda f: (folder / f).read_text())
+        return [(s, SafetensorsFile(folder / s)) for s in shards], weight_map
+
+    def _pick(self, names: list[str], read_text: Callable[[str], str]) -> tuple[list[str], dict | None]:
+        """The safetensors files to open among the repo's `names`, and the index's weight map if any."""
+        root = sorted(n for n in names if "/" not in n)
+        indexes = [n for n in root if n.endswith(".safetensors.index.json")]
+        if indexes:
+            try:
+                weight_map = json.loads(read_text(indexes[0])).get("weight_map")
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+                raise InvalidCheckpointError(f"{self._label}: {indexes[0]} is not a safetensors index "
+                                             "(no 'weight_map' object of file names)")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if shard in names:
+                    continue
+                if self._offline:
+                    raise HubError(f"{self._label}: shard {shard} is not in the Hub cache, and HF_HUB_OFFLINE=1 "
+                                   "forbids downloading it", hint=OFFLINE_HINT)
+                raise CheckpointNotFoundError(f"{self._label}: {indexes[0]} names shard {shard!r}, "
+                                              "which is not in the repo")
+            return shards, weight_map
+        files = [n for n in root if n.endswith(".safetensors")]
+        if files:
+            return files, None
+        pickles = [n for n in root if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise InvalidCheckpointError(f"{self._label}: refusing to open a pickle checkpoint ({pickles[0]}); "
+                                         "the repo has no safetensors files", hint=PICKLE_HINT)
+        if self._offline:
+            raise HubError(f"{self._label}: no *.safetensors file in the Hub cache, and HF_HUB_OFFLINE=1 forbids "
+                           "downloading", hint=OFFLINE_HINT)
+        raise CheckpointNotFoundError(f"{self._label}: the repo holds no *.safetensors files")
+
+    def _open_file(self, filename: str) -> SafetensorsFile | _RemoteFile:
+        cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit)
+        return SafetensorsFile(cached) if isinstance(cached, str) else _RemoteFile(self, filename)
+
+    def _read_text(self, filename: str) -> str:
+        cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit)
+        if isinstance(cached, str):
+            return Path(cached).read_text()
+        if self._download:
+            return Path(self._fetch(filename)).read_text()
+        return self._get(filename)[0].decode("utf-8", "replace")
+
+    # -- transfers ---------------------------------------------------------------------------
+
+    def _get(self, filename: str, start: int | None = None, stop: int | None = None) -> tuple[bytes, int]:
+        """Bytes [start, stop) of a file at `commit` (the whole file when start is None), and the file's size."""
+        headers = dict(self._headers)
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{stop - 1}"
+        url = hf_hub_url(self.repo_id, filename, revision=self.commit)
+        with self._errors(filename), get_session().stream(
+                "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            if start is None:
+                data = r.read()
+                return data, len(data)
+            if r.status_code != 206:  # checked before reading: a 200 would be the whole file
+                raise HubError(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range request "
+                               f"with HTTP {r.status_code}, not 206", hint="use --download")
+            size = int(r.headers.get("Content-Range", "/0").rpartition("/")[2])
+            data = r.read()
+        if len(data) != min(stop, size) - start:
+            raise HubError(f"{self._label}: {filename}: asked for bytes {start}-{stop - 1}, got {len(data)} bytes")
+        return data, size
+
+    def _fetch(self, filename: str) -> str:
+        """Download a whole file into the Hub cache (if not there yet); its local path."""
+        with self._errors(filename):
+            # By revision name, not by commit, so the cache learns the branch -> commit ref and
+            # a later HF_HUB_OFFLINE=1 run can resolve `org/name` without a request.
+            path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, token=self._token))
+        if path.parents[len(Path(filename).parts) - 1].name != self.commit:
+            raise HubError(f"{self._label}: the revision moved to another commit during the run "
+                           f"(was {self.commit[:12]}); run again")
+        return str(path)
+
+    @contextmanager
+    def _errors(self, filename: str | None = None) -> Iterator[None]:
+        """Turn the client's exceptions into one-line ckptprobe errors naming repo, revision and file."""
+        what = self._label + (f": {filename}" if filename else "")
+        endpoint = constants.ENDPOINT
+        try:
+            yield
+        except GatedRepoError as e:
+            if "authorization" in self._headers:
+                raise HubError(f"{what}: gated repo, and the token in use has no access to it",
+                               hint="accept the repo's conditions on its Hub page with the token's account") from e
+            raise HubError(f"{what}: gated repo, a token of an account with access is needed", hint=TOKEN_HINT) from e
+        except RepositoryNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.repo_id}: no such model repo on {endpoint} (or it is private)",
+                                          hint=f"check the name; for a private repo {TOKEN_HINT}") from e
+        except RevisionNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.repo_id}: no revision {self.revision!r} (branch, tag or commit)",
+                                          hint="check the @revision or --revision") from e
+        except LocalEntryNotFoundError as e:  # hf_hub_download gave up: no connection, or offline
+            raise HubError(f"{what}: cannot download from {endpoint} ({e.__cause__ or e})".splitlines()[0],
+                           hint=NETWORK_HINT) from e
+        except EntryNotFoundError as e:
+            raise CheckpointNotFoundError(f"{what}: no such file in the repo") from e
+        except OfflineModeIsEnabled as e:
+            raise HubError(f"{what}: HF_HUB_OFFLINE=1 forbids requests", hint=OFFLINE_HINT) from e
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else "?"
+            hint = f"the token may be invalid or lack permission; {TOKEN_HINT}" if status in (401, 403) else None
+            raise HubError(f"{what}: {endpoint} answered HTTP {status}", hint=hint) from e
+        except httpx2.TimeoutException as e:
+            raise HubError(f"{what}: {endpoint} did not answer within HF_HUB_DOWNLOAD_TIMEOUT="
+                           f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s", hint=NETWORK_HINT) from e
+        except httpx2.HTTPError as e:
+            raise HubError(f"{what}: cannot reach {endpoint} ({e})", hint=NETWORK_HINT) from e
+        except HFValidationError as e:
+            raise CheckpointNotFoundError(f"{self.repo_id}: not a valid Hub repo id ({e})".splitlines()[0]) from e
+
+
+class _RemoteFile:
+    """One safetensors file of a Hub repo: header fetched at open, tensors by byte range.
+
+    With `download`, the first read fetches the whole file into the Hub cache and every
+    read is then served from there.
+    """
+
+    def __init__(self, hub: HubSource, filename: str):
+        self._hub, self.filename = hub, filename
+        self._local: SafetensorsFile | None = None
+        what = f"{hub._label}: {filename}"
+        head, size = hub._get(filename, 0, 8)
+        if len(head) < 8:
+            raise InvalidCheckpointError(f"{what}: file is {size} bytes, too short to be safetensors")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise InvalidCheckpointError(
+                f"{what}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?")
+        if 8 + n > size:
+            raise InvalidCheckpointError(f"{what}: header runs past the end of the file; the file is truncated")
+        raw, _ = hub._get(filename, 8, 8 + n)
+        self._data_start = 8 + n
+        self._infos, self._offsets, self.metadata = parse_header(raw, what, size - self._data_start)
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if self._hub._download:
+            return self._downloaded().read(name, start, stop)
+        info = self._infos[name]
+        stop = info.numel if stop is None else min(stop, info.numel)
+        dtype = np.dtype(STORAGE_DTYPES[info.dtype])
+        if stop <= start:
+            return np.empty(0, dtype)
+        begin = self._data_start + self._offsets[name][0] + start * dtype.itemsize
+        data, _ = self._hub._get(self.filename, begin, begin + (stop - start) * dtype.itemsize)
+        return np.frombuffer(data, dtype)
+
+    def _downloaded(self) -> SafetensorsFile:
+        if self._local is None:
+            with _download_lock:
+                if self._local is None:
+                    self._local = SafetensorsFile(self._hub._fetch(self.filename))
+        return self._local

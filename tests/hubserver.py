@@ -1,0 +1,259 @@
+"""A fake Hugging Face Hub on 127.0.0.1 for tests (`from hubserver import FakeHub`).
+
+It serves the Hub's URL layout to the real `huggingface_hub` client:
+`HEAD/GET /{org}/{name}/resolve/{rev}/{file}` (with `X-Repo-Commit`, `ETag`, and
+`Range` -> 206/416), `GET /api/models/{org}/{name}[/revision/{rev}]` and
+`GET /api/models/{org}/{name}/tree/{rev}`; errors carry the `X-Error-Code` header the
+client maps to its exceptions (RepoNotFound, RevisionNotFound, EntryNotFound,
+GatedRepo). With `redirect=True`, .safetensors files are answered like the real Hub
+answers LFS files: a 302 (with `X-Linked-Etag`, `X-Linked-Size`) to a storage URL
+`/cdn/{org}/{name}/{commit}/{file}` that serves the bytes without a token. Every request is logged and every body byte of a file counted, so tests
+can assert what a command fetched.
+
+    with FakeHub() as hub:
+        hub.add_repo("org/a", {"main": {"model.safetensors": data}, "v2": {...}})
+        hub.endpoint                               # "http://127.0.0.1:PORT"
+        hub.bytes_served[("org/a", "model.safetensors")]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, unquote, urlsplit
+
+
+def commit_of(repo_id: str, revision: str) -> str:
+    """The fake 40-hex commit sha of a revision."""
+    return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+
+
+@dataclass
+class FakeRepo:
+    revisions: dict[str, dict[str, bytes]]  # revision name -> {path: content}
+    commits: dict[str, str]  # revision name -> commit sha
+    token: str | None = None  # gated: files need `Authorization: Bearer <token>`
+
+    def find(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit, files) of a revision given by name or by commit sha."""
+        for name, files in self.revisions.items():
+            if revision in (name, self.commits[name]):
+                return self.commits[name], files
+        return None
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    range: str | None
+    authorization: str | None
+
+
+class FakeHub:
+    """A threaded HTTP server holding fake repos. Use as a context manager, or start()/stop()."""
+
+    def __init__(self, redirect: bool = False) -> None:
+        self.redirect = redirect  # answer .safetensors files with a 302 to /cdn/..., as the real Hub does
+        self.repos: dict[str, FakeRepo] = {}
+        self.requests: list[Request] = []
+        self.bytes_served: Counter = Counter()  # (repo_id, path) -> file bytes sent in GET bodies
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def add_repo(self, repo_id: str, revisions: dict[str, dict[str, bytes]], token: str | None = None) -> None:
+        self.repos[repo_id] = FakeRepo(revisions, {name: commit_of(repo_id, name) for name in revisions}, token)
+
+    def reset(self) -> None:
+        """Forget the requests and byte counts seen so far."""
+        with self._lock:
+            self.requests.clear()
+            self.bytes_served.clear()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "FakeHub":
+        hub = self
+
+        class Handler(_Handler):
+            fake = hub
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "FakeHub":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _record(self, request: Request, key: tuple[str, str] | None = None, nbytes: int = 0) -> None:
+        with self._lock:
+            self.requests.append(request)
+            if key is not None:
+                self.bytes_served[key] += nbytes
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args) -> None:  # quiet: tests read the request log instead
+        pass
+
+    def do_HEAD(self) -> None:
+        self._handle(head=True)
+
+    def do_GET(self) -> None:
+        self._handle(head=False)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _handle(self, head: bool) -> None:
+        self.close_connection = True
+        request = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
+        # Split first, then unquote: a revision like refs/pr/1 arrives as refs%2Fpr%2F1.
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            self.fake._record(request)
+            return self._api(parts[2] + "/" + parts[3], parts[4:])
+        if parts[0] == "cdn" and len(parts) >= 5:
+            return self._cdn(request, parts[1] + "/" + parts[2], parts[3], "/".join(parts[4:]), head)
+        if len(parts) >= 5 and parts[2] == "resolve":
+            return self._resolve(request, parts[0] + "/" + parts[1], parts[3], "/".join(parts[4:]), head)
+        self.fake._record(request)
+        self._send(404, b"not found")
+
+    def _api(self, repo_id: str, rest: list[str]) -> None:
+        repo = self.fake.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound")
+        if rest and rest[0] in ("revision", "tree") and len(rest) >= 2:
+            revision = "/".join(rest[1:])
+        elif not rest:
+            revision = "main"
+        else:
+            return self._send(404, b"not found")
+        found = repo.find(revision)
+        if found is None:
+            return self._error(404, "RevisionNotFound")
+        commit, files = found
+        if rest and rest[0] == "tree":
+            entries = [{"type": "file", "path": p, "size": len(d), "oid": _git_oid(d),
+                        **({"lfs": _lfs(d, "oid")} if p.endswith(".safetensors") else {})}
+                       for p, d in sorted(files.items())]
+            return self._json(entries)
+        siblings = [{"rfilename": p, "size": len(d), "blobId": _git_oid(d),
+                     **({"lfs": _lfs(d)} if p.endswith(".safetensors") else {})} for p, d in sorted(files.items())]
+        self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
+                    "gated": "manual" if repo.token else False, "siblings": siblings})
+
+    def _resolve(self, request: Request, repo_id: str, revision: str, path: str, head: bool) -> None:
+        repo = self.fake.repos.get(repo_id)
+        if repo is None:
+            self.fake._record(request)
+            return self._error(404, "RepoNotFound")
+        if repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
+            self.fake._record(request)
+            return self._error(401, "GatedRepo")
+        found = repo.find(revision)
+        if found is None:
+            self.fake._record(request)
+            return self._error(404, "RevisionNotFound")
+        commit, files = found
+        if path not in files:
+            self.fake._record(request)
+            return self._error(404, "EntryNotFound", {"X-Repo-Commit": commit})
+        data = files[path]
+        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        if self.fake.redirect and path.endswith(".safetensors"):
+            # Like the real Hub's LFS files: a redirect to a storage URL that needs no token.
+            self.fake._record(request)
+            # Another origin (localhost, not 127.0.0.1), as the real storage host is: the client
+            # follows it for GET only, without the Authorization header.
+            port = self.server.server_address[1]
+            location = f"http://localhost:{port}/cdn/{repo_id}/{commit}/{quote(path)}"
+            return self._send(302, b"", {"Location": location, "X-Repo-Commit": commit,
+                                         "ETag": f'"{_git_oid(data)}"', "X-Linked-Etag": etag,
+                                         "X-Linked-Size": str(len(data))}, head)
+        self._serve(request, (repo_id, path), data, {"X-Repo-Commit": commit, "ETag": etag}, head)
+
+    def _cdn(self, request: Request, repo_id: str, commit: str, path: str, head: bool) -> None:
+        repo = self.fake.repos.get(repo_id)
+        found = repo.find(commit) if repo else None
+        if found is None or path not in found[1]:
+            self.fake._record(request)
+            return self._send(404, b"no such object")
+        self._serve(request, (repo_id, path), found[1][path], {"ETag": f'"{hashlib.sha256(found[1][path]).hexdigest()}"'},
+                    head)
+
+    def _serve(self, request: Request, key: tuple[str, str], data: bytes, headers: dict, head: bool) -> None:
+        """A file's bytes, or the byte range asked for (206), counted under `key`."""
+        headers = {**headers, "Accept-Ranges": "bytes"}
+        status, body = 200, data
+        if request.range:
+            span = _parse_range(request.range, len(data))
+            if span is None:
+                self.fake._record(request)
+                return self._send(416, b"", {**headers, "Content-Range": f"bytes */{len(data)}"})
+            a, b = span
+            status, body = 206, data[a:b + 1]
+            headers["Content-Range"] = f"bytes {a}-{b}/{len(data)}"
+        self.fake._record(request, key, 0 if head else len(body))
+        self._send(status, body, headers, head)
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _error(self, status: int, code: str, headers: dict | None = None) -> None:
+        self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code, **(headers or {})})
+
+    def _json(self, obj) -> None:
+        self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None, head: bool = False) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """Inclusive byte span of `bytes=a-b`, `bytes=a-` or `bytes=-n`; None when unsatisfiable."""
+    m = _RANGE.match(header.strip())
+    if not m or (m[1] == "" and m[2] == ""):
+        return None
+    if m[1] == "":
+        a, b = max(size - int(m[2]), 0), size - 1
+    else:
+        a, b = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+    return (a, b) if a < size and a <= b else None
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _lfs(data: bytes, sha_key: str = "sha256") -> dict:
+    """LFS pointer info: the tree endpoint names the sha256 `oid`, the info endpoint `sha256`."""
+    return {"size": len(data), sha_key: hashlib.sha256(data).hexdigest(), "pointerSize": 134}
