@@ -1,0 +1,335 @@
+"""Spectrum drift: how far a fine-tune moved each weight matrix's singular values and top-k
+singular subspaces (Sec. 4.1 and Fig. 4 of "The Path Not Taken: RLVR Provably Learns Off the
+Principals"). RL fine-tunes keep the spectrum and the principal subspaces nearly fixed;
+SFT rotates them.
+
+Per 2-D weight W0 (base) and W1 (each fine-tune):
+
+- principal angles between the top-k left singular subspaces, cos theta_i = sigma_i(U0k^T U1k),
+  and between the top-k right ones (V), in degrees, ascending;
+- normalized spectrum shift NSS = ||s(W1) - s(W0)||_2 / ||s(W0)||_2 over all singular values;
+- top-k energy change (KF_k(W1) - KF_k(W0)) / KF_k(W0), KF_k = sum of the top k singular values
+  (the Ky Fan k-norm);
+- optionally the perturbation bounds, to see how tight they are: ||dW||_2 with Weyl's
+  max_i |s_i(W1) - s_i(W0)| <= ||dW||_2, and Wedin's sin theta_max <= ||dW||_2 / delta.
+
+Matrices are read one shape group at a time, in chunks that fit `max_memory`, and decomposed
+as (B, m, n) stacks by `ckptprobe.analysis.svd`: only what the metrics need (all singular
+values for NSS, top-k vectors for the angles), base once, then each fine-tune.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ckptprobe.analysis.bf16 import to_torch
+from ckptprobe.analysis.pairing import Skipped, pair_tensors
+from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, check_k, decompose, resolve_device,
+                                    shape_batches, svd_bytes, use_randomized)
+from ckptprobe.io.names import MODULE_ORDER, parse_name
+from ckptprobe.io.sources import TensorSource
+
+DEFAULT_K = 64
+DEFAULT_MAX_MEMORY = 2 << 30
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def default_k(shape: tuple[int, int]) -> int:
+    """k when none is asked for: 64, or a quarter of the smaller side for small matrices
+    (k = min(m, n) would make one side's subspace the whole space, with all angles 0)."""
+    return max(1, min(DEFAULT_K, min(shape) // 4))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Perturbation bounds for one matrix and fine-tune, dW = W1 - W0 (values in fp32, angles in degrees).
+
+    Weyl: weyl_max_shift = max_i |s_i(W1) - s_i(W0)| <= dw_norm2.
+    Wedin (Stewart & Sun, Thm V.4.4, 2-norm form): max(sin theta_max(U), sin theta_max(V)) <=
+    ||dW||_2 / delta for the top-k subspaces, with delta = s_k(W1) - s_{k+1}(W0) > 0 (the gap between
+    one matrix's kept values and the other's dropped ones); the theorem holds with the roles of W0 and
+    W1 swapped too, so delta is the larger of the two. It is near the base's gap_k = s_k(W0) - s_{k+1}(W0)
+    when the shift is small. wedin_bound_deg is arcsin(min(1, dw_norm2 / delta)); 90 when delta <= 0.
+    """
+
+    dw_norm2: float
+    weyl_max_shift: float
+    gap_k: float
+    wedin_delta: float
+    wedin_bound_deg: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One matrix of one fine-tune against the base.
+
+    angles_u / angles_v: k principal angles in degrees, ascending. nss_scope is "all" (every
+    singular value) or "top-k" (--fast on a matrix whose top-k came from the randomized method:
+    only the k leading values are known). values: the fine-tune's singular values, fp32 (kept for
+    plots and --singular-values). error: why metrics are missing (non-finite entries), else None.
+    """
+
+    finetuned: str
+    nss: float | None
+    nss_scope: str
+    angles_u: tuple[float, ...]
+    angles_v: tuple[float, ...]
+    topk_energy_change: float | None
+    values: np.ndarray | None
+    bounds: Bounds | None = None
+    error: str | None = None
+
+    @property
+    def max_angle_u(self) -> float | None:
+        return max(self.angles_u) if self.angles_u else None
+
+    @property
+    def max_angle_v(self) -> float | None:
+        return max(self.angles_v) if self.angles_v else None
+
+    @property
+    def mean_angle_u(self) -> float | None:
+        return float(np.mean(self.angles_u)) if self.angles_u else None
+
+    @property
+    def mean_angle_v(self) -> float | None:
+        return float(np.mean(self.angles_v)) if self.angles_v else None
+
+
+@dataclass(frozen=True)
+class MatrixSpectrum:
+    """One weight matrix: its base spectrum and one `Comparison` per fine-tune (in argument order).
+
+    shape is as stored; transposed is True for GPT-2 Conv1D weights, analysed as (out, in) so that
+    U is always the output space. randomized: top-k vectors came from the randomized method.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    transposed: bool
+    k: int
+    randomized: bool
+    base_values: np.ndarray | None
+    comparisons: tuple[Comparison, ...]
+
+    def rows(self, singular_values: bool = False) -> list[dict]:
+        """Flat records, one per fine-tune: the `matrices[]` entries of the JSON output."""
+        out = []
+        for c in self.comparisons:
+            row = {"name": self.name, "finetuned": c.finetuned, "layer": self.layer, "module": self.module,
+                   "shape": list(self.shape), "k": self.k, "randomized": self.randomized,
+                   "nss": c.nss, "nss_scope": c.nss_scope, "topk_energy_change": c.topk_energy_change,
+                   "max_angle_u": c.max_angle_u, "max_angle_v": c.max_angle_v,
+                   "mean_angle_u": c.mean_angle_u, "mean_angle_v": c.mean_angle_v,
+                   "angles_u": list(c.angles_u), "angles_v": list(c.angles_v), "error": c.error}
+            if c.bounds:
+                row |= c.bounds.to_dict()
+            if singular_values:
+                row["singular_values_base"] = None if self.base_values is None else self.base_values.tolist()
+                row["singular_values"] = None if c.values is None else c.values.tolist()
+            out.append(row)
+        return out
+
+
+_SUMMARY = ("nss", "max_angle_u", "max_angle_v", "mean_angle_u", "mean_angle_v", "topk_energy_change")
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    base: str
+    finetuned: tuple[str, ...]
+    k: int | None  # as asked; None: default_k per matrix
+    method: str
+    fast: bool
+    device: str
+    matrices: tuple[MatrixSpectrum, ...]
+    skipped: tuple[Skipped, ...]
+
+    def rows(self, singular_values: bool = False) -> list[dict]:
+        return [r for m in self.matrices for r in m.rows(singular_values)]
+
+    def by(self, key: str) -> list[dict]:
+        """Means of the per-matrix metrics per "module" or "layer" and fine-tune (matrices with an
+        error left out; `matrices` counts those averaged), modules in MODULE_ORDER, layers ascending."""
+        groups: dict = {}
+        for r in self.rows():
+            if r["error"] is None:
+                groups.setdefault((r[key], r["finetuned"]), []).append(r)
+        order = {m: i for i, m in enumerate(MODULE_ORDER)}
+        ft_order = {f: i for i, f in enumerate(self.finetuned)}
+
+        def sort_key(item):
+            g, ft = item[0]
+            first = (order.get(g, len(order)), g) if key == "module" else (g is None, g or 0)
+            return (first, ft_order[ft])
+
+        out = []
+        for (g, ft), rows in sorted(groups.items(), key=sort_key):
+            entry = {key: g, "finetuned": ft, "matrices": len(rows)}
+            for metric in _SUMMARY:
+                vals = [r[metric] for r in rows if r[metric] is not None]
+                entry[metric] = float(np.mean(vals)) if vals else None
+            out.append(entry)
+        return out
+
+    def to_dict(self, singular_values: bool = False) -> dict:
+        return {
+            "command": "spectrum", "base": self.base, "finetuned": list(self.finetuned), "k": self.k,
+            "method": self.method, "fast": self.fast, "device": self.device,
+            "matrices": self.rows(singular_values),
+            "groups": {key: self.by(key) for key in ("module", "layer")},
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between the column spans of orthonormal a, b (B, m, k).
+
+    cos theta_i = sigma_i(a^T b). Small angles are taken from their sines instead,
+    sin theta = sigma(b - a a^T b), because arccos is ill-conditioned near 1 (the approach of
+    scipy.linalg.subspace_angles). Computed in float64. Returns (B, k) float64.
+    """
+    a, b = a.double(), b.double()
+    m = a.mT @ b  # (B, k, k)
+    cos = torch.linalg.svdvals(m).clamp(0, 1)  # descending -> angles ascending
+    sin = torch.linalg.svdvals(b - a @ m).clamp(0, 1).flip(-1)  # ascending -> angles ascending
+    theta = torch.where(cos ** 2 >= 0.5, torch.arcsin(sin), torch.arccos(cos))
+    return torch.rad2deg(theta)
+
+
+def _nss(s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """(B, r) fp32 -> (B,) float64: ||s1 - s0||_2 / ||s0||_2."""
+    s0, s1 = s0.double(), s1.double()
+    return torch.linalg.vector_norm(s1 - s0, dim=-1) / torch.linalg.vector_norm(s0, dim=-1)
+
+
+def _bounds(dw_norm: float, s0: np.ndarray, s1: np.ndarray, k: int) -> Bounds:
+    r = min(len(s0), len(s1))
+    weyl = float(np.abs(s1[:r].astype(np.float64) - s0[:r]).max())
+    nxt0 = float(s0[k]) if k < len(s0) else 0.0
+    nxt1 = float(s1[k]) if k < len(s1) else 0.0
+    delta = max(float(s1[k - 1]) - nxt0, float(s0[k - 1]) - nxt1)
+    bound = 90.0 if delta <= 0 else math.degrees(math.asin(min(1.0, dw_norm / delta)))
+    return Bounds(dw_norm, weyl, float(s0[k - 1]) - nxt0, delta, bound)
+
+
+def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | None = None,
+             include: Sequence[str] = (), exclude: Sequence[str] = (), device: str = "auto",
+             max_memory: int = DEFAULT_MAX_MEMORY, method: TopkMethod = TopkMethod.auto, fast: bool = False,
+             bounds: bool = False, progress: Callable[[int], None] | None = None) -> SpectrumResult:
+    """Compare every 2-D floating-point weight of each of `finetuned` against `base`.
+
+    k: top-k subspace size for every matrix (None: `default_k` per matrix); a k outside
+    1..min(m, n) of any selected matrix raises UsageError naming it, before any work.
+    fast: for large matrices (a side >= RANDOMIZED_MIN_SIDE), skip the full singular values, take top-k
+    from the randomized method and compute NSS over the top k only (nss_scope "top-k"); ignored with
+    `bounds`, which needs all values. bounds: also `Bounds` per comparison (one more singular-value pass, of dW, per matrix and fine-tune).
+    progress, if given, is called with the bytes read after each chunk.
+    """
+    dev = resolve_device(device)
+    names, skipped = pair_tensors(base, finetuned, include, exclude)
+    plan: dict[str, tuple[tuple[int, int], bool, int]] = {}  # name -> (analysed shape, transposed, k)
+    for name in names:
+        info = base.info(name)
+        dtypes = {info.dtype} | {f.info(name).dtype for f in finetuned}
+        if len(info.shape) != 2:
+            skipped.append(Skipped(name, f"{len(info.shape)}-D, not a matrix"))
+        elif not dtypes <= FLOAT_DTYPES:
+            skipped.append(Skipped(name, f"dtype {'/'.join(sorted(dtypes - FLOAT_DTYPES))} is not floating point"))
+        elif min(info.shape) < 2:
+            skipped.append(Skipped(name, f"shape {info.shape} has a side of 1: one singular value, no subspace"))
+        else:
+            transposed = parse_name(name).transposed
+            shape = tuple(reversed(info.shape)) if transposed else tuple(info.shape)
+            kk = default_k(shape) if k is None else k
+            check_k(name, info.shape, kk)
+            plan[name] = (shape, transposed, kk)
+
+    def request(shape: tuple[int, int], kk: int) -> SVDRequest:
+        # the bounds need every singular value (Weyl) and s_{k+1} (Wedin): --fast yields to --bounds
+        skip_values = fast and not bounds and use_randomized(shape, kk, method, values=False)
+        return SVDRequest(values=not skip_values, k=kk, method=method)
+
+    def load(source: TensorSource, chunk: list[str]) -> torch.Tensor:
+        mats = []
+        for name in chunk:
+            raw = source.get_array(name)
+            t = to_torch(raw, source.info(name).dtype)
+            mats.append(t.mT if plan[name][1] else t)
+        return torch.stack(mats).to(dev)  # (B, m, n) in the checkpoint's dtype; decompose upcasts
+
+    def bytes_per_matrix(shape) -> int:  # base outputs are held while each fine-tune is decomposed
+        kk = k or default_k(shape)
+        return 2 * svd_bytes(shape, request(shape, kk)) + (4 * shape[0] * shape[1] if bounds else 0)
+
+    # chunks hold one k (k differs only between shapes, and a chunk has one shape)
+    results: dict[str, MatrixSpectrum] = {}
+    for shape, chunk in shape_batches(((n, p[0]) for n, p in plan.items()), max_memory, bytes_per_matrix):
+        kk = plan[chunk[0]][2]
+        req = request(shape, kk)
+        w0 = load(base, chunk)
+        b0 = decompose(w0, req)
+        if not bounds:
+            del w0
+        per_ft: list[list[Comparison]] = [[] for _ in chunk]
+        for src in finetuned:
+            w1 = load(src, chunk)
+            b1 = decompose(w1, req)
+            dw = decompose(w1.float() - w0.float(), SVDRequest(values=True)).values[:, 0].tolist() if bounds else None
+            del w1
+            for i, c in enumerate(_compare(b0, b1, kk, src.ref, req.values, dw)):
+                per_ft[i].append(c)
+        for i, name in enumerate(chunk):
+            p = parse_name(name)
+            info = base.info(name)
+            base_vals = _values(b0, i, req.values)
+            err = None if bool(b0.finite[i]) else "base has NaN/inf entries"
+            comps = tuple(c if err is None else Comparison(c.finetuned, None, c.nss_scope, (), (), None,
+                                                            c.values, None, err) for c in per_ft[i])
+            results[name] = MatrixSpectrum(name, p.layer, p.module, info.shape, p.transposed, kk, b0.randomized,
+                                           base_vals, comps)
+        if progress:
+            progress(sum(base.info(n).nbytes + sum(f.info(n).nbytes for f in finetuned) for n in chunk))
+    matrices = tuple(results[n] for n in plan)  # back in checkpoint order
+    return SpectrumResult(base.ref, tuple(f.ref for f in finetuned), k, method.value, fast, str(dev),
+                          matrices, tuple(skipped))
+
+
+def _values(out: SVDOutput, i: int, full: bool) -> np.ndarray | None:
+    v = out.values if full else out.S
+    return None if not bool(out.finite[i]) else v[i].cpu().numpy()
+
+
+def _compare(b0: SVDOutput, b1: SVDOutput, k: int, ref: str, full: bool,
+             dw_norms: list[float] | None) -> list[Comparison]:
+    """Comparisons of a chunk: base outputs b0 vs fine-tune outputs b1 (same request)."""
+    s0, s1 = (b0.values, b1.values) if full else (b0.S, b1.S)  # (B, r) or (B, k)
+    nss = _nss(s0, s1).tolist()
+    ky0, ky1 = b0.S.double().sum(-1), b1.S.double().sum(-1)  # Ky Fan k-norms
+    energy = ((ky1 - ky0) / ky0).tolist()
+    ok = (b0.finite & b1.finite)[:, None, None]  # NaN-filled factors -> 0 (their rows get an error below)
+    au = principal_angles(b0.U.where(ok, 0), b1.U.where(ok, 0)).cpu().numpy()
+    av = principal_angles(b0.V.where(ok, 0), b1.V.where(ok, 0)).cpu().numpy()
+    scope = "all" if full else "top-k"
+    out = []
+    for i in range(s0.shape[0]):
+        if not bool(b1.finite[i]):
+            out.append(Comparison(ref, None, scope, (), (), None, None, None, "fine-tune has NaN/inf entries"))
+            continue
+        vals = s1[i].cpu().numpy()
+        bd = None
+        if dw_norms is not None and bool(b0.finite[i]):
+            bd = _bounds(dw_norms[i], s0[i].cpu().numpy(), vals, k)
+        out.append(Comparison(ref, nss[i], scope, tuple(au[i].tolist()), tuple(av[i].tolist()), energy[i],
+                              vals, bd))
+    return out

@@ -1,0 +1,198 @@
+"""The batched SVD engine against numpy/scipy references and known answers.
+
+Tolerances: fp32 singular values agree with float64 numpy to 1e-5 * sigma_max (fp32's
+unit roundoff is 6e-8; LAPACK's backward error is a small multiple of it times ||W||_2).
+Subspace angles of exact fp32 top-k vs float64 are below 0.01 degrees where the spectrum
+has a gap at k. Randomized top-k is checked against exact on decaying spectra.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from ckptprobe.analysis.svd import (RANDOMIZED_MIN_SIDE, SVDRequest, TopkMethod, check_k, decompose,
+                                    rank_k, resolve_device, shape_batches, svd_bytes, svdvals, topk,
+                                    use_randomized)
+from ckptprobe.errors import DeviceError, UsageError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on this shared, oversubscribed 2-core machine a second OpenMP thread makes
+    LAPACK's many small synchronisations 10x slower (QR of 8192x32: 1.4 ms vs 110 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def with_spectrum(m: int, n: int, s: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 (m, n) matrix U diag(s) V^T with random orthonormal U, V; returns (W, U, V)."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(s)
+    # torch's QR in float64 (one thread, see above): numpy's multithreaded one is slow on this machine
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q.numpy()
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q.numpy()
+    return (u * s) @ v.T, u, v
+
+
+def max_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest principal angle (degrees) between the column spans of a and b, by scipy."""
+    return float(np.degrees(scipy.linalg.subspace_angles(np.asarray(a, np.float64), np.asarray(b, np.float64)).max()))
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_svdvals_matches_numpy(shape, dtype):
+    w = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = svdvals(w)
+    assert got.dtype == torch.float32 and got.shape == (3, min(shape))
+    # reference: float64 SVD of the very values stored in `dtype` (the engine upcasts exactly)
+    ref = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-5 * ref.max())
+    assert (got[:, :-1] >= got[:, 1:]).all()
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)])
+def test_exact_topk_against_numpy(shape):
+    m, n = shape
+    s = np.linspace(10, 1, min(shape))
+    w, u, v = with_spectrum(m, n, s, seed=2)
+    k = 6
+    U, S, V = topk(torch.from_numpy(w).float()[None], k)
+    assert U.shape == (1, m, k) and S.shape == (1, k) and V.shape == (1, n, k)
+    np.testing.assert_allclose(S[0].numpy(), s[:k], rtol=1e-5)
+    assert max_angle(U[0].numpy(), u[:, :k]) < 0.01
+    assert max_angle(V[0].numpy(), v[:, :k]) < 0.01
+    # orthonormal columns, and W V = U S
+    np.testing.assert_allclose((U[0].mT @ U[0]).numpy(), np.eye(k), atol=1e-5)
+    np.testing.assert_allclose((torch.from_numpy(w).float() @ V[0]).numpy(), (U[0] * S[0]).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(30, 18), (18, 30)])
+def test_rank_k_is_eckart_young(shape):
+    w = np.random.default_rng(3).standard_normal(shape)
+    k = 5
+    got = rank_k(torch.from_numpy(w).float()[None], k)[0].double().numpy()
+    u, s, vh = np.linalg.svd(w, full_matrices=False)
+    ref = (u[:, :k] * s[:k]) @ vh[:k]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # the error is the tail of the spectrum, in Frobenius norm
+    assert abs(np.linalg.norm(w - got) - np.sqrt((s[k:] ** 2).sum())) < 1e-4
+
+
+def test_rank_k_recovers_a_rank_k_matrix_exactly_and_accepts_2d():
+    w, _, _ = with_spectrum(25, 40, np.array([3.0, 2.0, 0.5]), seed=4)
+    got = rank_k(torch.from_numpy(w).float(), 3)  # one matrix, no batch axis: B=1
+    assert got.shape == (1, 25, 40)
+    np.testing.assert_allclose(got[0].numpy(), w, atol=1e-6)
+    np.testing.assert_allclose(svdvals(torch.from_numpy(w))[0, 3:].numpy(), 0, atol=1e-5)
+
+
+def test_batch_equals_one_at_a_time():
+    w = torch.randn(4, 30, 20, generator=torch.Generator().manual_seed(5))
+    out = decompose(w, SVDRequest(k=3))
+    for b in range(4):
+        one = decompose(w[b], SVDRequest(k=3))
+        torch.testing.assert_close(out.values[b], one.values[0])
+        torch.testing.assert_close((out.U[b] * out.S[b]) @ out.V[b].mT, (one.U[0] * one.S[0]) @ one.V[0].mT)
+
+
+@pytest.mark.parametrize("shape", [(RANDOMIZED_MIN_SIDE, 96), (96, RANDOMIZED_MIN_SIDE)])
+def test_randomized_topk_vs_exact_on_decaying_spectrum(shape):
+    """Large side -> randomized; on a spectrum decaying like trained weights' it matches exact SVD."""
+    k = 16
+    s = 0.85 ** np.arange(96) + 1e-3  # geometric decay with a floor
+    w, u, v = with_spectrum(*shape, s, seed=6)
+    wt = torch.from_numpy(w).float()[None]
+    assert use_randomized(shape, k)
+    out = decompose(wt, SVDRequest(k=k, method=TopkMethod.randomized))  # all values: svdvals + randomized
+    exact = decompose(wt, SVDRequest(k=k, method=TopkMethod.exact))
+    assert out.randomized and not exact.randomized
+    np.testing.assert_allclose(out.values[0].numpy(), s, rtol=0, atol=1e-5)  # full values stay exact
+    np.testing.assert_allclose(out.S[0].numpy(), exact.S[0].numpy(), rtol=1e-5)
+    # fp32 top-k subspaces move by ~eps * s_1 / (s_k - s_k+1) ~ 1e-5 rad: both within 0.01 deg of the truth
+    for mine, ref, truth in ((out.U, exact.U, u), (out.V, exact.V, v)):
+        assert max_angle(mine[0].numpy(), truth[:, :k]) < 0.01
+        assert max_angle(mine[0].numpy(), ref[0].numpy()) < 0.01
+    rec = decompose(wt, SVDRequest(values=False, k=k, reconstruct=True)).reconstruction[0].double().numpy()
+    tail = np.sqrt((s[k:] ** 2).sum())
+    assert np.linalg.norm(w - rec) < tail * (1 + 1e-3)
+
+
+def test_randomized_on_a_flat_spectrum_is_worse_and_that_is_why_auto_keeps_exact_for_moderate():
+    """No gap, no convergence: a documented limit of randomized top-k (and of top-k itself)."""
+    w = torch.randn(1, 600, 200, generator=torch.Generator().manual_seed(7))
+    r = decompose(w, SVDRequest(k=8, method=TopkMethod.randomized, niter=0))
+    e = decompose(w, SVDRequest(k=8, method=TopkMethod.exact))
+    assert max_angle(r.U[0].numpy(), e.U[0].numpy()) > 1.0
+    assert not use_randomized((600, 200), 8)
+
+
+def test_nonfinite_matrix_gets_nan_and_the_others_are_computed():
+    w = torch.randn(3, 12, 9, generator=torch.Generator().manual_seed(8))
+    w[1, 2, 3] = float("nan")
+    w[2, 0, 0] = float("inf")
+    out = decompose(w, SVDRequest(k=2, reconstruct=True))
+    assert out.finite.tolist() == [True, False, False]
+    for x in (out.values, out.U, out.S, out.V, out.reconstruction):
+        assert torch.isnan(x[1:]).all()
+    ref = np.linalg.svd(w[0].double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(out.values[0].numpy(), ref, atol=1e-5)
+    w[0, 0, 0] = float("nan")
+    assert torch.isnan(svdvals(w)).all()
+
+
+def test_k_errors_name_the_matrix():
+    with pytest.raises(UsageError, match=r"-k 10 .*q_proj.*\(4, 8\).*between 1 and 4"):
+        check_k("model.layers.0.q_proj.weight", (4, 8), 10)
+    with pytest.raises(UsageError, match="between 1 and 3"):
+        topk(torch.zeros(1, 3, 5), 4)
+    with pytest.raises(UsageError, match="needs k >= 1"):
+        decompose(torch.zeros(1, 3, 5), SVDRequest(reconstruct=True))
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="no CUDA device") as e:
+        resolve_device("cuda")
+    assert "\n" not in str(e.value) and "--device" in e.value.hint
+    with pytest.raises(UsageError):
+        resolve_device("tpu")
+
+
+def test_explicit_cpu_device_moves_the_batch():
+    out = decompose(torch.randn(2, 5, 4, dtype=torch.float64), SVDRequest(k=2), device="cpu")
+    assert out.values.device.type == "cpu" and out.U.dtype == torch.float32
+
+
+def test_shape_batches_groups_by_shape_and_respects_the_budget():
+    items = [("a", (4, 8)), ("b", (8, 8)), ("c", (4, 8)), ("d", (4, 8)), ("e", (8, 8)), ("big", (100, 100))]
+    cost = lambda shape: math.prod(shape)  # noqa: E731
+    got = list(shape_batches(items, max_memory=70, bytes_per_matrix=cost))
+    # (4, 8) costs 32: two per chunk; (8, 8) costs 64: one per chunk; (100, 100) alone though over budget
+    assert got == [((4, 8), ["a", "c"]), ((4, 8), ["d"]), ((8, 8), ["b"]), ((8, 8), ["e"]), ((100, 100), ["big"])]
+    assert svd_bytes((100, 50)) >= 4 * 2 * 100 * 50
+    assert svd_bytes((100, 50), SVDRequest(k=10, reconstruct=True)) > svd_bytes((100, 50))
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_qr_first_route_matches_numpy(shape):
+    """Tall (or wide) with all values + top-k: QR first, exact; no randomization even when large."""
+    w = np.random.default_rng(9).standard_normal(shape)
+    out = decompose(torch.from_numpy(w).float(), SVDRequest(k=7))
+    u, s, vh = np.linalg.svd(w, full_matrices=False)
+    np.testing.assert_allclose(out.values[0].numpy(), s, rtol=0, atol=1e-5 * s[0])
+    assert max_angle(out.U[0].numpy(), u[:, :7]) < 0.01 and max_angle(out.V[0].numpy(), vh[:7].T) < 0.01
+    np.testing.assert_allclose((out.U[0].mT @ out.U[0]).numpy(), np.eye(7), atol=1e-5)
+    assert not out.randomized
+    big = (RANDOMIZED_MIN_SIDE, 512)
+    assert not use_randomized(big, 64, values=True) and use_randomized(big, 64, values=False)
+    assert use_randomized((RANDOMIZED_MIN_SIDE, RANDOMIZED_MIN_SIDE // 2 + 1), 64, values=True)
