@@ -82,8 +82,9 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
     """Flat storage arrays -> (changed, nonfinite) counts; the same numbers as `update_mask`, faster.
 
     The bitwise 16-bit case (every bf16 checkpoint) takes a fast path: xor and count,
-    plus four max-reductions that prove the chunk holds no inf/NaN and no sign-only
-    difference (the +-0 case); a chunk that fails the proof goes through `update_mask`.
+    plus four max-reductions that prove the chunk holds no inf/NaN and a check that no
+    pair differs in the sign bit alone (the +-0 case); a chunk that fails the proof goes
+    through `update_mask`.
     """
     exp = _EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
     if exp is None:
@@ -91,14 +92,18 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
         return int(np.count_nonzero(changed)), int(np.count_nonzero(nonfinite))
     changed = nonfinite = 0
     buf = np.empty(min(_CHUNK, a.size), np.uint16)
+    ua, ub = a.view(np.uint16), b.view(np.uint16)  # F16 storage is float16: work on its bits
     for i in range(0, a.size, _CHUNK):
-        x, y = a[i:i + _CHUNK], b[i:i + _CHUNK]
+        x, y = ua[i:i + _CHUNK], ub[i:i + _CHUNK]
         xor = np.bitwise_xor(x, y, out=buf[:x.size])
+        # Two finite values whose bits differ are different numbers, except +0 and -0, whose
+        # xor is the sign bit alone. (Weights that cross zero differ in more bits: they stay
+        # on this path, which matters for SFT, where in every chunk some small weight does.)
         # As int16, positive inf/NaN are the largest values; as uint16, negative ones are.
-        special = (xor.max() >= 0x8000 or x.view(np.int16).max() >= exp or y.view(np.int16).max() >= exp
+        special = ((xor == 0x8000).any() or x.view(np.int16).max() >= exp or y.view(np.int16).max() >= exp
                    or x.max() >= 0x8000 | exp or y.max() >= 0x8000 | exp)
         if special:
-            c, n = update_mask(x, y, dtype_a, dtype_b, mode)
+            c, n = update_mask(a[i:i + _CHUNK], b[i:i + _CHUNK], dtype_a, dtype_b, mode)
             changed, nonfinite = changed + int(np.count_nonzero(c)), nonfinite + int(np.count_nonzero(n))
         else:
             changed += int(np.count_nonzero(xor))

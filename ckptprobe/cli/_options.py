@@ -21,9 +21,9 @@ DownloadOpt = Annotated[bool, typer.Option(
     "--download", help="Hub: download whole shards into the Hub cache (one at a time) instead of reading "
                        "only the needed byte ranges; faster for repeated runs.")]
 IncludeOpt = Annotated[Optional[List[str]], typer.Option(
-    "--include", "-i", help="Only tensors whose name matches this glob (repeatable), e.g. '*.layers.13.*'.")]
+    "--include", "-i", help="Only tensors whose name matches this glob (repeatable), e.g. `*.layers.13.*`.")]
 ExcludeOpt = Annotated[Optional[List[str]], typer.Option(
-    "--exclude", "-x", help="Leave out tensors whose name matches this glob (repeatable), e.g. '*norm*'.")]
+    "--exclude", "-x", help="Leave out tensors whose name matches this glob (repeatable), e.g. `*norm*`.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table (for reading), json or csv (for machines).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Write to this file (atomically) instead of stdout.", dir_okay=False)]

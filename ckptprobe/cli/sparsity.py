@@ -67,7 +67,8 @@ def sparsity(
 
     a = open_source(base, revision, token, download)
     b = open_source(finetuned, revision, token, download)
-    names_bytes = sum(a.info(n).nbytes + b.info(n).nbytes for n in a.keys() if n in set(b.keys()))
+    b_keys = set(b.keys())
+    names_bytes = sum(a.info(n).nbytes + b.info(n).nbytes for n in a.keys() if n in b_keys)
     with progress_bar("comparing", names_bytes) as advance:
         result = run(a, b, mode, eta, atol, include or (), exclude or (), progress=advance)
     for s in result.skipped:
@@ -81,7 +82,7 @@ def sparsity(
     cols = ["name", "shape", "dtype", "numel", "changed", "nonfinite", "sparsity"] if by == By.tensor else \
         [by.value, "numel", "changed", "nonfinite", "sparsity"]
     caption = (f"total: {total.changed:,} of {total.numel:,} entries changed; sparsity {total.sparsity:.4f} "
-               f"({100 * total.sparsity:.1f}% unchanged), mode {mode_text}" if result.tensors else None)
+               f"({100 * total.sparsity:.1f}% unchanged), mode {mode_text}" if total.sparsity is not None else None)
     tables = [table(f"Update sparsity of {result.finetuned} vs {result.base}, by {by.value}", rows, cols, caption)]
     if result.skipped:
         tables.append(table("Skipped", [s.to_dict() for s in result.skipped]))

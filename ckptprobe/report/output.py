@@ -21,7 +21,7 @@ from rich.table import Table
 from ckptprobe.io.writer import atomic_write
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one warning per line, even in a log file
 
 
 class Format(str, Enum):

@@ -1,0 +1,177 @@
+"""Benchmark `ckptprobe sparsity` on a pair of ~1.5 GB bf16 checkpoints (Qwen2.5-1.5B shapes).
+
+Compares, in one run, three whole processes reading the same page-cached pair:
+
+- `cat base ft > /dev/null`: the speed of reading the bytes at all;
+- `ckptprobe sparsity base ft --format json`, as a user runs it (the console script next to
+  `sys.executable`, start-up included; median of `--repeats`);
+- the naive approach of earlier code: `safetensors.torch.load_file` both, upcast to fp32,
+  count `~torch.isclose(a, b, atol=1e-5, rtol=0)` (run once: it is slow).
+
+and prints seconds, GB/s, peak RSS (`ru_maxrss` of each child from `os.wait4`; it counts the
+file pages a process has mapped, so a reader that mmaps whole files shows their size), peak
+private memory, the ratios against the targets, and whether each count is right (a numpy
+reference counts the bitwise differences from the raw file bytes).
+
+    python benchmarks/bench_sparsity.py                 # writes the pair to a temp dir, then deletes it
+    python benchmarks/bench_sparsity.py --dir /tmp/bench  # reuses base/ft.safetensors there (or writes them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth import write_pair  # noqa: E402
+
+NAIVE = r"""
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+print(sum(int((~torch.isclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0)).sum()) for k in a))
+"""
+TARGET_VS_READ, TARGET_VS_NAIVE, TARGET_RSS = 0.7, 5.0, 1 << 30
+
+
+# Each command is started by this small helper rather than by the benchmark itself: Linux charges
+# a child with the peak RSS of the memory it was forked (or vforked) from, and this process holds
+# gigabytes after writing the pair. The helper (~10 MB) forks, execs, and reports the wall time,
+# the child's ru_maxrss, and its peak private memory (RssAnon sampled every 10 ms).
+HELPER = r"""
+import os, sys, threading, time
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(out, 1)
+    os.execvp(sys.argv[2], sys.argv[2:])
+anon = [0]
+
+def sample():
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                anon[0] = max([anon[0]] + [int(line.split()[1]) for line in f if line.startswith("RssAnon:")])
+        except (OSError, ValueError):
+            return
+        time.sleep(0.01)
+
+threading.Thread(target=sample, daemon=True).start()
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, anon[0], os.waitstatus_to_exitcode(status))
+"""
+
+
+def measure(cmd: list[str], out_path: str = os.devnull) -> tuple[float, int, int, str]:
+    """Run `cmd` -> (wall seconds, peak RSS bytes, peak private (anonymous) RSS bytes, its stdout)."""
+    p = subprocess.run([sys.executable, "-c", HELPER, out_path, *cmd], capture_output=True, text=True)
+    seconds, rss, anon, code = p.stdout.split()
+    if p.returncode or int(code):
+        raise SystemExit(f"{cmd[0]} failed ({code}): {p.stderr[-2000:]}")
+    return float(seconds), int(rss) * 1024, int(anon) * 1024, "" if out_path == os.devnull else Path(out_path).read_text()
+
+
+def reference_counts(a_path: Path, b_path: Path) -> tuple[int, int]:
+    """From the raw bytes, independently of ckptprobe's reader: (entries whose bf16 bits differ,
+    of those, entries where min(|w|, |w'|) < 2^-9, where one bf16 ULP <= 2^-17 < 1e-5)."""
+    def layout(path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return 8 + n, header
+
+    (start_a, ha), (start_b, hb) = layout(a_path), layout(b_path)
+    ma = np.memmap(a_path, np.uint16, "r", start_a)
+    mb = np.memmap(b_path, np.uint16, "r", start_b)
+    changed = small = 0
+    step = 1 << 24
+    for name, ea in ha.items():
+        eb = hb[name]
+        assert ea["dtype"] == eb["dtype"] == "BF16" and ea["shape"] == eb["shape"]
+        a0, a1 = (o // 2 for o in ea["data_offsets"])
+        b0 = eb["data_offsets"][0] // 2
+        for i in range(0, a1 - a0, step):
+            x, y = ma[a0 + i:min(a0 + i + step, a1)], mb[b0 + i:b0 + i + min(step, a1 - a0 - i)]
+            diff = x != y
+            changed += int(np.count_nonzero(diff))
+            # |w| < 2^-9 <=> magnitude bits below 0x3B00 (exponent 127 - 9)
+            small += int(np.count_nonzero(diff & (np.minimum(x & 0x7FFF, y & 0x7FFF) < 0x3B00)))
+    return changed, small
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, help="folder holding (or to receive) base.safetensors and ft.safetensors")
+    parser.add_argument("--layers", type=int, default=14, help="layers of the synthetic pair if written (14: ~1.5 GB)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of cat and of ckptprobe (median reported)")
+    args = parser.parse_args()
+
+    tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="bench_sparsity_")
+    folder = args.dir or Path(tmp.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    a, b = folder / "base.safetensors", folder / "ft.safetensors"
+    if not (a.is_file() and b.is_file()):
+        print(f"writing {a} and {b} ({args.layers} layers, 40% of entries one ULP apart)...", file=sys.stderr)
+        write_pair(a, [b], layers=args.layers)
+    size = a.stat().st_size + b.stat().st_size
+    exe = Path(sys.executable).parent / "ckptprobe"
+    out_json = str(folder / ".bench_sparsity.json")
+    try:
+        measure(["cat", str(a), str(b)])  # warm-up: both files into the page cache
+        baseline = measure(["true"])
+        cat = [measure(["cat", str(a), str(b)]) for _ in range(args.repeats)]
+        ours = [measure([str(exe), "sparsity", str(a), str(b), "--format", "json"], out_json)
+                for _ in range(args.repeats)]
+        ours_changed = json.loads(ours[-1][3])["total"]["changed"]
+        naive = measure([sys.executable, "-c", NAIVE, str(a), str(b)], out_json)
+        naive_changed = int(naive[3])
+        ref_changed, ref_small = reference_counts(a, b)
+    finally:
+        Path(out_json).unlink(missing_ok=True)
+        if tmp:
+            tmp.cleanup()
+
+    def row(label, runs):
+        s = statistics.median(r[0] for r in runs)
+        rss, anon = max(r[1] for r in runs), max(r[2] for r in runs)
+        print(f"{label:46}{s:8.2f}{size / s / 1e9:8.2f}{rss / 2**20:10.0f} MiB{anon / 2**20:10.0f} MiB")
+        return s, rss
+
+    print(f"pair: {a.name} + {b.name} in {folder}: {gb(size)} in all; {os.cpu_count()} CPUs; "
+          f"median of {args.repeats} runs (naive: 1 run)")
+    print(f"{'':46}{'seconds':>8}{'GB/s':>8}{'peak RSS':>14}{'private':>14}")
+    cat_s, _ = row("cat base ft > /dev/null (page cache)", cat)
+    ours_s, ours_rss = row("ckptprobe sparsity --format json", ours)
+    naive_s, _ = row("naive: load_file, fp32, ~isclose(atol=1e-5)", [naive])
+    print(f"(peak RSS counts mapped file pages; a process that does nothing shows {baseline[1] / 2**20:.0f} MiB "
+          "here, copied from the measuring helper at fork; private = RssAnon sampled every 10 ms)")
+    print(f"ckptprobe throughput / cat throughput: {cat_s / ours_s:.2f}x (target >= {TARGET_VS_READ}x: "
+          f"{'met' if cat_s / ours_s >= TARGET_VS_READ else 'NOT met'})")
+    print(f"naive time / ckptprobe time:           {naive_s / ours_s:.1f}x (target >= {TARGET_VS_NAIVE}x: "
+          f"{'met' if naive_s / ours_s >= TARGET_VS_NAIVE else 'NOT met'})")
+    print(f"ckptprobe peak RSS:                    {ours_rss / 2**20:.0f} MiB (target < 1 GiB: "
+          f"{'met' if ours_rss < TARGET_RSS else 'NOT met'})")
+    print(f"changed entries: reference {ref_changed:,}; ckptprobe {ours_changed:,} "
+          f"({'right' if ours_changed == ref_changed else 'WRONG'}); naive {naive_changed:,} "
+          f"({'right' if naive_changed == ref_changed else 'WRONG'}: misses {ref_changed - naive_changed:,})")
+    print(f"changes where min(|w|,|w'|) < 2^-9 (one bf16 ULP < atol): {ref_small:,}; "
+          f"the naive count {'equals' if naive_changed == ref_changed - ref_small else 'does NOT equal'} "
+          "reference minus these")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Resolving a checkpoint reference: files, sharded folders (with or without an index), index
+paths; and refusing what is not safetensors (pickles are never unpickled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ckptprobe.cli import main
+from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError
+from ckptprobe.io.sources import open_source
+from ckptprobe.io.writer import write_safetensors
+
+
+def one_line_error(capsys, args, *needles, code=1, hint=None):
+    assert main(args) == code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines and lines[0].startswith("Error: "), captured.err
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: ")), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if hint:
+        assert len(lines) == 2 and hint in lines[1], captured.err
+    return lines
+
+
+def same_tensors(a, b):
+    assert sorted(a.keys()) == sorted(b.keys())
+    for name in a.keys():
+        assert a.info(name) == b.info(name)
+        np.testing.assert_array_equal(a.get_array(name), b.get_array(name))
+
+
+def test_sharded_folder_equals_single_file(tiny_pair):
+    folder, single = open_source(str(tiny_pair.base_dir)), open_source(str(tiny_pair.base))
+    assert len(list(tiny_pair.base_dir.glob("*.safetensors"))) == 2
+    same_tensors(folder, single)
+    assert folder.ref == str(tiny_pair.base_dir)
+    name = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(folder.read(name, 10, 100), single.get_array(name).reshape(-1)[10:100])
+
+
+def test_index_path_given_directly(tiny_pair):
+    index = tiny_pair.base_dir / "model.safetensors.index.json"
+    same_tensors(open_source(str(index)), open_source(str(tiny_pair.base)))
+
+
+def test_folder_without_index(tiny_pair, tmp_path):
+    for shard in tiny_pair.base_dir.glob("*.safetensors"):
+        shutil.copy(shard, tmp_path / shard.name)
+    same_tensors(open_source(str(tmp_path)), open_source(str(tiny_pair.base)))
+
+
+def test_model_safetensors_folder(tiny_pair, tmp_path):
+    shutil.copy(tiny_pair.base, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    same_tensors(open_source(str(tmp_path)), open_source(str(tiny_pair.base)))
+
+
+def test_hub_cache_layout_with_symlinked_shards(tiny_pair, tmp_path):
+    """In the Hub cache, snapshots/<rev>/ holds symlinks into blobs/: they are not 'outside the folder'."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i, shard in enumerate(sorted(tiny_pair.base_dir.iterdir())):
+        shutil.copy(shard, blobs / f"blob{i}")
+        (snap / shard.name).symlink_to(os.path.relpath(blobs / f"blob{i}", snap))
+    same_tensors(open_source(str(snap)), open_source(str(tiny_pair.base)))
+
+
+def test_tensor_in_two_files_is_refused(tmp_path, capsys):
+    for name in ("a.safetensors", "b.safetensors"):
+        write_safetensors(tmp_path / name, {"w": ("F32", np.zeros(2, np.float32))})
+    with pytest.raises(InvalidCheckpointError):
+        open_source(str(tmp_path))
+    one_line_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], "'w'", "a.safetensors", "b.safetensors")
+
+
+def index_folder(tmp_path, weight_map):
+    write_safetensors(tmp_path / "s1.safetensors", {"w": ("F32", np.zeros(2, np.float32))})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tmp_path
+
+
+def test_index_errors(tmp_path, capsys):
+    cases = {
+        "missing shard": ({"w": "s1.safetensors", "v": "s2.safetensors"}, ["'s2.safetensors'", "does not exist"]),
+        "parent dir": ({"w": "s1.safetensors", "v": "../s1.safetensors"}, ["'../s1.safetensors'", "outside"]),
+        "absolute": ({"w": "s1.safetensors", "v": str(tmp_path / "s1.safetensors")}, ["outside"]),
+        "wrong shard": ({"w": "s1.safetensors", "v": "s1.safetensors"}, ["'v'", "s1.safetensors", "does not hold it"]),
+        "not a string": ({"w": ["s1.safetensors"]}, ["does not exist"]),
+    }
+    for case, (weight_map, words) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        folder.mkdir()
+        index_folder(folder, weight_map)
+        if case == "parent dir":  # the file it points to exists: only the path is wrong
+            shutil.copy(folder / "s1.safetensors", tmp_path / "s1.safetensors")
+        with pytest.raises((InvalidCheckpointError, CheckpointNotFoundError)):
+            open_source(str(folder))
+        lines = one_line_error(capsys, ["sparsity", str(folder), str(folder)], str(folder), *words)
+        # the index given directly fails the same way
+        assert one_line_error(capsys, ["sparsity", str(folder / "model.safetensors.index.json"), str(folder)]) == lines
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"metadata": {}}', '{"weight_map": [1]}'])
+def test_malformed_index(tmp_path, capsys, content):
+    write_safetensors(tmp_path / "s1.safetensors", {"w": ("F32", np.zeros(2, np.float32))})
+    (tmp_path / "model.safetensors.index.json").write_text(content)
+    one_line_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], "model.safetensors.index.json",
+                   "not a safetensors index")
+
+
+@pytest.mark.parametrize("ref", ["no/such/folder/here", "/no/such/file.safetensors", "./missing",
+                                 "not a repo", "~/surely-missing-ckptprobe-dir"])
+def test_missing_reference(tmp_path, capsys, ref):
+    good = tmp_path / "g.safetensors"
+    write_safetensors(good, {"w": ("F32", np.zeros(2, np.float32))})
+    with pytest.raises(CheckpointNotFoundError):
+        open_source(ref)
+    one_line_error(capsys, ["sparsity", ref, str(good)], ref, "no such file or folder")
+    one_line_error(capsys, ["sparsity", str(good), ref], ref, "no such file or folder")
+
+
+def test_folder_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    one_line_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], str(tmp_path), "no *.safetensors")
+
+
+class Trap:
+    """Unpickling this creates `path`: proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickles_are_refused_and_never_unpickled(tmp_path, capsys):
+    marker = tmp_path / "UNPICKLED"
+    # The trap works: loading it does create the marker.
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(Trap(probe))).close()
+    assert probe.exists()
+
+    payload = pickle.dumps({"w": Trap(marker)})
+    files = []
+    for name in ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl"):
+        (tmp_path / name).write_bytes(payload)
+        files.append(tmp_path / name)
+    torch.save({"w": Trap(marker)}, tmp_path / "torch_saved.pt")  # a real torch zip file
+    files.append(tmp_path / "torch_saved.pt")
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, {"w": ("F32", np.zeros(2, np.float32))})
+    for path in files:
+        with pytest.raises(InvalidCheckpointError):
+            open_source(str(path))
+        one_line_error(capsys, ["sparsity", str(path), str(good)], str(path), "pickle", hint="safe_serialization")
+        one_line_error(capsys, ["sparsity", str(good), str(path)], str(path), "pickle", hint="safe_serialization")
+    assert not marker.exists()
+
+
+def test_folder_with_only_pytorch_model_bin(tmp_path, capsys):
+    marker = tmp_path / "UNPICKLED"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"w": Trap(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(InvalidCheckpointError):
+        open_source(str(folder))
+    one_line_error(capsys, ["sparsity", str(folder), str(folder)], "pytorch_model.bin", "refusing to open a pickle",
+                   hint="safe_serialization=True")
+    assert not marker.exists()
