@@ -1,0 +1,86 @@
+"""Speed and memory of `ckptprobe consensus` on R synthetic runs of a Qwen2.5-1.5B-shaped model.
+
+Prints the seconds of the whole process as a user runs it (median of --repeat), the
+seconds of reading all R + 1 checkpoints from the page cache with `cat > /dev/null`,
+their ratio (the fraction of read throughput consensus reaches; target >= 0.5), and
+the peak RSS of the consensus process (target < 2 GB; it includes the mapped page
+cache of the blocks being read).
+
+The CPU time (user + sys, including ~0.5 s of imports at start) is printed too: on a
+shared machine it is less disturbed by other processes than the wall time.
+
+    python benchmarks/bench_consensus.py                      # 14 layers, 8 runs (~13.5 GB of files)
+    python benchmarks/bench_consensus.py --layers 2 --runs 4 --dir /tmp/cons   # quick; files kept for reuse
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+
+def timed(cmd: list[str]) -> tuple[float, int, float]:
+    """Run `cmd` with stdout to /dev/null -> (wall seconds, peak RSS in bytes, CPU seconds) of that process."""
+    t = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(cmd, stdout=devnull)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # Linux reports KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=14, help="layers of the synthetic model (14: ~1.5 GB a file)")
+    ap.add_argument("--runs", type=int, default=8, help="number of fine-tuned runs R")
+    ap.add_argument("--dir", type=Path, help="keep the generated files here and reuse them if present")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    tmp = None
+    if args.dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.dir = Path(tmp.name)
+    folder = args.dir / f"qwen-{args.layers}l"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "base.safetensors"
+    runs = [folder / f"run{r}.safetensors" for r in range(args.runs)]
+    missing = [p for p in [base, *runs] if not p.exists()]
+    if missing:
+        print(f"writing {len(missing)} synthetic checkpoint(s) into {folder} ...", file=sys.stderr)
+        # In a child process: the memory this takes would otherwise stay in our RSS and be
+        # inherited (as ru_maxrss) by every process we start.
+        paths = list(map(str, runs))
+        code = f"from synth import write_pair; write_pair({str(base)!r}, {paths!r}, layers={args.layers})"
+        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True)
+    files = [str(base), *map(str, runs)]
+    size = sum(os.path.getsize(f) for f in files)
+
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # into the page cache
+    read = statistics.median(timed(["cat", *files])[0] for _ in range(args.repeat))
+    cmd = [sys.executable, "-m", "ckptprobe", "consensus", *files]
+    results = [timed(cmd) for _ in range(args.repeat)]
+    wall = statistics.median(r[0] for r in results)
+    rss = max(r[1] for r in results)
+    cpu = statistics.median(r[2] for r in results)
+
+    print(f"consensus of {args.runs} runs, {args.layers} layers, {len(files)} files, {size / 1e9:.2f} GB")
+    print(f"ckptprobe consensus (whole process): {wall:.2f} s  ({size / wall / 1e9:.2f} GB/s; CPU time {cpu:.2f} s)")
+    print(f"cat > /dev/null (page cache):        {read:.2f} s  ({size / read / 1e9:.2f} GB/s)")
+    print(f"fraction of read throughput:         {read / wall:.2f}x  (target >= 0.5x)")
+    print(f"peak RSS of consensus:               {rss / 2**20:.0f} MiB  (target < 2048 MiB)")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Update profiles of one run over time: does the row/column pattern persist as density grows?
+
+"The Path Not Taken" (Fig. 14) follows one RL run through its checkpoints: the
+update density grows, yet the rows and columns that are updated stay the same. Per
+checkpoint this module measures the overall update density against the base and, for
+the chosen layer's matrices, the row and column ratios of the update mask M
+(`rho_i = mean_j M_ij`, `kappa_j = mean_i M_ij`), smoothed by a centred moving average,
+with the Pearson correlation between consecutive checkpoints' smoothed profiles and
+the stripe index of each (see `consensus.stripe_index`, with R = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ckptprobe.analysis.consensus import check_layer, layers_of, plan_tensors, scan
+from ckptprobe.analysis.pairing import Skipped
+from ckptprobe.analysis.sparsity import sparsity
+from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
+from ckptprobe.errors import UsageError
+from ckptprobe.io.names import parse_name
+from ckptprobe.io.sources import TensorSource
+
+
+def moving_average(x: np.ndarray, k: int) -> np.ndarray:
+    """(n,) -> (n,) centred moving average over `k` entries; near the ends, the mean of those available."""
+    x = np.asarray(x, np.float64)
+    k = min(k, len(x))
+    if k <= 1:
+        return x.copy()
+    w = np.ones(k)
+    return np.convolve(x, w, "same") / np.convolve(np.ones(len(x)), w, "same")
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two profiles; None if either is constant or holds NaN."""
+    if len(a) < 2 or np.isnan(a).any() or np.isnan(b).any() or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _nones(a: np.ndarray) -> list:
+    return np.where(np.isnan(a), None, a).tolist()
+
+
+@dataclass(frozen=True)
+class TensorProfile:
+    """One matrix of the chosen layer over S checkpoints (NaN where a checkpoint lacks it).
+
+    `row`/`col`: (S, rows)/(S, cols) float64 smoothed ratios; `row_corr`/`col_corr`: (S-1,)
+    correlation of checkpoint s with s+1; stripe indexes (S,) of the unsmoothed ratios.
+    """
+
+    name: str
+    module: str
+    shape: tuple[int, int]
+    density: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    row_corr: tuple[float | None, ...]
+    col_corr: tuple[float | None, ...]
+    row_stripe_index: tuple[float | None, ...]
+    col_stripe_index: tuple[float | None, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "module": self.module, "shape": list(self.shape),
+                "density": _nones(self.density), "row_corr": list(self.row_corr), "col_corr": list(self.col_corr),
+                "row_stripe_index": list(self.row_stripe_index), "col_stripe_index": list(self.col_stripe_index),
+                "row_ratio": [_nones(r) for r in self.row], "col_ratio": [_nones(c) for c in self.col]}
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    base: str
+    checkpoints: tuple[str, ...]
+    mode: str
+    eta: float
+    atol: float
+    layer: int
+    smooth: int
+    changed: tuple[int, ...]  # whole model, per checkpoint
+    numel: tuple[int, ...]
+    tensors: tuple[TensorProfile, ...]
+    skipped: tuple[Skipped, ...]
+
+    @property
+    def density(self) -> tuple[float | None, ...]:
+        return tuple(c / n if n else None for c, n in zip(self.changed, self.numel))
+
+    def to_dict(self) -> dict:
+        return {"command": "profile", "base": self.base, "checkpoints": list(self.checkpoints), "mode": self.mode,
+                "eta": self.eta, "atol": self.atol, "layer": self.layer, "smooth": self.smooth,
+                "changed": list(self.changed), "numel": list(self.numel), "density": list(self.density),
+                "tensors": [t.to_dict() for t in self.tensors], "skipped": [s.to_dict() for s in self.skipped]}
+
+
+def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int, mode: CompareMode | None = None,
+            eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL, smooth: int = 3, include: Sequence[str] = (),
+            exclude: Sequence[str] = (), progress: Callable[[int], None] | None = None,
+            workers: int | None = None) -> ProfileResult:
+    """Profiles of `checkpoints` (one run, in step order) against `base` for the matrices of `layer`.
+
+    Raises UsageError for no checkpoint, `smooth` < 1, or a layer that does not exist.
+    """
+    if not checkpoints:
+        raise UsageError("profile needs at least one checkpoint besides the base")
+    if smooth < 1:
+        raise UsageError(f"--smooth must be at least 1 (1 = no smoothing), got {smooth}")
+    check_layer(layer, layers_of(base, include, exclude))
+    S = len(checkpoints)
+    changed, numel, skipped = [], [], []
+    per_name: dict[str, list] = {}
+    for s, ckpt in enumerate(checkpoints):
+        sp = sparsity(base, ckpt, mode, eta, atol, include, exclude, progress, workers)
+        changed.append(sp.total.changed)
+        numel.append(sp.total.numel)
+        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}") for k in sp.skipped]
+        plans, _ = plan_tensors(base, [ckpt], mode, include, exclude, keep_layer=layer)
+        plans = [p for p in plans if p.keep_profile]  # the layer's matrices (the rest was counted above)
+        for t in scan(plans, 1, eta, atol, None, workers):
+            per_name.setdefault(t.name, [None] * S)[s] = t
+    tensors = []
+    for name in [n for n in base.keys() if n in per_name]:  # in the base's order
+        steps = per_name[name]
+        rows, cols = base.info(name).shape
+        row, col = np.full((S, rows), np.nan), np.full((S, cols), np.nan)
+        for s, t in enumerate(steps):
+            if t is not None:
+                row[s], col[s] = moving_average(t.row_ratio, smooth), moving_average(t.col_ratio, smooth)
+        density = np.array([t.density[0] if t else np.nan for t in steps])
+        pn = parse_name(name)
+        tensors.append(TensorProfile(
+            name, pn.module, (rows, cols), density, row, col,
+            tuple(correlation(row[s], row[s + 1]) for s in range(S - 1)),
+            tuple(correlation(col[s], col[s + 1]) for s in range(S - 1)),
+            tuple(t.row_stripe_index if t else None for t in steps),
+            tuple(t.col_stripe_index if t else None for t in steps)))
+    return ProfileResult(base.ref, tuple(c.ref for c in checkpoints), mode.value if mode else "auto", eta, atol,
+                         layer, smooth, tuple(changed), tuple(numel), tuple(tensors), tuple(skipped))

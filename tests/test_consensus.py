@@ -1,0 +1,344 @@
+"""`consensus`: every statistic against brute-force numpy on the planted boolean masks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from factory import tiny_weights
+from typer.testing import CliRunner
+
+import ckptprobe.analysis.consensus as cons
+from ckptprobe.analysis.bf16 import float32_to_bf16_bits
+from ckptprobe.analysis.consensus import (bernoulli_jaccard, consensus, poisson_binomial, stripe_index)
+from ckptprobe.analysis.update import CompareMode, update_mask
+from ckptprobe.cli import main
+from ckptprobe.cli._app import app
+from ckptprobe.cli.consensus import head_dim_of
+from ckptprobe.errors import UsageError
+from ckptprobe.io.sources import open_source
+from ckptprobe.io.writer import write_safetensors
+from ckptprobe.report.figures import block_average
+
+R = 4
+
+
+def write_runs(folder: Path, base_bits: dict, masks: list[dict]) -> tuple[Path, list[Path]]:
+    """A bf16 base and one run per mask dict, each entry of a mask moved one ULP."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "base.safetensors", {n: ("BF16", b) for n, b in base_bits.items()})
+    runs = []
+    for r, m in enumerate(masks):
+        runs.append(folder / f"run{r}.safetensors")
+        write_safetensors(runs[-1], {n: ("BF16", np.where(m[n], b + 1, b).astype(np.uint16)) if n in m else ("BF16", b)
+                                     for n, b in base_bits.items()})
+    return folder / "base.safetensors", runs
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Tiny base + R runs with densities varying by run and tensor."""
+    base_bits = {n: float32_to_bf16_bits(x) for n, x in tiny_weights(0).items()}
+    rng = np.random.default_rng(7)
+    masks = [{n: rng.random(b.shape) < rng.uniform(0.05, 0.7) for n, b in base_bits.items()} for _ in range(R)]
+    base, runs = write_runs(tmp_path_factory.mktemp("cons"), base_bits, masks)
+    return base, runs, masks
+
+
+def sources(base, runs):
+    return open_source(str(base)), [open_source(str(r)) for r in runs]
+
+
+def brute_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
+
+
+def check_against_masks(result, masks, heat_size):
+    for t in result.tensors:
+        ms = [m[t.name] for m in masks]
+        for i, j in itertools.product(range(R), repeat=2):
+            assert t.jaccard[i, j] == pytest.approx(brute_jaccard(ms[i], ms[j]), abs=1e-12)
+        p = np.array([m.mean() for m in ms])
+        assert np.allclose(t.density, p)
+        off = ~np.eye(R, dtype=bool)
+        assert np.allclose(t.bernoulli[off], (np.outer(p, p) / (p[:, None] + p[None, :] - np.outer(p, p)))[off])
+        counts = sum(m.astype(np.int64) for m in ms)
+        assert t.hist.tolist() == np.bincount(counts.ravel(), minlength=R + 1).tolist()
+        if counts.ndim == 2:
+            c = counts / R
+            rho, kappa = c.mean(axis=1), c.mean(axis=0)
+            null = np.sum(p * (1 - p)) / R ** 2
+            assert t.row_stripe_index == pytest.approx(np.var(rho, ddof=1) / (null / c.shape[1]), rel=1e-9)
+            assert t.col_stripe_index == pytest.approx(np.var(kappa, ddof=1) / (null / c.shape[0]), rel=1e-9)
+            if t.layer == 1:
+                assert np.allclose(t.row_ratio, rho) and np.allclose(t.col_ratio, kappa)
+                assert np.allclose(t.heatmap, block_average(c, heat_size))
+            else:
+                assert t.row_ratio is None and t.heatmap is None
+    # Whole model: pooled counts are the Jaccard of the concatenated masks.
+    total = result.total
+    flat = [np.concatenate([m[n].ravel() for n in masks[0]]) for m in masks]
+    for i, j in itertools.combinations(range(R), 2):
+        assert total.jaccard[i, j] == pytest.approx(brute_jaccard(flat[i], flat[j]), abs=1e-12)
+        e_i = sum(m.size * masks[i][n].mean() * masks[j][n].mean() for n, m in masks[0].items())
+        e_u = sum(m.size * (masks[i][n].mean() + masks[j][n].mean() - masks[i][n].mean() * masks[j][n].mean())
+                  for n, m in masks[0].items())
+        assert total.bernoulli[i, j] == pytest.approx(e_i / e_u, rel=1e-12)
+    assert total.hist.tolist() == np.bincount(sum(f.astype(int) for f in flat), minlength=R + 1).tolist()
+
+
+def test_matches_brute_force_in_small_blocks_and_chunks(family, monkeypatch):
+    base, runs, masks = family
+    # Blocks of a few rows, chunks that do not divide them: every edge of the streaming is crossed.
+    monkeypatch.setattr(cons, "BLOCK_BYTES", 1500)
+    monkeypatch.setattr(cons, "CHUNK", 40)
+    monkeypatch.setattr(cons, "HEAT_SIZE", 10)  # cells of 7x7 on a 64x32 matrix, partial at the edges
+    result = consensus(*sources(base, runs), layer=1, workers=2)
+    assert len(result.tensors) == len(masks[0]) and not result.skipped
+    check_against_masks(result, masks, 10)
+
+
+def test_matches_brute_force_with_default_blocks(family):
+    base, runs, masks = family
+    result = consensus(*sources(base, runs), layer=1)
+    check_against_masks(result, masks, cons.HEAT_SIZE)
+    d = result.to_dict()
+    assert d["runs"] == [str(r) for r in runs]
+    assert np.array(d["jaccard"]).shape == (R, R) and np.array(d["bernoulli"]).shape == (R, R)
+    t = d["tensors"][1]
+    assert {"name", "density", "jaccard_mean", "bernoulli_mean", "row_stripe_index", "col_stripe_index",
+            "consensus_hist", "expected_hist"} <= set(t)
+    assert len(t["density"]) == R and sum(t["consensus_hist"]) == t["numel"]
+    assert [p["name"] for p in d["profiles"]] == [n for n in masks[0] if ".layers.1." in n and masks[0][n].ndim == 2]
+
+
+def test_poisson_binomial_is_exact():
+    p = [0.1, 0.45, 0.7, 0.9]
+    brute = np.zeros(len(p) + 1)
+    for bits in itertools.product([0, 1], repeat=len(p)):
+        brute[sum(bits)] += np.prod([pi if b else 1 - pi for pi, b in zip(p, bits)])
+    assert np.allclose(poisson_binomial(p), brute, atol=1e-15)
+    from scipy.stats import binom
+
+    assert np.allclose(poisson_binomial([0.3] * 6), binom.pmf(np.arange(7), 6, 0.3))
+    assert poisson_binomial([]).tolist() == [1.0]
+
+
+def test_bernoulli_baseline_matches_simulation():
+    rng = np.random.default_rng(0)
+    p, q = 0.3, 0.08
+    a, b = rng.random(2_000_000) < p, rng.random(2_000_000) < q
+    assert bernoulli_jaccard(np.array([p, q]))[0, 1] == pytest.approx(brute_jaccard(a, b), rel=0.01)
+    assert bernoulli_jaccard(np.array([0.0, 0.0]))[0, 1] != bernoulli_jaccard(np.array([0.0, 0.0]))[0, 1]  # NaN
+
+
+def stripe_runs(tmp: Path, rows: int, cols: int, row_p: np.ndarray, seed: int):
+    """Runs of one (rows, cols) matrix whose entries change with probability row_p[i] * scale_r."""
+    rng = np.random.default_rng(seed)
+    name = "model.layers.0.mlp.down_proj.weight"
+    base = {name: float32_to_bf16_bits(rng.standard_normal((rows, cols)).astype(np.float32) * 0.02)}
+    scales = [0.6, 1.0, 1.3]
+    masks = [{name: rng.random((rows, cols)) < np.clip(row_p[:, None] * s, 0, 1)} for s in scales]
+    return write_runs(tmp, base, masks)
+
+
+def test_stripe_index_planted_rows_and_iid(tmp_path):
+    rows, cols = 200, 300
+    striped = np.where(np.arange(rows) % 10 < 2, 0.35, 0.2)  # two rows in ten favoured by all runs
+    t = consensus(*sources(*stripe_runs(tmp_path / "s", rows, cols, striped, 1))).tensors[0]
+    assert t.row_stripe_index > 15
+    assert 0.7 < t.col_stripe_index < 1.4
+    # A strong stripe pulls the other axis below 1 (the null assumes one density per run for the
+    # whole matrix; rows of very different densities make column means vary less): documented.
+    strong = np.where(np.arange(rows) % 10 < 2, 0.6, 0.05)
+    t = consensus(*sources(*stripe_runs(tmp_path / "strong", rows, cols, strong, 1))).tensors[0]
+    assert t.row_stripe_index > 200 and 0.4 < t.col_stripe_index < 0.8
+    # iid entries, densities differing by run: both indexes ~1 (sd of one estimate ~ sqrt(2/n) ~ 0.1).
+    indexes = []
+    for seed in range(4):
+        t = consensus(*sources(*stripe_runs(tmp_path / f"i{seed}", rows, cols, np.full(rows, 0.2), seed))).tensors[0]
+        indexes += [t.row_stripe_index, t.col_stripe_index]
+    assert all(0.6 < x < 1.5 for x in indexes)
+    assert np.mean(indexes) == pytest.approx(1.0, abs=0.12)
+
+
+def test_stripe_index_edge_cases():
+    assert stripe_index(np.array([0.5, 0.5]), np.array([0.0, 1.0]), 10) is None  # no variance possible
+    assert stripe_index(np.array([0.5]), np.array([0.5]), 10) is None
+    assert stripe_index(np.array([0.0, 1.0]), np.array([0.5]), 1) == pytest.approx(0.5 / 0.25)
+
+
+def test_two_runs(family):
+    base, runs, masks = family
+    result = consensus(*sources(base, runs[:2]))
+    for t in result.tensors:
+        a, b = masks[0][t.name], masks[1][t.name]
+        inter = int((a & b).sum())
+        assert t.hist.tolist() == [int((~a & ~b).sum()), int(a.sum() + b.sum() - 2 * inter), inter]
+        assert t.jaccard[0, 1] == pytest.approx(brute_jaccard(a, b))
+
+
+def test_fewer_than_two_runs_is_a_usage_error(family, capsys):
+    base, runs, _ = family
+    with pytest.raises(UsageError, match="at least two runs"):
+        consensus(*sources(base, runs[:1]))
+    assert main(["consensus", str(base), str(runs[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: consensus needs at least two runs, got 1")
+
+
+def test_missing_layer_is_a_one_line_error(family, capsys):
+    base, runs, _ = family
+    with pytest.raises(UsageError, match=r"layer 7 does not exist; valid layers: 0\.\.1"):
+        consensus(*sources(base, runs), layer=7)
+    assert main(["consensus", str(base), *map(str, runs[:2]), "--layer", "7"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "Error: layer 7 does not exist; valid layers: 0..1"
+
+
+def test_mismatched_runs_are_left_out_per_tensor(family, tmp_path, capsys):
+    base, runs, masks = family
+    q = "model.layers.0.self_attn.q_proj.weight"
+    k = "model.layers.0.self_attn.k_proj.weight"
+    bad = tmp_path / "bad.safetensors"  # run 2 without q, with k of another shape, and one extra tensor
+    src = open_source(str(runs[2]))
+    tensors = {n: ("BF16", src.get_array(n)) for n in src.keys() if n != q}
+    tensors[k] = ("BF16", np.zeros((3, 5), np.uint16))
+    tensors["extra.weight"] = ("BF16", np.zeros(4, np.uint16))
+    write_safetensors(bad, tensors)
+    paths = [runs[0], runs[1], bad, runs[3]]
+    result = consensus(*sources(base, paths))
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert len(result.skipped) == 3
+    assert reasons[q] == f"missing in run 2 ({bad}); run left out of this tensor"
+    assert reasons[k] == f"shape (32, 32) in base vs (3, 5) in run 2 ({bad}); run left out of this tensor"
+    assert reasons["extra.weight"] == f"only in run 2 ({bad}) (missing in base)"
+    by_name = {t.name: t for t in result.tensors}
+    for name in (q, k):
+        t = by_name[name]
+        assert t.runs == (0, 1, 3) and np.isnan(t.density[2]) and np.isnan(t.jaccard[0, 2])
+        assert t.jaccard[0, 3] == pytest.approx(brute_jaccard(masks[0][name], masks[3][name]))
+        counts = sum(masks[r][name].astype(int) for r in (0, 1, 3))
+        assert t.hist.tolist() == np.bincount(counts.ravel(), minlength=4).tolist()
+    assert len(by_name["model.norm.weight"].runs) == R
+    # Pooled: runs 0 and 2 share every tensor but q and k.
+    names = [n for n in masks[0] if n not in (q, k)]
+    a = np.concatenate([masks[0][n].ravel() for n in names])
+    b = np.concatenate([masks[2][n].ravel() for n in names])
+    assert result.total.jaccard[0, 2] == pytest.approx(brute_jaccard(a, b))
+    assert main(["consensus", str(base), *map(str, paths), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    assert "skipped model.layers.0.self_attn.q_proj.weight: missing in run 2" in out.err
+    assert len(json.loads(out.out)["skipped"]) == 3
+
+
+def test_update_rule_special_values_and_other_dtypes(tmp_path):
+    """The fast bitwise path and the exact rule agree on +-0, inf, NaN (bf16, f16) and in eta mode (f32)."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    special16 = {"BF16": [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x3F80],  # +-0, +-inf, NaN, 1.0
+                 "F16": [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x3C00]}
+    for dtype, specials in special16.items():
+        base = rng.integers(0x3000, 0x3F00, n).astype(np.uint16)
+        base[:100] = rng.choice(specials, 100)  # specials in the base (first chunk only)
+        ys = []
+        for r in range(3):
+            y = base.copy()
+            y[rng.random(n) < 0.3] += 1
+            pos = rng.choice(n, 40, replace=False)
+            y[pos] = rng.choice(specials, 40)  # specials in the runs, anywhere
+            ys.append(y)
+        view = np.float16 if dtype == "F16" else np.uint16
+        folder = tmp_path / dtype
+        folder.mkdir()
+        write_safetensors(folder / "base.safetensors", {"w": (dtype, base.reshape(60, 50).view(view))})
+        for r, y in enumerate(ys):
+            write_safetensors(folder / f"r{r}.safetensors", {"w": (dtype, y.reshape(60, 50).view(view))})
+        cons_chunk = cons.CHUNK
+        try:
+            cons.CHUNK = 1000
+            runs = [folder / f"r{r}.safetensors" for r in range(3)]
+            t = consensus(*sources(folder / "base.safetensors", runs)).tensors[0]
+        finally:
+            cons.CHUNK = cons_chunk
+        ref = [update_mask(base.view(view), y.view(view), dtype, dtype, CompareMode.bitwise) for y in ys]
+        assert t.changed.tolist() == [int(c.sum()) for c, _ in ref]
+        assert t.nonfinite.tolist() == [int(f.sum()) for _, f in ref]
+        assert t.inter[0, 1] == int((ref[0][0] & ref[1][0]).sum())
+    # f32 in eta mode goes through update_mask chunk by chunk.
+    base = rng.standard_normal((40, 30)).astype(np.float32)
+    ys = [base * (1 + rng.uniform(-2e-3, 2e-3, base.shape)).astype(np.float32) for _ in range(2)]
+    write_safetensors(tmp_path / "b32.safetensors", {"w": ("F32", base)})
+    for r, y in enumerate(ys):
+        write_safetensors(tmp_path / f"r32_{r}.safetensors", {"w": ("F32", y)})
+    t = consensus(*sources(tmp_path / "b32.safetensors", [tmp_path / f"r32_{r}.safetensors" for r in range(2)]),
+                  mode=CompareMode.eta, eta=1e-3).tensors[0]
+    ref = [update_mask(base, y, "F32", "F32", CompareMode.eta, 1e-3)[0] for y in ys]
+    assert t.changed.tolist() == [int(m.sum()) for m in ref]
+    assert t.jaccard[0, 1] == pytest.approx(brute_jaccard(*ref))
+
+
+def test_cli_outputs_and_plots(family, tmp_path):
+    base, runs, masks = family
+    runner = CliRunner()
+    args = ["consensus", str(base), *map(str, runs)]
+    res = runner.invoke(app, args + ["--format", "json", "--layer", "1"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["layer"] == 1 and len(d["labels"]) == R and d["labels"][0] == "run0"
+    assert d["jaccard"][0][1] == pytest.approx(brute_jaccard(
+        *[np.concatenate([m[n].ravel() for n in masks[0]]) for m in masks[:2]]))
+    res = runner.invoke(app, args + ["--format", "csv", "--by", "layer"])
+    assert res.exit_code == 0
+    header, *lines = res.stdout.strip().splitlines()
+    assert header.startswith("layer,tensors,numel,density,density_mean,jaccard_mean") and len(lines) == 3
+    for by in ("tensor", "module", "layer"):
+        res = runner.invoke(app, args + ["--by", by])
+        assert res.exit_code == 0 and "Pairwise Jaccard" in res.stdout
+    plots = tmp_path / "plots"
+    res = runner.invoke(app, args + ["--plot", str(plots), "--head-dim", "8", "-o", str(tmp_path / "t.txt")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in plots.iterdir()) == ["heatmaps_layer1.png", "jaccard.png", "ratios_layer1.png"]
+    assert all(p.stat().st_size > 10_000 for p in plots.iterdir())
+    assert "Consensus of 4 runs" in (tmp_path / "t.txt").read_text()
+
+
+def test_head_dim_from_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert head_dim_of(str(tmp_path / "model.safetensors")) is None
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 128, "num_attention_heads": 4}))
+    assert head_dim_of(str(tmp_path)) == 32
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 128, "num_attention_heads": 4, "head_dim": 16}))
+    assert head_dim_of(str(tmp_path / "model.safetensors")) == 16
+    (tmp_path / "config.json").write_text("{not json")
+    assert head_dim_of(str(tmp_path)) is None
+
+
+def test_many_runs_histogram_by_bincount(tmp_path):
+    """R >= 24 takes the bincount branch of the histogram; counts still match brute force."""
+    rng = np.random.default_rng(5)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = {name: float32_to_bf16_bits(rng.standard_normal((24, 40)).astype(np.float32))}
+    masks = [{name: rng.random((24, 40)) < rng.uniform(0.1, 0.9)} for _ in range(30)]
+    t = consensus(*sources(*write_runs(tmp_path, base, masks))).tensors[0]
+    counts = sum(m[name].astype(int) for m in masks)
+    assert t.hist.tolist() == np.bincount(counts.ravel(), minlength=31).tolist()
+    assert t.expected_hist.sum() == pytest.approx(24 * 40)
+    assert t.jaccard[3, 17] == pytest.approx(brute_jaccard(masks[3][name], masks[17][name]))
+
+
+def test_example_family(tmp_path):
+    """The shipped GRPO runs, end to end through the CLI (skipped until the example family is built)."""
+    from ckptprobe import examples
+
+    if not (examples.path("base") / "model.safetensors").exists():
+        pytest.skip("example family not built")
+    folders = [str(examples.path(n)) for n in ("base", "rl-1", "rl-2", "rl-3")]
+    assert head_dim_of(folders[0]) is not None
+    res = CliRunner().invoke(app, ["consensus", *folders, "--format", "json", "--plot", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["labels"] == ["rl-1", "rl-2", "rl-3"] and 0 < d["jaccard_mean"] <= 1
+    assert len(list(tmp_path.iterdir())) == 3

@@ -1,0 +1,122 @@
+"""`profile`: one run's checkpoints against brute-force numpy on the planted masks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from factory import tiny_weights
+from typer.testing import CliRunner
+
+from ckptprobe.analysis.bf16 import float32_to_bf16_bits
+from ckptprobe.analysis.profile import correlation, moving_average, profile
+from ckptprobe.cli import main
+from ckptprobe.cli._app import app
+from ckptprobe.errors import UsageError
+from ckptprobe.io.sources import open_source
+from ckptprobe.io.writer import write_safetensors
+
+STEPS = (0.05, 0.15, 0.3)  # density scale at each checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Base + 3 checkpoints whose masks grow (nested) and favour the same rows throughout."""
+    root = tmp_path_factory.mktemp("profile")
+    base = {n: float32_to_bf16_bits(x) for n, x in tiny_weights(0).items()}
+    rng = np.random.default_rng(11)
+    u = {n: rng.random(b.shape) for n, b in base.items()}
+    pref = {n: rng.uniform(0.3, 2.0, b.shape[0]) for n, b in base.items()}  # per row
+    write_safetensors(root / "base.safetensors", {n: ("BF16", b) for n, b in base.items()})
+    masks, paths = [], []
+    for s, scale in enumerate(STEPS):
+        m = {n: u[n] < np.clip(scale * (pref[n][:, None] if b.ndim == 2 else pref[n]), 0, 1) for n, b in base.items()}
+        masks.append(m)
+        paths.append(root / f"ckpt-{(s + 1) * 100}.safetensors")
+        write_safetensors(paths[-1], {n: ("BF16", np.where(m[n], b + 1, b).astype(np.uint16)) for n, b in base.items()})
+    return root / "base.safetensors", paths, masks
+
+
+def smooth_ref(x: np.ndarray, k: int) -> np.ndarray:
+    """Centred window of k entries (for even k one more on the left), mean of the entries inside the array."""
+    out = np.empty(len(x))
+    for i in range(len(x)):
+        lo, hi = i - k // 2, i - k // 2 + k
+        out[i] = x[max(lo, 0):min(hi, len(x))].mean()
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 40])
+def test_moving_average(k):
+    x = np.random.default_rng(k).random(17)
+    assert np.allclose(moving_average(x, k), smooth_ref(x, min(k, len(x))))
+
+
+def test_correlation():
+    a = np.array([1.0, 2.0, 4.0, 3.0])
+    assert correlation(a, 2 * a + 1) == pytest.approx(1.0)
+    assert correlation(a, np.ones(4)) is None
+    assert correlation(a, np.array([1.0, np.nan, 2.0, 3.0])) is None
+
+
+def test_profile_matches_brute_force(run):
+    base, paths, masks = run
+    res = profile(open_source(str(base)), [open_source(str(p)) for p in paths], layer=1, smooth=3)
+    assert res.changed == tuple(sum(int(m.sum()) for m in step.values()) for step in masks)
+    assert res.numel == (sum(m.size for m in masks[0].values()),) * 3
+    layer1 = [n for n, m in masks[0].items() if ".layers.1." in n and m.ndim == 2]
+    assert [t.name for t in res.tensors] == layer1
+    for t in res.tensors:
+        ms = [step[t.name] for step in masks]
+        assert np.allclose(t.density, [m.mean() for m in ms])
+        rows = [smooth_ref(m.mean(axis=1), 3) for m in ms]
+        cols = [smooth_ref(m.mean(axis=0), 3) for m in ms]
+        assert np.allclose(t.row, rows) and np.allclose(t.col, cols)
+        assert t.row_corr == pytest.approx([np.corrcoef(rows[s], rows[s + 1])[0, 1] for s in range(2)])
+        assert t.col_corr == pytest.approx([np.corrcoef(cols[s], cols[s + 1])[0, 1] for s in range(2)])
+        for s, m in enumerate(ms):
+            p = m.mean()
+            assert t.row_stripe_index[s] == pytest.approx(np.var(m.mean(axis=1), ddof=1) / (p * (1 - p) / m.shape[1]))
+            assert t.col_stripe_index[s] == pytest.approx(np.var(m.mean(axis=0), ddof=1) / (p * (1 - p) / m.shape[0]))
+        assert min(t.row_corr) > 0.5  # the planted row preference persists while density grows
+        assert max(t.row_stripe_index) > 3
+
+
+def test_missing_tensor_in_one_checkpoint(run, tmp_path):
+    base, paths, masks = run
+    q = "model.layers.1.self_attn.q_proj.weight"
+    src = open_source(str(paths[1]))
+    write_safetensors(tmp_path / "partial.safetensors", {n: ("BF16", src.get_array(n)) for n in src.keys() if n != q})
+    res = profile(open_source(str(base)), [open_source(str(p)) for p in (paths[0], tmp_path / "partial.safetensors",
+                                                                      paths[2])], layer=1)
+    t = {t.name: t for t in res.tensors}[q]
+    assert np.isnan(t.density[1]) and np.isnan(t.row[1]).all() and t.row_corr == (None, None)
+    assert not np.isnan(t.density[[0, 2]]).any()
+    assert any(s.name == q for s in res.skipped)
+
+
+def test_bad_arguments(run, capsys):
+    base, paths, _ = run
+    with pytest.raises(UsageError, match=r"layer 5 does not exist; valid layers: 0\.\.1"):
+        profile(open_source(str(base)), [open_source(str(paths[0]))], layer=5)
+    with pytest.raises(UsageError, match="smooth"):
+        profile(open_source(str(base)), [open_source(str(paths[0]))], layer=1, smooth=0)
+    assert main(["profile", str(base), str(paths[0]), "--layer", "5"]) == 2
+    assert capsys.readouterr().err.strip() == "Error: layer 5 does not exist; valid layers: 0..1"
+    assert main(["profile", str(base), str(paths[0]), "--smooth", "0"]) == 2
+
+
+def test_cli(run, tmp_path):
+    base, paths, masks = run
+    runner = CliRunner()
+    out = tmp_path / "profile.png"
+    res = runner.invoke(app, ["profile", str(base), *map(str, paths), "--plot", str(out), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["layer"] == 1 and d["labels"] == ["ckpt-100", "ckpt-200", "ckpt-300"]  # default: the middle layer
+    assert d["density"] == pytest.approx([sum(int(m.sum()) for m in step.values()) / d["numel"][0] for step in masks])
+    assert len(d["tensors"][0]["row_ratio"]) == 3
+    assert out.stat().st_size > 10_000
+    res = runner.invoke(app, ["profile", str(base), *map(str, paths), "--layer", "0"])
+    assert res.exit_code == 0 and "Profiles of layer 0" in res.stdout
