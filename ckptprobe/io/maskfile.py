@@ -23,6 +23,7 @@ from ckptprobe.io._safetensors import SafetensorsFile
 from ckptprobe.io.writer import write_safetensors
 
 FORMAT = 1
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)  # set bits of each byte value
 
 
 def pack(mask: np.ndarray) -> np.ndarray:
@@ -42,14 +43,44 @@ def fingerprint(raw: np.ndarray, dtype: str) -> str:
     return f"{dtype}:{digest}"
 
 
+@dataclass(frozen=True)
+class PackedMask:
+    """A mask already bit-packed: `bits` uint8 (ceil(numel/8),) as `pack` makes it, `count` True entries.
+
+    `extra` is written into the tensor's metadata entry beside shape, density and fingerprint
+    (e.g. the rank k a principal mask used).
+    """
+
+    shape: tuple[int, ...]
+    bits: np.ndarray
+    count: int
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_bool(cls, mask: np.ndarray) -> "PackedMask":
+        return cls(tuple(mask.shape), pack(mask), int(np.count_nonzero(mask)))
+
+
+def write_packed(path: str | os.PathLike, masks: Mapping[str, PackedMask], recipe: Mapping,
+                 fingerprints: Mapping[str, str]) -> None:
+    """Write packed masks with the `recipe` dict and per-tensor base fingerprints (atomically)."""
+    tensors, entries = {}, {}
+    for name, m in masks.items():
+        n = int(np.prod(m.shape, dtype=np.int64))
+        if m.bits.dtype != np.uint8 or m.bits.shape != ((n + 7) // 8,):
+            raise ValueError(f"{name}: packed bits {m.bits.shape} {m.bits.dtype} do not fit shape {m.shape}")
+        tensors[name] = ("U8", m.bits)
+        entries[name] = {"shape": list(m.shape), "density": m.count / n if n else 0.0,
+                         "fingerprint": fingerprints.get(name), **m.extra}
+    meta = {"format": FORMAT, **recipe, "tensors": entries}
+    write_safetensors(path, tensors, {"ckptprobe": json.dumps(meta)})
+
+
 def write_masks(path: str | os.PathLike, masks: Mapping[str, np.ndarray], recipe: Mapping,
                 fingerprints: Mapping[str, str]) -> None:
     """Write boolean `masks` {name: bool array} with the `recipe` dict and per-tensor base fingerprints."""
-    tensors = {name: ("U8", pack(m)) for name, m in masks.items()}
-    meta = {"format": FORMAT, **recipe, "tensors": {
-        name: {"shape": list(m.shape), "density": float(m.mean()) if m.size else 0.0,
-               "fingerprint": fingerprints.get(name)} for name, m in masks.items()}}
-    write_safetensors(path, tensors, {"ckptprobe": json.dumps(meta)})
+    write_packed(path, {name: PackedMask.from_bool(np.asarray(m)) for name, m in masks.items()}, recipe,
+                 fingerprints)
 
 
 @dataclass(frozen=True)
@@ -71,26 +102,39 @@ class MaskFile:
         """The boolean mask of `name`, shaped like its parameter."""
         return unpack(self._file.read(name), self.shape(name))
 
+    def count(self, name: str) -> int:
+        """True entries of `name`'s mask, counted from the stored bits (padding bits ignored)."""
+        bits = self._file.read(name)
+        n = int(np.prod(self.shape(name), dtype=np.int64))
+        full = n // 8
+        total = int(_POPCOUNT[bits[:full]].sum(dtype=np.int64))
+        if n % 8:
+            total += int(_POPCOUNT[bits[full] & ((1 << (n % 8)) - 1)])
+        return total
+
 
 def read_masks(path: str | os.PathLike) -> MaskFile:
     """Open a mask file, refusing one that is truncated, not a mask file, or inconsistent."""
+    if not os.path.isfile(path):
+        raise MaskFileError(f"{path}: no such mask file")
     try:
         f = SafetensorsFile(path)
-    except FileNotFoundError:
-        raise MaskFileError(f"{path}: no such mask file") from None
     except InvalidCheckpointError as e:
         raise MaskFileError(f"not a valid mask file: {e}") from None
     try:
         meta = json.loads(f.metadata["ckptprobe"])
         tensors = meta.pop("tensors")
-    except (KeyError, json.JSONDecodeError, TypeError):
+    except (KeyError, json.JSONDecodeError, TypeError, AttributeError):
         raise MaskFileError(f"{path}: not a ckptprobe mask file (no 'ckptprobe' metadata)",
                             hint="write one with `ckptprobe masks BASE --kind ...`") from None
     if meta.get("format") != FORMAT:
         raise MaskFileError(f"{path}: mask file format {meta.get('format')!r}, this version reads {FORMAT}")
-    if set(tensors) != set(f.keys()):
+    if not isinstance(tensors, dict) or set(tensors) != set(f.keys()):
         raise MaskFileError(f"{path}: metadata and stored masks name different tensors")
     for name, entry in tensors.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise MaskFileError(f"{path}: mask {name!r} has a malformed metadata entry {entry!r}")
         info = f.info(name)
         n = int(np.prod(entry["shape"], dtype=np.int64))
         if info.dtype != "U8" or info.shape != ((n + 7) // 8,):
@@ -112,7 +156,7 @@ def check_against(masks: MaskFile, shapes: Mapping[str, tuple[int, ...]],
             problems.append(f"{name}: not in the model")
         elif tuple(shapes[name]) != tuple(entry["shape"]):
             problems.append(f"{name}: mask shape {tuple(entry['shape'])} != model shape {tuple(shapes[name])}")
-        elif fingerprints and entry["fingerprint"] and fingerprints.get(name) not in (None, entry["fingerprint"]):
+        elif fingerprints and entry.get("fingerprint") and fingerprints.get(name) not in (None, entry["fingerprint"]):
             problems.append(f"{name}: the model's tensor differs from the base the mask was computed on")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -133,5 +177,5 @@ def load_masks(path: str | os.PathLike, device="cpu") -> MaskSet:
     mf = read_masks(path)
     out = MaskSet({name: torch.from_numpy(mf.mask(name).copy()).to(device) for name in mf.keys()})
     out.recipe = mf.recipe
-    out.fingerprints = {n: e["fingerprint"] for n, e in mf.tensors.items() if e["fingerprint"]}
+    out.fingerprints = {n: e["fingerprint"] for n, e in mf.tensors.items() if e.get("fingerprint")}
     return out

@@ -1,0 +1,229 @@
+"""Do a fine-tune's updates land on principal weights? Overlap of update masks with base masks.
+
+"The Path Not Taken" (Sec. 4.2, Fig. 5): for each 2-D base matrix W0, the update mask M
+of a fine-tune (entries the bf16-aware rule of `analysis.update` calls changed) is compared
+with the principal mask P = Top_alpha(|W0^(k)|), the low-magnitude mask L and P & ~L (see
+`analysis.masks` for their exact definitions and counting rule). For each mask X:
+
+    overlap(X) = |M & X| / |M|        random baseline = |X| / n (the density of X)
+
+since a mask M of the same size placed at random would overlap X by X's density on
+average. overlap / baseline < 1 is sub-random: RLVR updates avoid principal weights
+(ratio well below 1) and favour low-magnitude ones (ratio above 1). Counts are summed
+before dividing, so module, layer and overall figures weigh every entry alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ckptprobe.analysis.masks import (DEFAULT_ALPHA, LowThreshold, MaskSpec, MatrixMasks, check_alpha, default_rank,
+                                      is_matrix)
+from ckptprobe.analysis.pairing import Skipped, pair_tensors
+from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
+from ckptprobe.errors import InvalidCheckpointError, UsageError
+from ckptprobe.io.names import MODULE_ORDER, parse_name
+from ckptprobe.io.sources import TensorSource
+
+MASKS = ("principal", "low", "principal_not_low")
+
+
+@dataclass(frozen=True)
+class OverlapCounts:
+    """Entry counts of one matrix (or a sum of matrices) and one fine-tune.
+
+    updated = |M|; principal, low, principal_not_low = |X|; updated_* = |M & X|.
+    """
+
+    numel: int = 0
+    updated: int = 0
+    principal: int = 0
+    low: int = 0
+    principal_not_low: int = 0
+    updated_principal: int = 0
+    updated_low: int = 0
+    updated_principal_not_low: int = 0
+
+    def __add__(self, other: "OverlapCounts") -> "OverlapCounts":
+        return OverlapCounts(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    @property
+    def update_density(self) -> float | None:
+        return self.updated / self.numel if self.numel else None
+
+    def overlap(self, mask: str) -> float | None:
+        """|M & X| / |M|; None when nothing was updated."""
+        return getattr(self, f"updated_{mask}") / self.updated if self.updated else None
+
+    def baseline(self, mask: str) -> float | None:
+        """|X| / n: the expected overlap of a random mask."""
+        return getattr(self, mask) / self.numel if self.numel else None
+
+    def ratio(self, mask: str) -> float | None:
+        """overlap / baseline: < 1 is sub-random, > 1 super-random; None when either is undefined or 0."""
+        o, b = self.overlap(mask), self.baseline(mask)
+        return o / b if o is not None and b else None
+
+    def to_dict(self) -> dict:
+        d = {**asdict(self), "update_density": self.update_density}
+        for m in MASKS:
+            d |= {f"overlap_{m}": self.overlap(m), f"baseline_{m}": self.baseline(m), f"ratio_{m}": self.ratio(m)}
+        return d
+
+
+@dataclass(frozen=True)
+class MatrixOverlap:
+    name: str
+    finetuned: str
+    layer: int | None
+    module: str
+    shape: tuple[int, ...]
+    rank: int
+    alpha: float
+    counts: OverlapCounts
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "finetuned": self.finetuned, "layer": self.layer, "module": self.module,
+                "shape": list(self.shape), "rank": self.rank, "alpha": self.alpha, **self.counts.to_dict()}
+
+
+@dataclass(frozen=True)
+class PrincipalResult:
+    base: str
+    finetuned: tuple[str, ...]
+    rank: int | None  # None: default_rank per matrix
+    alpha: float
+    low_threshold: str
+    mode: str  # the mode asked for, or "auto"
+    eta: float
+    atol: float
+    method: str  # how W0^(k) was computed: auto | exact | randomized (`analysis.svd.TopkMethod`)
+    matrices: tuple[MatrixOverlap, ...]
+    skipped: tuple[Skipped, ...]
+
+    def by(self, key: str, finetuned: str) -> dict:
+        """Counts of one fine-tune summed per "module" or "layer" (layers ascending, None last)."""
+        out: dict = {}
+        for m in self.matrices:
+            if m.finetuned == finetuned:
+                k = getattr(m, key)
+                out[k] = out.get(k, OverlapCounts()) + m.counts
+        if key == "module":
+            order = {m: i for i, m in enumerate(MODULE_ORDER)}
+            return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+        return dict(sorted(out.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+
+    def total(self, finetuned: str) -> OverlapCounts:
+        return sum((m.counts for m in self.matrices if m.finetuned == finetuned), OverlapCounts())
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "principal", "base": self.base, "finetuned": list(self.finetuned),
+            "rank": "auto" if self.rank is None else self.rank, "alpha": self.alpha,
+            "low_threshold": self.low_threshold,
+            "mode": self.mode, "eta": self.eta, "atol": self.atol, "topk_method": self.method,
+            "matrices": [m.to_dict() for m in self.matrices],
+            "groups": {key: [{"finetuned": ft, key: k, **c.to_dict()} for ft in self.finetuned
+                             for k, c in self.by(key, ft).items()] for key in ("module", "layer")},
+            "total": [{"finetuned": ft, **self.total(ft).to_dict()} for ft in self.finetuned],
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+
+
+def _modes(base: TensorSource, finetuned: Sequence[TensorSource], name: str, mode: CompareMode | None) -> list:
+    out = []
+    for ft in finetuned:
+        a, b = base.info(name).dtype, ft.info(name).dtype
+        m = mode or default_mode(a, b)
+        if m == CompareMode.bitwise and a != b:
+            raise UsageError(f"{name}: bitwise comparison needs one dtype, base has {a}, {ft.ref} has {b}",
+                             hint="use --mode bf16 or --mode eta")
+        out.append(m)
+    return out
+
+
+def principal_overlap(base: TensorSource, finetuned: Sequence[TensorSource], rank: int | None = None,
+                      alpha: float = DEFAULT_ALPHA, low_threshold: LowThreshold = LowThreshold.alpha,
+                      mode: CompareMode | None = None, eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL,
+                      include: Sequence[str] = (), exclude: Sequence[str] = (), device=None,
+                      method: str = "auto", progress: Callable[[int], None] | None = None) -> PrincipalResult:
+    """Overlap of each fine-tune's update mask with the base's principal and low-magnitude masks.
+
+    Every 2-D float matrix present with one shape in the base and all fine-tunes is measured;
+    the base masks are computed once per matrix (one matrix in memory at a time) and shared
+    by all fine-tunes. `rank` None uses `masks.default_rank` per matrix; an explicit rank
+    outside 1..min(m, n) of a selected matrix is refused before any work. `device` and
+    `method` (auto | exact | randomized) go to the SVD engine's `rank_k`. `progress`, if
+    given, gets the bytes read after each matrix.
+    """
+    from ckptprobe.analysis.svd import check_k
+
+    check_alpha(alpha)
+    if not finetuned:
+        raise UsageError("give at least one fine-tuned checkpoint")
+    names, skipped = pair_tensors(base, finetuned, include, exclude)
+    plan = []
+    for name in names:
+        info = base.info(name)
+        if not is_matrix(info.dtype, info.shape):
+            skipped.append(Skipped(name, f"not a 2-D float matrix ({info.dtype} {tuple(info.shape)})"))
+            continue
+        k = default_rank(info.shape) if rank is None else rank
+        check_k(name, info.shape, k)
+        plan.append((name, k, _modes(base, finetuned, name, mode)))
+    spec_args = dict(alpha=alpha, low_threshold=low_threshold, device=device, method=method)
+    matrices = []
+    for name, k, modes in plan:
+        info = base.info(name)
+        raw = base.get_array(name)
+        mm = MatrixMasks(name, raw, info.dtype, MaskSpec("principal", rank=k, **spec_args))
+        try:
+            P, L = mm("principal"), mm("low")
+        except InvalidCheckpointError:  # NaN/inf in the base: no SVD, no magnitude order
+            skipped.append(Skipped(name, "the base holds NaN or inf"))
+            continue
+        PnL = P & ~L
+        sizes = dict(numel=info.numel, principal=int(np.count_nonzero(P)), low=int(np.count_nonzero(L)),
+                     principal_not_low=int(np.count_nonzero(PnL)))
+        p = parse_name(name)
+        for ft, m in zip(finetuned, modes):
+            M = update_mask(raw, ft.get_array(name), info.dtype, ft.info(name).dtype, m, eta, atol)[0]
+            counts = OverlapCounts(updated=int(np.count_nonzero(M)),
+                                   updated_principal=int(np.count_nonzero(M & P)),
+                                   updated_low=int(np.count_nonzero(M & L)),
+                                   updated_principal_not_low=int(np.count_nonzero(M & PnL)), **sizes)
+            matrices.append(MatrixOverlap(name, ft.ref, p.layer, p.module, info.shape, k, alpha, counts))
+            if progress:
+                progress(ft.info(name).nbytes)
+        if progress:
+            progress(info.nbytes)
+    return PrincipalResult(base.ref, tuple(f.ref for f in finetuned), rank, alpha, LowThreshold(low_threshold).value,
+                           mode.value if mode else "auto", eta, atol, str(getattr(method, "value", method)),
+                           tuple(matrices), tuple(skipped))
+
+
+def matrix_masks(base: TensorSource, finetuned: Sequence[TensorSource], name: str, rank: int | None = None,
+                 alpha: float = DEFAULT_ALPHA, low_threshold: LowThreshold = LowThreshold.alpha,
+                 mode: CompareMode | None = None, eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL,
+                 device=None, method: str = "auto") -> dict[str, np.ndarray]:
+    """The masks of one matrix, for pictures (Fig. 18): {"principal": P, "low": L, ft.ref: M, ...}, bool (m, n)."""
+    if name not in base.keys():
+        raise UsageError(f"--matrix {name}: the base has no such tensor",
+                         hint="names are listed by `ckptprobe principal ... --by tensor`")
+    info = base.info(name)
+    if not is_matrix(info.dtype, info.shape):
+        raise UsageError(f"--matrix {name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})")
+    for ft in finetuned:
+        if name not in ft.keys() or ft.info(name).shape != info.shape:
+            raise UsageError(f"--matrix {name}: {ft.ref} has no tensor of that name and shape")
+    raw = base.get_array(name)
+    k = default_rank(info.shape) if rank is None else rank
+    mm = MatrixMasks(name, raw, info.dtype, MaskSpec("principal", rank=k, alpha=alpha, low_threshold=low_threshold,
+                                                     device=device, method=method))
+    out = {"principal": mm("principal"), "low": mm("low")}
+    for ft, m in zip(finetuned, _modes(base, finetuned, name, mode)):
+        out[ft.ref] = update_mask(raw, ft.get_array(name), info.dtype, ft.info(name).dtype, m, eta, atol)[0]
+    return out
