@@ -20,7 +20,15 @@ _API = {
     "CompareMode": "ckptprobe.analysis.update",
     "update_mask": "ckptprobe.analysis.update",
     "sparsity": "ckptprobe.analysis.sparsity",
+    "spectrum": "ckptprobe.analysis.spectrum",
+    "principal_overlap": "ckptprobe.analysis.principal",
+    "consensus": "ckptprobe.analysis.consensus",
+    "profile": "ckptprobe.analysis.profile",
+    "drift": "ckptprobe.analysis.drift",
     # masks for training
+    "build_masks": "ckptprobe.analysis.masks",
+    "principal_mask": "ckptprobe.analysis.masks",
+    "low_mask": "ckptprobe.analysis.masks",
     "load_masks": "ckptprobe.io.maskfile",
     "read_masks": "ckptprobe.io.maskfile",
     # errors

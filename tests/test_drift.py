@@ -51,6 +51,20 @@ def test_lm_head_surge_found_once(series):
     assert r.surges[0].checkpoint == str(paths[5])
 
 
+def test_a_longer_step_for_every_weight_is_no_surge(tmp_path):
+    """Checkpoints saved at uneven intervals: step 5 moves every weight 4x as far, the head included."""
+    rng = np.random.default_rng(11)
+    states = [tiny_weights(4)]
+    paths = [save(tmp_path / "base.safetensors", states[0], "F32")]
+    for t in range(1, 7):
+        scale = 4e-3 if t == 5 else 1e-3
+        states.append({n: x + rng.standard_normal(x.shape).astype(np.float32) * scale for n, x in states[-1].items()})
+        paths.append(save(tmp_path / f"step{t}.safetensors", states[-1], "F32"))
+    r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
+    assert r.groups["head"]["rel_step"][4] > 3 * r.groups["head"]["rel_step"][3]  # the head did jump...
+    assert r.surges == ()  # ...but no more than the body
+
+
 def test_surge_rule_by_hand():
     r = [1.0, 1.1, 0.9, 1.0, 5.0, 1.0]
     hist = np.array(r[:4])

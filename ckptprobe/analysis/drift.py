@@ -10,10 +10,14 @@ Group values pool the squared norms of the group's tensors (a group is one big v
 so large matrices weigh by their size. Norms are accumulated in float64.
 
 lm_head surge: "When to Stop Reusing" (Sec. 5) finds the lm_head's update energy
-surging before policy collapse. Across checkpoints we flag step t when the head's
-`rel_step` is an outlier against its own history: `z_t = (r_t - mean(r_<t)) /
+surging before policy collapse. Across checkpoints we track the head's step relative to
+the body's, `r_t = rel_step(head) / rel_step(attention + mlp)`, so that checkpoints saved
+at uneven intervals (a longer step moves everything more) raise no alarm, and flag step
+t when it is an outlier against its own history: `z_t = (r_t - mean(r_<t)) /
 (std(r_<t) + 1e-12) > z_threshold`, once at least `min_history` earlier steps exist.
 The head is `lm_head`; with tied embeddings (no lm_head tensor) the embedding matrix.
+Without attention/mlp tensors (an --include that selects only the head) r_t is the
+head's own `rel_step`.
 """
 
 from __future__ import annotations
@@ -52,11 +56,11 @@ class TensorDrift:
 class Surge:
     checkpoint: str
     index: int
-    rel_step: float
+    ratio: float  # the head's rel_step over the body's at this step
     z: float
 
     def to_dict(self) -> dict:
-        return {"checkpoint": self.checkpoint, "index": self.index, "rel_step": self.rel_step, "z": self.z}
+        return {"checkpoint": self.checkpoint, "index": self.index, "ratio": self.ratio, "z": self.z}
 
 
 @dataclass(frozen=True)
@@ -101,14 +105,14 @@ def _ratio(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
         return np.sqrt(num) / np.sqrt(den)
 
 
-def surges(rel_step: Sequence[float], names: Sequence[str], z_threshold: float, min_history: int = 3) -> list[Surge]:
-    """Steps whose `rel_step` is a z-score outlier (> z_threshold) against all earlier steps."""
+def surges(ratio: Sequence[float], names: Sequence[str], z_threshold: float, min_history: int = 3) -> list[Surge]:
+    """Steps whose `ratio` is a z-score outlier (> z_threshold) against all earlier steps."""
     out = []
-    for t in range(min_history, len(rel_step)):
-        hist = np.asarray(rel_step[:t], dtype=np.float64)
-        z = (rel_step[t] - hist.mean()) / (hist.std() + 1e-12)
+    for t in range(min_history, len(ratio)):
+        hist = np.asarray(ratio[:t], dtype=np.float64)
+        z = (ratio[t] - hist.mean()) / (hist.std() + 1e-12)
         if z > z_threshold:
-            out.append(Surge(names[t], t, float(rel_step[t]), float(z)))
+            out.append(Surge(names[t], t, float(ratio[t]), float(z)))
     return out
 
 
@@ -135,6 +139,10 @@ def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[
     by_name = {t.name: t for t in tensors}
     head = next((t.name for t in tensors if t.module == "lm_head"), None) or \
         next((t.name for t in tensors if t.module == "embed"), None)
-    found = surges(by_name[head].rel_step, [s.ref for s in series], z_threshold) if head else []
+    body = [pooled[g] for g in ("attention", "mlp") if g in pooled]
+    ratio = np.asarray(by_name[head].rel_step) if head else None
+    if head and body:
+        ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
+    found = surges(ratio.tolist(), [s.ref for s in series], z_threshold) if head else []
     return DriftResult(base.ref, tuple(s.ref for s in series), tuple(tensors), groups, head, tuple(found),
                        z_threshold, tuple(skipped))

@@ -11,12 +11,14 @@ def main(argv: list[str] | None = None) -> int:
 
     Set CKPTPROBE_DEBUG=1 to see the traceback instead.
     """
-    from ckptprobe.cli._app import app
+    from ckptprobe.cli._app import build_app
     from ckptprobe.errors import CkptprobeError, UsageError
 
+    args = sys.argv[1:] if argv is None else argv
+    app = build_app(next((a for a in args if not a.startswith("-")), None))
     debug = os.environ.get("CKPTPROBE_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, prog_name="ckptprobe")  # Typer itself reports usage errors (exit 2) and exits
+        app(args=args, prog_name="ckptprobe")  # Typer itself reports usage errors (exit 2) and exits
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (CkptprobeError, OSError) as e:

@@ -33,8 +33,9 @@ def drift(
 
     Per group (attention, mlp, embedding, head, norm): `||W_t - W_0|| / ||W_0||` (cumulative) and
     `||W_t - W_t-1|| / ||W_t-1||` (per step), Frobenius norms pooled over the group's tensors. A step
-    whose lm_head change is a z-score outlier (> `--z`) against the earlier steps is flagged as a
-    surge: in RL with rollout reuse, lm_head surges precede collapse ("When to Stop Reusing", Sec. 5).
+    in which the lm_head moved unusually much for how much the body (attention + mlp) moved, a z-score
+    outlier (> `--z`) of that ratio against the earlier steps, is flagged as a surge: in RL with
+    rollout reuse, lm_head surges precede collapse ("When to Stop Reusing", Sec. 5).
 
     Examples:
 
@@ -54,17 +55,18 @@ def drift(
     for s in result.skipped:
         warn(f"skipped {s.name}: {s.reason}")
     groups = list(result.groups)
-    rows = [{"checkpoint": c, **{f"{g}_{kind}": result.groups[g][kind][t] for g in groups
+    names = [Path(c).name or c for c in result.checkpoints]
+    labels = names if len(set(names)) == len(names) else list(result.checkpoints)
+    rows = [{"checkpoint": labels[t], **{f"{g}_{kind}": result.groups[g][kind][t] for g in groups
                                  for kind in ("rel_to_base", "rel_step")}}
             for t, c in enumerate(result.checkpoints)]
     tables = [table(f"Relative change {title}, per module group", [
         {"checkpoint": r["checkpoint"], **{g: r[f"{g}_{kind}"] for g in groups}} for r in rows],
         ["checkpoint", *groups]) for title, kind in (("from the base", "rel_to_base"), ("per step", "rel_step"))]
     if result.head:
-        caption = "; ".join(f"{s.checkpoint}: step change {s.rel_step:.3g}, z = {s.z:.1f}" for s in result.surges)
-        tables.append(table(f"lm_head surges ({result.head}, z > {result.z_threshold:g})",
-                            [s.to_dict() for s in result.surges], ["checkpoint", "rel_step", "z"],
-                            caption or "none"))
+        tables.append(table(f"lm_head surges ({result.head} step / body step, z > {result.z_threshold:g})",
+                            [{**s.to_dict(), "checkpoint": labels[s.index]} for s in result.surges],
+                            ["checkpoint", "ratio", "z"], None if result.surges else "none"))
     if plot:
         from ckptprobe.report.drift_plots import plot_drift
 

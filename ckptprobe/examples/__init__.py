@@ -3,12 +3,14 @@
 A 2-layer Llama-style model (hidden 128) pretrained on 2-digit addition (`base`),
 fine-tuned from it with SFT on subtraction (`sft`) and with GRPO on addition from
 three seeds (`rl-1`, `rl-2`, `rl-3`; `rl-1` also every 50 steps on the way). All are
-stored in bf16. See `ckptprobe/examples/_train.py` for the recipe.
+stored in bf16, with a Hugging Face Llama `config.json` beside each. See
+`ckptprobe/examples/_train.py` for the recipe.
 
-    >>> from ckptprobe import examples
-    >>> examples.path("rl-1") / "model.safetensors"
+    from ckptprobe import examples
+    weights = examples.path("rl-1") / "model.safetensors"
 
-This module does not import torch: only `rebuild` needs it.
+This module does not import torch (CLI commands that only need `path` stay fast);
+`rebuild` imports it when called.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ NAMES = ("base", "sft", "rl-1-step050", "rl-1-step100", "rl-1-step150", "rl-1", 
 _DATA = Path(__file__).parent / "data"
 
 
-def path(name: str) -> Path:
-    """The folder of a shipped checkpoint (holding `model.safetensors` and `config.json`)."""
+def _check(name: str) -> None:
     if name not in NAMES:
         raise UsageError(f"no example checkpoint named {name!r}; the examples are: {', '.join(NAMES)}")
+
+
+def path(name: str) -> Path:
+    """The folder of a shipped checkpoint (holding `model.safetensors` and `config.json`)."""
+    _check(name)
     return _DATA / name
 
 
@@ -44,8 +50,8 @@ def rebuild(out_dir: str | os.PathLike, progress: Callable[[str], None] | None =
     quicker check of a prefix of the family (e.g. `stop_after="base"`). `progress`
     receives one line of text now and then.
     """
-    if stop_after is not None and stop_after not in NAMES:
-        raise UsageError(f"no example checkpoint named {stop_after!r}; the examples are: {', '.join(NAMES)}")
+    if stop_after is not None:
+        _check(stop_after)
     import torch
     from safetensors.torch import save_file
 
@@ -59,7 +65,9 @@ def rebuild(out_dir: str | os.PathLike, progress: Callable[[str], None] | None =
         for name, state in _train.family(progress or (lambda line: None)):
             folder = out_dir / name
             folder.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(folder / "model.safetensors"))
+            # One metadata key only: safetensors writes metadata from a hash map, whose order
+            # (and so the file's bytes) would change from run to run with two.
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
             (folder / "config.json").write_text(json.dumps(_train.config(), indent=2) + "\n")
             if name == stop_after:
                 break

@@ -19,7 +19,8 @@ def plot_drift(result, path: Path) -> Path:
         ax.set_title(title)
     for s in result.surges:
         axes[1].axvline(s.index + 1, color="red", ls="--", lw=1)
-        axes[1].annotate(f"surge z={s.z:.1f}", (s.index + 1, s.rel_step), color="red", fontsize=8)
+        axes[1].text(s.index + 1, 0.98, f" lm_head surge z={s.z:.1f}", transform=axes[1].get_xaxis_transform(),
+                     color="red", fontsize=8, va="top")
     axes[0].legend(fontsize=8)
     names = [Path(c).name or c for c in result.checkpoints]
     for ax in axes:

@@ -51,7 +51,7 @@ def table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None
     columns = list(columns or (rows[0].keys() if rows else []))
     t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for c in columns:
-        t.add_column(c, justify="left" if c in ("name", "module", "group", "reason") else "right")
+        t.add_column(c, justify="left" if c in ("name", "module", "group", "reason", "finding", "checkpoint") else "right")
     for r in rows:
         t.add_row(*(fmt_num(r.get(c)) for c in columns))
     return t

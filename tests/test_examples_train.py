@@ -1,0 +1,107 @@
+"""The example family: GRPO's reward and advantages, the shipped files, and a bitwise rebuild of `base`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ckptprobe import examples
+from ckptprobe.errors import UsageError
+from ckptprobe.examples import _train
+
+
+def _tokens(text: str) -> list[int]:
+    return [_train.VOCAB.index(c) for c in text]
+
+
+def test_problems_have_the_right_reversed_answers():
+    prompts, answers = _train.make_problems("+", 200, torch.Generator().manual_seed(0))
+    sub_prompts, sub_answers = _train.make_problems("-", 200, torch.Generator().manual_seed(0))
+    for p, a in zip(prompts.tolist() + sub_prompts.tolist(), answers.tolist() + sub_answers.tolist()):
+        text = "".join(_train.VOCAB[t] for t in p)  # "47+85="
+        x, op, y = int(text[:2]), text[2], int(text[3:5])
+        result = x + y if op == "+" else x - y
+        assert result >= 0
+        assert _train.decode(a) == f"{result:03d}"[::-1] + "$"
+
+
+@pytest.mark.parametrize("sampled, expected", [
+    ("231$", 1.0),   # 47+85 = 132, written in reverse
+    ("230$", -1.0),  # one wrong digit
+    ("2310", -1.0),  # no end token
+    ("23$1", -1.0),  # ended early: decode keeps "23$"
+    ("2+1$", -1.0),  # a symbol where a digit belongs
+    ("$231", -1.0),  # empty answer
+    ("====", -1.0),
+])
+def test_reward_is_plus_one_only_for_the_exact_answer(sampled, expected):
+    assert _train.reward(_train.decode(_tokens(sampled)), "231$") == expected
+
+
+def test_decode_cuts_after_the_first_end_token():
+    assert _train.decode(_tokens("23$1")) == "23$"
+    assert _train.decode(_tokens("$$$$")) == "$"
+    assert _train.decode(_tokens("2310")) == "2310"
+
+
+def test_group_advantages_known_answer():
+    # One right of four: mean -0.5, deviations (1.5, -0.5, -0.5, -0.5), unbiased std exactly 1.
+    adv = _train.group_advantages(torch.tensor([[1.0, -1.0, -1.0, -1.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[1.5, -0.5, -0.5, -0.5]]) / (1 + 1e-4))
+
+
+def test_group_advantages_are_zero_mean_and_vanish_for_uniform_groups():
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.where(torch.rand(64, 8, generator=gen) < 0.7, 1.0, -1.0)
+    rewards[:3] = torch.tensor([[1.0] * 8, [-1.0] * 8, [0.25] * 8])  # groups with nothing to learn from
+    adv = _train.group_advantages(rewards)
+    assert adv.shape == (64, 8) and adv.dtype == torch.float32
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(64), atol=1e-5, rtol=0)
+    assert torch.equal(adv[:3], torch.zeros(3, 8))
+    mixed = rewards.std(dim=1) > 0
+    assert (adv[mixed] != 0).all()
+
+
+def test_names_match_the_recipe():
+    assert examples.NAMES == _train.names()
+
+
+@pytest.mark.parametrize("name", examples.NAMES)
+def test_every_shipped_checkpoint_is_a_bf16_llama(name):
+    folder = examples.path(name)
+    config = json.loads((folder / "config.json").read_text())
+    assert {**config, "torch_version": torch.__version__} == _train.config()
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(_train.TinyLlama().state_dict())
+        assert {"model.layers.1.mlp.gate_proj.weight", "lm_head.weight"} <= set(f.keys())
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}
+        assert f.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [config["intermediate_size"],
+                                                                               config["hidden_size"]]
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(UsageError, match="rl-1-step050"):
+        examples.path("rl-4")
+    with pytest.raises(UsageError):
+        examples.rebuild("unused", stop_after="nope")
+
+
+def test_importing_examples_does_not_import_torch():
+    code = "import sys, ckptprobe.examples as e; e.path('base'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rebuilding_base_reproduces_the_shipped_bits(tmp_path):
+    # Bitwise reproducibility holds for one torch version on one kind of CPU (kernels differ across both).
+    built_with = json.loads((examples.path("base") / "config.json").read_text())["torch_version"]
+    if built_with != torch.__version__:
+        pytest.skip(f"shipped files were built with torch {built_with}, this is {torch.__version__}")
+    examples.rebuild(tmp_path, stop_after="base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "base" / file).read_bytes() == (examples.path("base") / file).read_bytes()

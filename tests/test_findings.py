@@ -1,0 +1,59 @@
+"""The analyses find the paper's results on the shipped example family, with margins.
+
+Margins are set well inside what the shipped files give (see `ckptprobe demo`), so they
+hold for these files and would fail if an analysis or the family broke.
+"""
+
+import json
+
+import pytest
+
+from ckptprobe.cli import main
+from ckptprobe.examples._findings import findings
+
+
+@pytest.fixture(scope="module")
+def found():
+    return findings()
+
+
+def test_rl_is_sparse_sft_is_dense(found):
+    f = found["sparsity"]
+    assert min(f.rl_runs.values()) > 0.5 and f.sft < 0.1
+
+
+def test_rl_runs_agree_beyond_chance(found):
+    f = found["jaccard"]
+    assert f.rl > 2 * f.baseline
+
+
+def test_rl_avoids_principal_and_prefers_low_weights(found):
+    p, low = found["overlap_principal"], found["overlap_low"]
+    assert max(p.rl_runs.values()) < 0.5 * p.baseline  # sub-random
+    assert min(low.rl_runs.values()) > 2 * low.baseline  # super-random
+    assert 0.6 * p.baseline < p.sft < 1.5 * p.baseline  # SFT close to chance on both
+    assert 0.6 * low.baseline < low.sft < 1.5 * low.baseline
+
+
+def test_rl_barely_moves_the_spectrum(found):
+    nss, angle = found["nss"], found["max_angle"]
+    assert max(nss.rl_runs.values()) * 20 < nss.sft
+    assert max(angle.rl_runs.values()) * 20 < angle.sft and max(angle.rl_runs.values()) < 1.0
+
+
+def test_demo_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "-f", "json", "-o", str(out), "--plot", str(tmp_path / "fig")]) == 0
+    data = json.loads(out.read_text())
+    assert {f["key"] for f in data["findings"]} >= {"sparsity", "jaccard", "overlap_principal", "overlap_low",
+                                                   "nss", "max_angle", "drift"}
+    figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert figs == ["consensus_heatmaps.png", "consensus_ratios.png", "drift.png", "jaccard.png",
+                    "principal.png", "spectrum.png"]
+
+
+def test_demo_path_prints_a_folder(capsys):
+    assert main(["demo", "--path", "rl-1"]) == 0
+    assert capsys.readouterr().out.strip().endswith("rl-1")
+    assert main(["demo", "--path", "nope"]) == 2
+    assert "rl-1" in capsys.readouterr().err
