@@ -54,6 +54,18 @@ class TensorInfo:
         return self.numel * self.itemsize
 
 
+def header_length(head: bytes, size: int, what: str) -> int:
+    """The header length from a file's first 8 bytes, checked against the file's `size` in bytes."""
+    if len(head) < 8:
+        raise InvalidCheckpointError(f"{what}: file is {size} bytes, too short to be safetensors")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES:
+        raise InvalidCheckpointError(f"{what}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?")
+    if 8 + n > size:
+        raise InvalidCheckpointError(f"{what}: header runs past the end of the file; the file is truncated")
+    return n
+
+
 def parse_header(raw: bytes, what: str, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str]]:
     """Validate a header's JSON. Returns (infos, byte offsets relative to data start, metadata)."""
     try:
@@ -106,15 +118,7 @@ class SafetensorsFile:
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise InvalidCheckpointError(f"{self.path}: file is {size} bytes, too short to be safetensors")
-                n = int.from_bytes(head, "little")
-                if n > MAX_HEADER_BYTES:
-                    raise InvalidCheckpointError(
-                        f"{self.path}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?")
-                if 8 + n > size:
-                    raise InvalidCheckpointError(f"{self.path}: header runs past the end of the file; the file is truncated")
+                n = header_length(f.read(8), size, str(self.path))
                 raw = f.read(n)
         except OSError as e:
             raise InvalidCheckpointError(f"{self.path}: cannot read ({e.strerror})") from None

@@ -32,7 +32,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
-from ckptprobe.io._safetensors import MAX_HEADER_BYTES, STORAGE_DTYPES, SafetensorsFile, TensorInfo, parse_header
+from ckptprobe.io._safetensors import STORAGE_DTYPES, SafetensorsFile, TensorInfo, header_length, parse_header
 from ckptprobe.io.sources import PICKLE_HINT, PICKLE_SUFFIXES
 
 TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
@@ -246,14 +246,7 @@ class _RemoteFile:
         self._local: SafetensorsFile | None = None
         what = f"{hub._label}: {filename}"
         head, size = hub._get(filename, 0, 8)
-        if len(head) < 8:
-            raise InvalidCheckpointError(f"{what}: file is {size} bytes, too short to be safetensors")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise InvalidCheckpointError(
-                f"{what}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?")
-        if 8 + n > size:
-            raise InvalidCheckpointError(f"{what}: header runs past the end of the file; the file is truncated")
+        n = header_length(head, size, what)
         raw, _ = hub._get(filename, 8, 8 + n)
         self._data_start = 8 + n
         self._infos, self._offsets, self.metadata = parse_header(raw, what, size - self._data_start)
