@@ -33,7 +33,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
 from ckptprobe.io._safetensors import STORAGE_DTYPES, SafetensorsFile, TensorInfo, header_length, parse_header
-from ckptprobe.io.sources import PICKLE_HINT, PICKLE_SUFFIXES
+from ckptprobe.io.sources import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource
 
 TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
 NETWORK_HINT = ("check the network and HF_ENDPOINT; to read files already in the Hub cache (from an earlier "
@@ -66,30 +66,19 @@ class HubSource:
         with self._errors():
             self._headers = build_hf_headers(token=self._token)
             files, weight_map = self._open_cached() if self._offline else self._open_online()
-        self._where: dict[str, SafetensorsFile | _RemoteFile] = {}
-        file_of: dict[str, str] = {}
-        for filename, f in files:
-            for name in f.keys():
-                if name in self._where:
-                    raise InvalidCheckpointError(f"{self._label}: tensor {name!r} appears in both "
-                                                 f"{file_of[name]} and {filename}")
-                self._where[name], file_of[name] = f, filename
-        for name, shard in (weight_map or {}).items():
-            if file_of.get(name) != shard:
-                raise InvalidCheckpointError(
-                    f"{self._label}: the index puts {name!r} in {shard}, which does not hold it")
+        self._files = MultiFileSource(self._label, dict(files), weight_map)
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return self._files.keys()
 
     def info(self, name: str) -> TensorInfo:
-        return self._where[name].info(name)
+        return self._files.info(name)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._where[name].read(name, start, stop)
+        return self._files.read(name, start, stop)
 
     def get_array(self, name: str) -> np.ndarray:
-        return self.read(name).reshape(self.info(name).shape)
+        return self._files.get_array(name)
 
     # -- opening ---------------------------------------------------------------------------
 

@@ -35,25 +35,26 @@ class TensorSource(Protocol):
 
 
 class MultiFileSource:
-    """Several safetensors files seen as one checkpoint (a sharded folder).
+    """Several safetensors files seen as one checkpoint (a sharded folder, a Hub repo).
 
-    `files` maps each tensor name to the file holding it; headers are parsed at open
-    (cheap), data is read on demand.
+    `files` maps each file's name (as an index names it) to the opened file, local or
+    remote: anything with `keys()`, `info(name)` and `read(name, start, stop)`. Headers
+    are parsed at open (cheap), data is read on demand.
     """
 
-    def __init__(self, ref: str, files: list[Path], weight_map: dict[str, str] | None = None):
+    def __init__(self, ref: str, files: dict, weight_map: dict[str, str] | None = None):
         self.ref = ref
-        self._files = {p.name: SafetensorsFile(p) for p in files}
-        self._where: dict[str, SafetensorsFile] = {}
-        for f in self._files.values():
+        self.metadata: dict[str, str] = {}
+        self._where: dict = {}
+        file_of: dict[str, str] = {}
+        for filename, f in files.items():
             for name in f.keys():
                 if name in self._where:
-                    raise InvalidCheckpointError(f"{ref}: tensor {name!r} appears in both {self._where[name].path.name} and {f.path.name}")
-                self._where[name] = f
+                    raise InvalidCheckpointError(f"{ref}: tensor {name!r} appears in both {file_of[name]} and {filename}")
+                self._where[name], file_of[name] = f, filename
         for name, shard in (weight_map or {}).items():
-            if name not in self._where:
+            if file_of.get(name) != shard:
                 raise InvalidCheckpointError(f"{ref}: the index puts {name!r} in {shard}, which does not hold it")
-        self.metadata = {}
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -65,7 +66,11 @@ class MultiFileSource:
         return self._where[name].read(name, start, stop)
 
     def get_array(self, name: str) -> np.ndarray:
-        return self._where[name].get_array(name)
+        return self.read(name).reshape(self.info(name).shape)
+
+
+def _open_files(paths) -> dict[str, SafetensorsFile]:
+    return {p.name: SafetensorsFile(p) for p in paths}
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -83,7 +88,7 @@ def open_folder(folder: Path) -> MultiFileSource:
             weight_map = None
         if not isinstance(weight_map, dict):
             raise InvalidCheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object)")
-        shards = []
+        shards = {}
         for shard in sorted(set(map(str, weight_map.values()))):
             # Checked by name, not by resolving: in the Hub cache every shard is a symlink into blobs/.
             if os.path.isabs(shard) or ".." in Path(shard).parts:
@@ -91,11 +96,11 @@ def open_folder(folder: Path) -> MultiFileSource:
             path = folder / shard
             if not path.is_file():
                 raise CheckpointNotFoundError(f"{index_path}: names shard {shard!r}, which does not exist")
-            shards.append(path)
+            shards[shard] = SafetensorsFile(path)
         return MultiFileSource(str(folder), shards, weight_map)
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return MultiFileSource(str(folder), files)
+        return MultiFileSource(str(folder), _open_files(files))
     pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         _refuse_pickle(pickles[0])
@@ -118,7 +123,7 @@ def open_source(ref: str, revision: str | None = None, token: str | bool | None 
             _refuse_pickle(path)
         if path.name.endswith(".index.json"):
             return open_folder(path.parent)
-        return MultiFileSource(ref, [path])
+        return MultiFileSource(ref, _open_files([path]))
     match = HUB_REF.match(ref)
     if match and not ref.startswith((".", "/", "~")):
         from ckptprobe.io.hub import HubSource  # only Hub users pay for importing huggingface_hub
