@@ -176,3 +176,13 @@ def test_nonfinite_and_empty_tensors(tmp_path):
     assert t["n"] == Counts(2, 0, 2) and t["n"].sparsity is None
     assert r.total == Counts(7, 1, 4)
     assert r.to_dict()["total"] == {"numel": 7, "changed": 1, "nonfinite": 4, "sparsity": pytest.approx(2 / 3)}
+
+
+def test_worker_processes_count_what_one_process_counts(tiny_pair, monkeypatch):
+    import ckptprobe.analysis.sparsity as sp
+
+    monkeypatch.setattr(sp, "WINDOW", 1000)  # many windows per tensor, split over the workers
+    one = sp.sparsity(open_source(str(tiny_pair.base_dir)), open_source(str(tiny_pair.ft_dir)), workers=1)
+    two = sp.sparsity(open_source(str(tiny_pair.base_dir)), open_source(str(tiny_pair.ft_dir)), workers=2)
+    assert one.to_dict() == two.to_dict()
+    assert two.total.changed == sum(int(m.sum()) for m in tiny_pair.changed.values())

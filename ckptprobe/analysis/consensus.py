@@ -23,19 +23,18 @@ packed words. Blocks run on a small thread pool (numpy releases the GIL).
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis._parallel import parallel_map
 from ckptprobe.analysis.pairing import Skipped, selected
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
 from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import TensorInfo
 from ckptprobe.io.names import MODULE_ORDER, parse_name
-from ckptprobe.io.sources import TensorSource
+from ckptprobe.io.sources import MultiFileSource, TensorSource
 
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together (mapped page cache)
 CHUNK = 1 << 17  # entries per numpy step inside a block: base, run, mask and counts stay in L2 (~1 MB)
@@ -599,28 +598,30 @@ def scan(plans: Sequence[Plan], n_runs: int, eta: float = DEFAULT_ETA, atol: flo
     `n_runs` is R, the length of the per-run arrays. `progress`, if given, is called with
     the bytes read after each block.
     """
-    tasks = []
-    for plan in plans:
+    tasks = []  # (plan index, first row, end row): small, since forked workers get them pickled
+    for i, plan in enumerate(plans):
         rows, step = plan.rows_cols[0], block_rows(plan)
-        tasks += [(plan, lo, min(lo + step, rows)) for lo in range(0, max(rows, 1), step)]
+        tasks += [(i, lo, min(lo + step, rows)) for lo in range(0, max(rows, 1), step)]
 
     def work(task):
-        plan, lo, hi = task
-        blk = _scan_block(plan, lo, hi, eta, atol)
+        i, lo, hi = task
+        return _scan_block(plans[i], lo, hi, eta, atol)
+
+    local = all(isinstance(s, MultiFileSource) for p in plans for s in (p.base, *(r[1] for r in p.runs)))
+    if workers is None and sum(p.info.numel * (1 + len(p.runs)) for p in plans) < 1 << 23:
+        workers = 1  # starting workers costs more than scanning a small model
+    current, acc = None, None
+    for (i, lo, hi), blk in zip(tasks, parallel_map(work, tasks, workers, fork=local)):
+        plan = plans[i]
         if progress:
             progress((hi - lo) * plan.rows_cols[1] * plan.info.itemsize * (1 + len(plan.runs)))
-        return blk
-
-    with ThreadPoolExecutor(workers or min(2, os.cpu_count() or 1)) as pool_:
-        current, acc = None, None
-        for (plan, lo, hi), blk in zip(tasks, pool_.map(work, tasks)):
-            if plan is not current:
-                if current is not None:
-                    yield _finish(current, acc, n_runs)
-                current, acc = plan, _Acc(plan)
-            acc.add(lo, hi, blk)
-        if current is not None:
-            yield _finish(current, acc, n_runs)
+        if plan is not current:
+            if current is not None:
+                yield _finish(current, acc, n_runs)
+            current, acc = plan, _Acc(plan)
+        acc.add(lo, hi, blk)
+    if current is not None:
+        yield _finish(current, acc, n_runs)
 
 
 def layers_of(base: TensorSource, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[int]:

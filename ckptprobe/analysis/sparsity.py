@@ -2,22 +2,20 @@
 
 Per tensor, then summed per module type, per layer and in total. Tensors are read in
 windows of `WINDOW` elements from both checkpoints at once, so memory stays at a few
-windows whatever the model size; windows are counted on a small thread pool (numpy
-releases the GIL while it compares).
+windows whatever the model size; windows are counted on every core (`parallel_map`).
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+from ckptprobe.analysis._parallel import parallel_map
 from ckptprobe.analysis.pairing import Skipped, pair_tensors
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes, default_mode
 from ckptprobe.errors import UsageError
 from ckptprobe.io.names import MODULE_ORDER, parse_name
-from ckptprobe.io.sources import TensorSource
+from ckptprobe.io.sources import MultiFileSource, TensorSource
 
 WINDOW = 8 << 20  # elements per read: 16 MiB of bf16 per side
 
@@ -119,21 +117,23 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
                              f"{finetuned.ref} has {b.dtype}", hint="use --mode bf16 or --mode eta")
         plan.append((name, a, b, m))
 
-    def count(task: tuple) -> Counts:
-        (name, a, b, m), start = task
-        stop = min(start + WINDOW, a.numel)
-        changed, nonfinite = count_changes(base.read(name, start, stop), finetuned.read(name, start, stop),
-                                           a.dtype, b.dtype, m, eta, atol)
-        if progress:
-            progress((stop - start) * (a.itemsize + b.itemsize))
-        return Counts(stop - start, changed, nonfinite)
+    def count(task: tuple[int, int]) -> tuple[int, int]:
+        name, a, b, m = plan[task[0]]
+        start, stop = task[1], min(task[1] + WINDOW, a.numel)
+        return count_changes(base.read(name, start, stop), finetuned.read(name, start, stop),
+                             a.dtype, b.dtype, m, eta, atol)
 
-    tasks = [(p, start) for p in plan for start in range(0, max(p[1].numel, 1), WINDOW)]
-    with ThreadPoolExecutor(workers or min(2, os.cpu_count() or 1)) as pool:
-        counts = list(pool.map(count, tasks))
+    tasks = [(i, start) for i, p in enumerate(plan) for start in range(0, max(p[1].numel, 1), WINDOW)]
+    local = all(isinstance(s, MultiFileSource) for s in (base, finetuned))
+    if workers is None and sum(p[1].numel for p in plan) < WINDOW:
+        workers = 1  # starting workers costs more than comparing a small model
     per_name: dict[str, Counts] = {}
-    for ((name, *_), _), c in zip(tasks, counts):
-        per_name[name] = per_name.get(name, Counts(0, 0)) + c
+    for (i, start), (changed, nonfinite) in zip(tasks, parallel_map(count, tasks, workers, fork=local)):
+        name, a, b, _ = plan[i]
+        n = min(WINDOW, a.numel - start)
+        per_name[name] = per_name.get(name, Counts(0, 0)) + Counts(n, changed, nonfinite)
+        if progress:
+            progress(n * (a.itemsize + b.itemsize))
     tensors = []
     for name, a, b, m in plan:
         p = parse_name(name)
