@@ -30,7 +30,8 @@ import numpy as np
 
 from ckptprobe.analysis._parallel import parallel_map
 from ckptprobe.analysis.pairing import Skipped, selected
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
+from ckptprobe.analysis.update import (DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, default_mode,
+                                      has_nonfinite16, update_mask)
 from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import TensorInfo
 from ckptprobe.io.names import MODULE_ORDER, parse_name
@@ -39,7 +40,6 @@ from ckptprobe.io.sources import MultiFileSource, TensorSource
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together (mapped page cache)
 CHUNK = 1 << 17  # entries per numpy step inside a block: base, run, mask and counts stay in L2 (~1 MB)
 HEAT_SIZE = 256  # heatmaps are block-averaged to at most this many cells per side
-_EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}  # exponent field all ones: inf or NaN
 
 
 # ---------------------------------------------------------------- the statistics, on small arrays
@@ -413,13 +413,12 @@ def _chunk_mask(x: np.ndarray, y: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     `exp` is given (the 16-bit exponent mask) only when the fast path may apply: bitwise
     mode, one 16-bit float dtype on both sides, and a base chunk already known to hold
     no +-0 and no inf/NaN. Then "changed" is exactly "bits differ" unless the run holds
-    inf/NaN in the chunk (as int16, positive inf/NaN are the largest values; as uint16,
-    negative ones are); such chunks, and all others, take `update_mask`.
+    inf/NaN in the chunk; such chunks, and all others, take `update_mask`.
     """
     if exp is not None:
         yu = y.view(np.uint16)
         ne = np.not_equal(x.view(np.uint16), yu, out=out[:x.size])  # first, so y is in cache for the checks
-        if not (yu.view(np.int16).max() >= exp or yu.max() >= 0x8000 | exp):
+        if not has_nonfinite16(yu, exp):
             return ne, 0
     changed, nonfinite = update_mask(x, y, dtype_a, dtype_b, mode, eta, atol)
     return changed, int(np.count_nonzero(nonfinite))
@@ -492,7 +491,7 @@ def _scan_block(plan: Plan, lo: int, hi: int, eta: float, atol: float) -> _Block
     matrix = len(plan.info.shape) == 2
     x = plan.base.read(plan.name, lo * cols, hi * cols)
     ys = [src.read(plan.name, lo * cols, hi * cols) for _, src, _, _ in plan.runs]
-    fast = [_EXPONENT16.get(dtype) if mode == CompareMode.bitwise and run_dtype == dtype else None
+    fast = [EXPONENT16.get(dtype) if mode == CompareMode.bitwise and run_dtype == dtype else None
             for _, _, run_dtype, mode in plan.runs]
     step = _chunk_rows(cols) * cols
     packed = np.zeros((R, -(-n // 64) * 8), np.uint8)  # per run, the mask bit-packed, in whole uint64 words
@@ -508,7 +507,7 @@ def _scan_block(plan: Plan, lo: int, hi: int, eta: float, atol: float) -> _Block
         base_ok = True  # the base holds no +-0 and no inf/NaN here: the fast path is exact
         if any(e is not None for e in fast):
             m = np.bitwise_and(xc.view(np.uint16), 0x7FFF, out=mag[:xc.size])
-            base_ok = bool(m.min() > 0 and m.max() < _EXPONENT16[dtype])
+            base_ok = bool(m.min() > 0 and m.max() < EXPONENT16[dtype])
         for k, (_, _, run_dtype, mode) in enumerate(plan.runs):
             m, nf = _chunk_mask(xc, ys[k][c:c + step], dtype, run_dtype, mode, eta, atol,
                                 fast[k] if base_ok else None, ne)

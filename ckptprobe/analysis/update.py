@@ -38,8 +38,16 @@ class CompareMode(str, Enum):
 DEFAULT_ETA = 1e-3
 DEFAULT_ATOL = 1e-5
 # Bits of the exponent field of the 16-bit floats: all ones means inf or NaN.
-_EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}
+EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}
 _CHUNK = 1 << 16  # elements per step of the fast path: both sides and the xor stay in L2
+
+
+def has_nonfinite16(bits: np.ndarray, exp: int) -> bool:
+    """Whether uint16 bits of a 16-bit float (exponent mask `exp`) hold an inf or NaN.
+
+    As int16, positive inf/NaN are the largest values; as uint16, negative ones are.
+    """
+    return bool(bits.view(np.int16).max() >= exp or bits.max() >= 0x8000 | exp)
 
 
 def default_mode(dtype_a: str, dtype_b: str) -> CompareMode:
@@ -86,7 +94,7 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
     pair differs in the sign bit alone (the +-0 case); a chunk that fails the proof goes
     through `update_mask`.
     """
-    exp = _EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
+    exp = EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
     if exp is None:
         changed, nonfinite = update_mask(a, b, dtype_a, dtype_b, mode, eta, atol)
         return int(np.count_nonzero(changed)), int(np.count_nonzero(nonfinite))
@@ -99,9 +107,7 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
         # Two finite values whose bits differ are different numbers, except +0 and -0, whose
         # xor is the sign bit alone. (Weights that cross zero differ in more bits: they stay
         # on this path, which matters for SFT, where in every chunk some small weight does.)
-        # As int16, positive inf/NaN are the largest values; as uint16, negative ones are.
-        special = ((xor == 0x8000).any() or x.view(np.int16).max() >= exp or y.view(np.int16).max() >= exp
-                   or x.max() >= 0x8000 | exp or y.max() >= 0x8000 | exp)
+        special = (xor == 0x8000).any() or has_nonfinite16(x, exp) or has_nonfinite16(y, exp)
         if special:
             c, n = update_mask(a[i:i + _CHUNK], b[i:i + _CHUNK], dtype_a, dtype_b, mode)
             changed, nonfinite = changed + int(np.count_nonzero(c)), nonfinite + int(np.count_nonzero(n))
