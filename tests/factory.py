@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits
+from ckptprobe.cli import main
 from ckptprobe.io.writer import write_safetensors
 
 HIDDEN, INTER, VOCAB, LAYERS = 32, 64, 48, 2
@@ -68,3 +69,25 @@ def bump(bits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = bits.copy()
     out[mask] += 1
     return out
+
+
+def one_line_error(err: str, *needles: str, hint: str | None = None) -> str:
+    """Check a failed run's stderr: one `Error:` line holding every needle, at most a `Hint:` line
+    (holding `hint` when given), no traceback. Returns the error line."""
+    lines = err.strip().splitlines()
+    assert lines and lines[0].startswith("Error: "), err
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: ")), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if hint:
+        assert len(lines) == 2 and hint in lines[1], err
+    return lines[0]
+
+
+def run_error(capsys, args, *needles, code=1, hint=None):
+    """Run the CLI, expect exit `code`, nothing on stdout and a one-line error (`one_line_error`)."""
+    assert main(args) == code
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return one_line_error(captured.err, *needles, hint=hint)

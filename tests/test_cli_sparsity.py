@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from factory import save, tiny_weights
+from factory import one_line_error, save, tiny_weights
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from ckptprobe.cli import main
@@ -25,17 +25,6 @@ def run(capsys, *args) -> tuple[int, str, str]:
     code = main(["sparsity", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def one_line_error(err: str, *needles, hint: str | None = None) -> None:
-    lines = err.strip().splitlines()
-    assert lines and lines[0].startswith("Error: "), err
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: ")), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    if hint:
-        assert len(lines) == 2 and hint in lines[1]
 
 
 def planted(tiny_pair) -> tuple[int, int]:

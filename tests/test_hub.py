@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factory import bump
+from factory import bump, one_line_error
 from hubserver import FakeHub, commit_of
 
 from ckptprobe.analysis.sparsity import sparsity
@@ -100,14 +100,6 @@ def sparsity_json(capsys, *args: str) -> dict:
 
 def local_json(capsys, base: Path, ft: Path, *args: str) -> dict:
     return sparsity_json(capsys, str(base), str(ft), *args)
-
-
-def one_line_error(err: str) -> str:
-    """The `Error:` line of a failed run, after checking the run printed nothing else (a hint at most)."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("Error: "), err
-    assert len(lines) <= 2 and all(line.startswith("Hint: ") for line in lines[1:]), err
-    return lines[0]
 
 
 def header_bytes(data: bytes) -> int:

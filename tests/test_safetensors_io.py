@@ -8,12 +8,12 @@ import os
 
 import numpy as np
 import pytest
+from factory import run_error
 import safetensors.numpy
 import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ckptprobe.cli import main
 from ckptprobe.errors import InvalidCheckpointError
 from ckptprobe.io._safetensors import SafetensorsFile
 from ckptprobe.io.sources import open_source
@@ -158,18 +158,6 @@ def raw_file(path, header, data: bytes = b"", length: int | None = None):
     return path
 
 
-def one_line_error(capsys, args, *needles, code=1):
-    assert main(args) == code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert lines and lines[0].startswith("Error: "), captured.err
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: ")), captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines
-
-
 def valid(tmp_path):
     path = tmp_path / "good.safetensors"
     write_safetensors(path, {"w": ("F32", np.arange(8, dtype=np.float32))})
@@ -219,8 +207,8 @@ def test_malformed_file_one_line_error(tmp_path, capsys, case):
     with pytest.raises(InvalidCheckpointError):
         open_source(str(path))
     # as the base and as the fine-tune: the message names the bad file either way
-    one_line_error(capsys, ["sparsity", str(path), str(good)], str(path), *words)
-    one_line_error(capsys, ["sparsity", str(good), str(path)], str(path), *words)
+    run_error(capsys, ["sparsity", str(path), str(good)], str(path), *words)
+    run_error(capsys, ["sparsity", str(good), str(path)], str(path), *words)
 
 
 def test_unreadable_file(tmp_path, capsys, monkeypatch):
@@ -233,4 +221,4 @@ def test_unreadable_file(tmp_path, capsys, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", refuse)
-    one_line_error(capsys, ["sparsity", str(path), str(path)], str(path), "cannot read")
+    run_error(capsys, ["sparsity", str(path), str(path)], str(path), "cannot read")

@@ -11,25 +11,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from factory import run_error
 
-from ckptprobe.cli import main
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
-
-
-def one_line_error(capsys, args, *needles, code=1, hint=None):
-    assert main(args) == code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert lines and lines[0].startswith("Error: "), captured.err
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Hint: ")), captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    if hint:
-        assert len(lines) == 2 and hint in lines[1], captured.err
-    return lines
 
 
 def same_tensors(a, b):
@@ -81,7 +67,7 @@ def test_tensor_in_two_files_is_refused(tmp_path, capsys):
         write_safetensors(tmp_path / name, {"w": ("F32", np.zeros(2, np.float32))})
     with pytest.raises(InvalidCheckpointError):
         open_source(str(tmp_path))
-    one_line_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], "'w'", "a.safetensors", "b.safetensors")
+    run_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], "'w'", "a.safetensors", "b.safetensors")
 
 
 def index_folder(tmp_path, weight_map):
@@ -106,16 +92,16 @@ def test_index_errors(tmp_path, capsys):
             shutil.copy(folder / "s1.safetensors", tmp_path / "s1.safetensors")
         with pytest.raises((InvalidCheckpointError, CheckpointNotFoundError)):
             open_source(str(folder))
-        lines = one_line_error(capsys, ["sparsity", str(folder), str(folder)], str(folder), *words)
+        lines = run_error(capsys, ["sparsity", str(folder), str(folder)], str(folder), *words)
         # the index given directly fails the same way
-        assert one_line_error(capsys, ["sparsity", str(folder / "model.safetensors.index.json"), str(folder)]) == lines
+        assert run_error(capsys, ["sparsity", str(folder / "model.safetensors.index.json"), str(folder)]) == lines
 
 
 @pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"metadata": {}}', '{"weight_map": [1]}'])
 def test_malformed_index(tmp_path, capsys, content):
     write_safetensors(tmp_path / "s1.safetensors", {"w": ("F32", np.zeros(2, np.float32))})
     (tmp_path / "model.safetensors.index.json").write_text(content)
-    one_line_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], "model.safetensors.index.json",
+    run_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], "model.safetensors.index.json",
                    "not a safetensors index")
 
 
@@ -126,13 +112,13 @@ def test_missing_reference(tmp_path, capsys, ref):
     write_safetensors(good, {"w": ("F32", np.zeros(2, np.float32))})
     with pytest.raises(CheckpointNotFoundError):
         open_source(ref)
-    one_line_error(capsys, ["sparsity", ref, str(good)], ref, "no such file or folder")
-    one_line_error(capsys, ["sparsity", str(good), ref], ref, "no such file or folder")
+    run_error(capsys, ["sparsity", ref, str(good)], ref, "no such file or folder")
+    run_error(capsys, ["sparsity", str(good), ref], ref, "no such file or folder")
 
 
 def test_folder_without_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
-    one_line_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], str(tmp_path), "no *.safetensors")
+    run_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], str(tmp_path), "no *.safetensors")
 
 
 class Trap:
@@ -164,8 +150,8 @@ def test_pickles_are_refused_and_never_unpickled(tmp_path, capsys):
     for path in files:
         with pytest.raises(InvalidCheckpointError):
             open_source(str(path))
-        one_line_error(capsys, ["sparsity", str(path), str(good)], str(path), "pickle", hint="safe_serialization")
-        one_line_error(capsys, ["sparsity", str(good), str(path)], str(path), "pickle", hint="safe_serialization")
+        run_error(capsys, ["sparsity", str(path), str(good)], str(path), "pickle", hint="safe_serialization")
+        run_error(capsys, ["sparsity", str(good), str(path)], str(path), "pickle", hint="safe_serialization")
     assert not marker.exists()
 
 
@@ -177,6 +163,6 @@ def test_folder_with_only_pytorch_model_bin(tmp_path, capsys):
     torch.save({"w": Trap(marker)}, folder / "pytorch_model.bin")
     with pytest.raises(InvalidCheckpointError):
         open_source(str(folder))
-    one_line_error(capsys, ["sparsity", str(folder), str(folder)], "pytorch_model.bin", "refusing to open a pickle",
+    run_error(capsys, ["sparsity", str(folder), str(folder)], "pytorch_model.bin", "refusing to open a pickle",
                    hint="safe_serialization=True")
     assert not marker.exists()
