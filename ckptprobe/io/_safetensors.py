@@ -54,6 +54,15 @@ class TensorInfo:
         return self.numel * self.itemsize
 
 
+def byte_span(info: TensorInfo, data_offset: int, start: int, stop: int | None) -> tuple[np.dtype, int, int]:
+    """Elements [start, stop) of a tensor whose data begins at file byte `data_offset` ->
+    (storage dtype, first byte, end byte) in the file; stop is clipped to the tensor, and an
+    empty range has end <= first."""
+    stop = info.numel if stop is None else min(stop, info.numel)
+    dtype = np.dtype(STORAGE_DTYPES[info.dtype])
+    return dtype, data_offset + start * dtype.itemsize, data_offset + stop * dtype.itemsize
+
+
 def header_length(head: bytes, size: int, what: str) -> int:
     """The header length from a file's first 8 bytes, checked against the file's `size` in bytes."""
     if len(head) < 8:
@@ -132,21 +141,17 @@ class SafetensorsFile:
         return self._infos[name]
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        info = self._infos[name]
-        stop = info.numel if stop is None else min(stop, info.numel)
-        dtype = np.dtype(STORAGE_DTYPES[info.dtype])
-        if stop <= start:
+        dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
+        if end <= begin:
             return np.empty(0, dtype)
-        begin = self._data_start + self._offsets[name][0] + start * dtype.itemsize
-        length = (stop - start) * dtype.itemsize
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
             # MAP_POPULATE maps every page up front: one system call instead of a page
             # fault per 4 KiB, about a third of the cost of reading page-cached data.
-            mm = mmap.mmap(f.fileno(), length + begin - aligned, offset=aligned, prot=mmap.PROT_READ,
+            mm = mmap.mmap(f.fileno(), end - aligned, offset=aligned, prot=mmap.PROT_READ,
                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         # The array keeps `mm` alive; when the array is dropped the map is unmapped.
-        return np.frombuffer(mm, dtype=dtype, count=stop - start, offset=begin - aligned)
+        return np.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - aligned)
 
     def get_array(self, name: str) -> np.ndarray:
         return self.read(name).reshape(self._infos[name].shape)

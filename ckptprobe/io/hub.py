@@ -32,7 +32,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
-from ckptprobe.io._safetensors import STORAGE_DTYPES, SafetensorsFile, TensorInfo, header_length, parse_header
+from ckptprobe.io._safetensors import SafetensorsFile, TensorInfo, byte_span, header_length, parse_header
 from ckptprobe.io.sources import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource
 
 TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
@@ -249,13 +249,10 @@ class _RemoteFile:
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         if self._hub._download:
             return self._downloaded().read(name, start, stop)
-        info = self._infos[name]
-        stop = info.numel if stop is None else min(stop, info.numel)
-        dtype = np.dtype(STORAGE_DTYPES[info.dtype])
-        if stop <= start:
+        dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
+        if end <= begin:
             return np.empty(0, dtype)
-        begin = self._data_start + self._offsets[name][0] + start * dtype.itemsize
-        data, _ = self._hub._get(self.filename, begin, begin + (stop - start) * dtype.itemsize)
+        data, _ = self._hub._get(self.filename, begin, end)
         return np.frombuffer(data, dtype)
 
     def _downloaded(self) -> SafetensorsFile:
