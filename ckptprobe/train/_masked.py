@@ -33,8 +33,8 @@ MISSING = ("error", "freeze", "train")
 class MaskedUpdates:
     """What is installed on an optimizer; `remove()` takes it all out and frees the saved values.
 
-    `frozen` maps each constrained parameter (by its first name, or `param[i] shape` when the
-    optimizer was given no names) to its `Frozen` entries on this process.
+    `frozen` maps each constrained parameter to its `Frozen` entries on this process, by its
+    first name; without names, by the mask that landed on it (`param[i] shape` when none did).
     """
 
     frozen: dict[str, Frozen]
@@ -74,7 +74,8 @@ def _check_missing(missing: str) -> None:
 def _install(optimizer, params, names, source: MaskSource, pieces, missing: str) -> MaskedUpdates:
     plan = []  # (label, param, keep mask of the local part or None = all frozen)
     for i, (p, ns, pcs) in enumerate(zip(params, names, pieces, strict=True)):
-        label = ns[0] if ns else f"param[{i}] {tuple(p.shape)}"
+        label = ns[0] if ns else f"param[{i}] {tuple(p.shape)}" if not pcs else \
+            pcs[0].name + (f" (+{len(pcs) - 1} more)" if len(pcs) > 1 else "")
         if not pcs:
             if missing == "error":
                 raise MaskFileError(f"no mask for {label}, which the optimizer trains",
