@@ -99,7 +99,7 @@ def test_importing_examples_does_not_import_torch():
 # A prefix of pretraining, hashed (sha256 of the fp32 weights, in name order) by a fresh process.
 # Bitwise equality holds for one torch version on one kind of CPU: kernels differ across both
 # (AVX2 and AVX-512 builds of the same matmul round differently), so a stored fingerprint only
-# applies where both match. `python tests/test_examples_train.py` prints this machine's entry.
+# applies where both match. `python tests/examples/test_examples_train.py` prints this machine's entry.
 PREFIX_STEPS = 4
 FINGERPRINTS = {
     ("2.13.0+cpu", "AVX2"): "02d9537ee802bdb89df2f8c9167a51c463d11aa70ec0b9458844c2ae0a5d1854",
