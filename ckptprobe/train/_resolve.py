@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ckptprobe.errors import MaskFileError, TensorMismatchError
+from ckptprobe.io._safetensors import FLOAT_DTYPES
 from ckptprobe.io.maskfile import fingerprint, read_masks
 
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -70,8 +71,12 @@ class MaskSource:
         if isinstance(masks, (str, os.PathLike)):
             mf = read_masks(masks)
             self.label = str(masks)
-            self.shapes = {n: mf.shape(n) for n in mf.keys()}
-            self.fingerprints = {n: e["fingerprint"] for n, e in mf.tensors.items() if e.get("fingerprint")}
+            fps = {n: e["fingerprint"] for n, e in mf.tensors.items() if e.get("fingerprint")}
+            # A mask over an integer or bool base tensor (a buffer such as BERT's position_ids) masks
+            # nothing an optimizer steps: such entries are not weights and are left out.
+            self.shapes = {n: mf.shape(n) for n in mf.keys() 
+                           if n not in fps or fps[n].split(":")[0] in FLOAT_DTYPES}
+            self.fingerprints = {n: fp for n, fp in fps.items() if n in self.shapes}
             self._read = mf.mask
             return
         if not isinstance(masks, Mapping):
