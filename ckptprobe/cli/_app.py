@@ -23,6 +23,8 @@ COMMANDS = {
     "masks": "ckptprobe.cli.masks:masks_app",
     "demo": "ckptprobe.cli.demo:demo",
 }
+# group -> {subcommand: "module:attribute"}: subcommands kept in their own modules.
+SUBCOMMANDS = {"masks": {"export": "ckptprobe.cli.masks_export:export"}}
 
 
 def build_app(command: str | None = None) -> typer.Typer:
@@ -50,6 +52,9 @@ def build_app(command: str | None = None) -> typer.Typer:
         module, attr = target.split(":")
         obj = getattr(importlib.import_module(module), attr)
         if isinstance(obj, typer.Typer):
+            for sub, sub_target in SUBCOMMANDS.get(name, {}).items():
+                sub_module, sub_attr = sub_target.split(":")
+                obj.command(sub, no_args_is_help=True)(getattr(importlib.import_module(sub_module), sub_attr))
             app.add_typer(obj, name=name)
         else:
             app.command(name, no_args_is_help=name != "demo")(obj)
