@@ -47,7 +47,7 @@ def build_app(command: str | None = None):
     """The Typer app with `command` registered (every command when `command` is None)."""
     import typer
 
-    from ckptprobe.cli._options import VersionOpt
+    from ckptprobe.cli._options import version_option
 
     app = typer.Typer(
         name="ckptprobe", help=DESCRIPTION, no_args_is_help=True, add_completion=False,
@@ -56,7 +56,7 @@ def build_app(command: str | None = None):
     )
 
     @app.callback()
-    def _root(version: VersionOpt = False) -> None:
+    def _root(version: bool = version_option()) -> None:
         # A callback keeps `ckptprobe COMMAND` a group even when one command is registered.
         pass
 

@@ -56,7 +56,7 @@ def usage_error(e) -> tuple[str, str | None]:
 def _param_name(param) -> str:
     opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or list(getattr(param, "opts", []))
     if getattr(param, "param_type_name", "") == "argument" or not opts:
-        return param.human_readable_name if hasattr(param, "human_readable_name") else str(param.name)
+        return (param.metavar or str(param.name).upper()).rstrip(".")
     return opts[0]
 
 
@@ -82,4 +82,4 @@ def _reason(e) -> str:
     if kind.startswith("float_"):
         return f"must be a number, got {shown}"
     message = re.sub(r"^Value error, ", "", str(first.get("msg", ""))).rstrip(".")
-    return f"{message}, got {shown}" if got is not None else message
+    return f"{message}, got {shown}" if got is not None and shown not in message else message

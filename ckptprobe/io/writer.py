@@ -33,7 +33,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     """Raise OSError (naming `path`) when `atomic_write(path)` cannot succeed: a directory, a parent that
     is a file, a folder we may not write into. Cheap: call it before the work whose result goes there."""
     path = Path(path)
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         st = os.stat(path)  # follows symlinks: what counts is what the link points to
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
