@@ -4,12 +4,14 @@ open the checkpoints, label them, report what was skipped, and write the result.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ckptprobe.errors import UsageError
+from ckptprobe.report.labels import label, labels  # noqa: F401  (re-exported for the commands)
 from ckptprobe.report.output import Format
 
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
@@ -37,7 +39,7 @@ def check_output(fmt: Format | None, output: Path | None, verbose: bool = False)
                          hint=f"drop --format, or name the file {output.with_suffix('')}.{fmt.value}"
                          if fmt != Format.table else "drop --format, or use another file name")
     if output is not None:
-        _writable("-o", output)
+        writable("-o", output)
     return Output(fmt or implied or Format.table, output, verbose)
 
 
@@ -51,15 +53,16 @@ def check_plot(plot: Path | None, figures: Sequence[str] = ()) -> list[Path]:
         raise UsageError(f"--plot {plot} is a folder; --plot takes a file name",
                          hint=f"e.g. --plot {plot / 'figure.png'} (its extension gives the format)")
     if plot.suffix.lower() not in FIGURE_FORMATS:
-        raise UsageError(f"--plot {plot}: the extension must be one of {', '.join(FIGURE_FORMATS)}",
-                         hint=f"e.g. --plot {plot.with_suffix('.png')}")
+        example = plot / "figure.png" if not plot.suffix else plot.with_suffix(".png")
+        raise UsageError(f"--plot {plot}: the file's extension must be one of {', '.join(FIGURE_FORMATS)}",
+                         hint=f"e.g. --plot {example}")
     paths = [plot.with_name(f"{plot.stem}-{f}{plot.suffix}") for f in figures] if figures else [plot]
     for p in paths:
-        _writable("--plot", p)
+        writable("--plot", p)
     return paths
 
 
-def _writable(option: str, path: Path) -> None:
+def writable(option: str, path: Path) -> None:
     from ckptprobe.io.writer import check_writable
 
     try:
@@ -81,29 +84,32 @@ def tolerances(mode, eta: float | None, atol: float | None) -> tuple[float, floa
     return (DEFAULT_ETA if eta is None else eta), (DEFAULT_ATOL if atol is None else atol)
 
 
+def check_by(by, supported: Sequence[str], command: str) -> None:
+    """`--by` must be one of the groupings `command` offers."""
+    if by.value not in supported:
+        raise UsageError(f"--by {by.value}: {command} groups by {', '.join(supported)}")
+
+
+def pick_layer(source, include: Sequence[str], exclude: Sequence[str], layer: int | None) -> int | None:
+    """`layer` when some selected tensor of `source` lies in it (UsageError naming the layers there are,
+    otherwise), the middle layer when `layer` is None, None when no tensor has a layer index."""
+    from ckptprobe.analysis.pairing import selected
+    from ckptprobe.io.names import parse_name
+
+    layers = sorted({parse_name(n).layer for n in source.keys() if selected(n, include, exclude)} - {None})
+    if layer is None:
+        return layers[len(layers) // 2] if layers else None
+    if layer not in layers:
+        where = f"layers {layers[0]}..{layers[-1]}" if layers else "no tensor has a layer index"
+        raise UsageError(f"--layer {layer}: no selected tensor of {source.ref} is in that layer ({where})")
+    return layer
+
+
 def open_sources(refs: Sequence[str], revision: str | None, token: str | None, download: bool) -> list:
     """Open every reference (file, folder or Hub repo) with the same Hub options."""
     from ckptprobe.io.sources import open_source
 
     return [open_source(r, revision, token, download) for r in refs]
-
-
-def label(ref: str) -> str:
-    """A short name for a checkpoint in tables and legends: its folder or file name, without
-    `.safetensors` (a folder's name for `folder/model.safetensors`), or the Hub repo's name and revision."""
-    text = ref.rstrip("/")
-    if "://" not in text and not Path(text).expanduser().exists() and text.count("/") == 1:
-        return text.split("/")[1]  # a Hub repo org/name[@rev]
-    p = Path(text)
-    generic = p.name in ("model.safetensors", "model.safetensors.index.json") and p.parent.name
-    name = p.parent.name if generic else p.name
-    return name.removesuffix(".safetensors") or ref
-
-
-def labels(refs: Sequence[str]) -> list[str]:
-    """`label` of each reference, or the references themselves when two labels would be equal."""
-    short = [label(r) for r in refs]
-    return short if len(set(short)) == len(short) else list(refs)
 
 
 def configure_threads(threads: int | None) -> int:
@@ -135,14 +141,29 @@ def report_skipped(skipped: Sequence, verbose: bool) -> None:
 
 
 def _kind(skipped) -> str:
-    """A short, shared label of why a tensor was skipped ("1-D (norms, biases)", "int64 buffer")."""
+    """A short label of why a tensor was skipped, shared by many ("1-D (norms, biases)", "int64 buffer")."""
     kind = getattr(skipped, "kind", None)
     if kind:
         return kind
     reason = skipped.reason
-    if reason.startswith("1-D") or "1-D" in reason.split(",")[0]:
+    if reason.startswith("1-D") or re.search(r"\(\d+,\)", reason):
         return "1-D (norms, biases)"
-    return reason
+    integer = re.search(r"\b(BOOL|U8|I8|U16|I16|U32|I32|U64|I64)\b", reason)
+    if integer:
+        return {"BOOL": "bool"}.get(integer[1], integer[1].replace("I", "int").replace("U", "uint")) + " buffer"
+    for start, kind in (("shape", "with another shape"), ("only in base", "only in the base"),
+                        ("only in", "missing in the base"), ("missing in run", "missing in a run")):
+        if reason.startswith(start):
+            return kind
+    return re.split(r"[(:;]", reason)[0].strip() or reason
+
+
+def wrote(paths: Sequence[Path]) -> None:
+    """Say on stderr which files were written."""
+    from ckptprobe.report.output import err
+
+    for p in paths:
+        err.print(f"wrote {p}", highlight=False, markup=False)
 
 
 def emit(out: Output, data: dict, rows: Sequence[dict], tables: Sequence) -> None:

@@ -37,6 +37,12 @@ def _device(value: str) -> str:
     return value
 
 
+def _fraction(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"must be a fraction in (0, 1], got {value:g}")
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         from ckptprobe import __version__
@@ -133,7 +139,7 @@ RankOpt = Annotated[Optional[int], typer.Option(
     help="Rank k of the top-k singular subspaces (spectrum) and of the SVD reconstruction W0^(k) behind the "
          "principal mask. A matrix whose smaller side is below k is skipped (and listed).")]
 AlphaOpt = Annotated[float, typer.Option(
-    "--alpha", min=0, max=1, metavar="X",
+    "--alpha", callback=_fraction, metavar="X",
     help="Fraction of each matrix in the principal mask (and in the low mask with --low-threshold "
          "alpha): exactly round(alpha * n) entries, ties to the lowest index.")]
 LowOpt = Annotated[LowThreshold, typer.Option(
