@@ -118,15 +118,15 @@ def test_cli_json_csv_plot(tiny_pair, tmp_path, capsys):
     assert main(["principal", base, ft, "--plot", str(plot), "--matrix", "model.layers.1.mlp.up_proj.weight"]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr()
-    assert "Overlap of" in out.out and "not 2-D float matrices" in out.err
+    assert "Overlap of" in out.out and "skipped 5 tensors: 5 1-D (norms, biases)" in out.err
 
 
 @pytest.mark.parametrize("args, match", [
     (["--matrix", "model.layers.1.mlp.up_proj.weight"], "only chooses what --plot draws"),
     (["--plot", "{tmp}/f.png", "--matrix", "nope"], "no such tensor"),
     (["--plot", "{tmp}/f.png", "--matrix", "model.norm.weight"], "not a 2-D float matrix"),
-    (["-k", "0"], "out of range"),
-    (["--alpha", "2"], "outside"),
+    (["-k", "0"], "--rank: must be >= 1, got 0"),
+    (["--alpha", "2"], "--alpha: must be a fraction in (0, 1], got 2"),
 ])
 def test_cli_errors_exit_2(tiny_pair, tmp_path, capsys, args, match):
     args = [a.format(tmp=tmp_path) for a in args]
