@@ -114,10 +114,8 @@ def open_sources(refs: Sequence[str], revision: str | None, token: str | None, d
 
 def configure_threads(threads: int | None) -> int:
     """Apply `--threads` (or the default thread policy) to torch and BLAS."""
-    try:
-        from ckptprobe._threads import configure
-    except ImportError:  # TEMPORARY until the thread policy lands
-        return threads or 1
+    from ckptprobe._threads import configure
+
     return configure(threads)
 
 

@@ -156,8 +156,17 @@ def tidy_help(command):
     """Leave type noise out of `--help`: plain flags show no `<bool>`; other options name their value by
     metavar. `command` is a click command or group; returned for chaining."""
     for param in getattr(command, "params", ()):
-        if getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""
+        _no_type(param)
+    make_help_option = command.get_help_option  # --help is made on demand, outside `params`
+    command.get_help_option = lambda ctx: _no_type(make_help_option(ctx))
     for sub in getattr(command, "commands", {}).values():
         tidy_help(sub)
     return command
+
+
+def _no_type(param):
+    if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""
+    if getattr(param, "param_type_name", "") == "argument" and hasattr(param, "display_type_rich"):
+        param.display_type_rich = lambda ctx: None  # the metavar (BASE, FT...) says what it is
+    return param

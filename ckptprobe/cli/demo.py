@@ -17,7 +17,7 @@ def demo(
         "--path", help="Print the folder of one shipped checkpoint (base, sft, rl-1, ...) and exit, "
                        "for use in other commands.", metavar="NAME")] = None,
     rebuild: Annotated[Optional[Path], typer.Option(
-        help="Train the family again into this folder (a few minutes on CPU), then report on it.",
+        metavar="DIR", help="Train the family again into this folder (a few minutes on CPU), then report on it.",
         file_okay=False)] = None,
     plot: PlotOpt = None,
     rank: RankOpt = None,

@@ -57,7 +57,7 @@ def build(
              "update: what --from FT changed. consensus: what at least --min-agree of the --from runs "
              "changed.")] = None,
     expr: Annotated[Optional[str], typer.Option(
-        "--expr", show_default=False,
+        "--expr", show_default=False, metavar="EXPR",
         help="Set algebra over kind names instead of --kind: ~ not, & and, ^ xor, | or, parentheses "
              "(precedence as in Python), e.g. 'low & ~principal'.")] = None,
     vectors: Annotated[Optional[Vectors], typer.Option(
@@ -68,10 +68,10 @@ def build(
     alpha: AlphaOpt = DEFAULT_ALPHA,
     low_threshold: LowOpt = LowThreshold.alpha,
     like: Annotated[Optional[str], typer.Option(
-        "--like", show_default=False,
+        "--like", show_default=False, metavar="KIND",
         help="random: the kind (or expression) whose per-matrix density it copies.")] = None,
     seed: Annotated[int, typer.Option(
-        "--seed", help="random: seed of the positions (mixed with each tensor's name).")] = 0,
+        "--seed", metavar="N", help="random: seed of the positions (mixed with each tensor's name).")] = 0,
     runs: Annotated[Optional[List[str]], typer.Option(
         "--from", show_default=False, metavar="RUN...",
         help="Fine-tuned checkpoints for update (one) and consensus (two or more): --from RUN1 RUN2 ...")] = None,
@@ -156,7 +156,7 @@ def info(
     file: Annotated[Path, typer.Argument(help="A mask file written by `ckptprobe masks`.", show_default=False,
                                          metavar="FILE", dir_okay=False)],
     base: Annotated[Optional[str], typer.Option(
-        "--base", show_default=False,
+        "--base", show_default=False, metavar="BASE",
         help="Check the file against this checkpoint: every mask's shape and the fingerprint of the base "
              "tensor it was computed from.")] = None,
     fmt: FormatOpt = None,

@@ -9,10 +9,12 @@ from typing import Sequence
 def label(ref: str) -> str:
     """A short name for a checkpoint in tables and legends: its folder or file name, without
     `.safetensors` (a folder's name for `folder/model.safetensors`), or the Hub repo's name and revision."""
-    text = ref.rstrip("/")
-    if "://" not in text and not Path(text).expanduser().exists() and text.count("/") == 1:
-        return text.split("/")[1]  # a Hub repo org/name[@rev]
+    text = ref.rstrip("/") or ref
     p = Path(text)
+    hub = (text.count("/") == 1 and not text.startswith((".", "/", "~")) and p.suffix not in (".safetensors", ".json")
+           and not p.expanduser().exists())
+    if hub:
+        return text.split("/")[1]  # a Hub repo org/name[@rev]
     generic = p.name in ("model.safetensors", "model.safetensors.index.json") and p.parent.name
     name = p.parent.name if generic else p.name
     return name.removesuffix(".safetensors") or ref
