@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             code = build_command(command).main(args=args, prog_name="ckptprobe", standalone_mode=False)
         except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `ckptprobe sparsity` alone: its help was shown
+                return 0
             if debug:
                 raise
             message, hint = usage_error(e)

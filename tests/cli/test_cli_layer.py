@@ -158,3 +158,10 @@ def test_tables_off_a_terminal_are_never_cut(tiny_pair, capsys, monkeypatch):
     for name, mask in tiny_pair.changed.items():
         row = next(line for line in out.splitlines() if f" {name} " in line)
         assert f"{int(mask.sum()):,}" in row and f"{1 - mask.mean():.4g}" in row
+
+
+@pytest.mark.parametrize("command", ["sparsity", "masks", "consensus"])
+def test_a_command_alone_shows_its_help(capsys, command):
+    assert main([command]) == 0
+    captured = capsys.readouterr()
+    assert f"Usage: ckptprobe {command}" in captured.out and captured.err == ""
