@@ -4,8 +4,6 @@ open the checkpoints, label them, report what was skipped, and write the result.
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -120,40 +118,17 @@ def configure_threads(threads: int | None) -> int:
 
 
 def report_skipped(skipped: Sequence, verbose: bool) -> None:
-    """One line on stderr saying what was skipped and why, grouped; every tensor with `verbose`."""
+    """One line on stderr counting what was skipped and why; every tensor and its reason with `verbose`.
+    Never a table on stdout: the full list is in JSON (and CSV with --by tensor where a command has it)."""
+    from ckptprobe.analysis.plan import skip_summary
     from ckptprobe.report.output import err
 
     if not skipped:
         return
-    if verbose:
-        for s in skipped:
-            err.print(f"skipped {s.name}: {s.reason}", highlight=False, markup=False)
-        return
-    counts = Counter(_kind(s) for s in skipped)
-    parts = [f"{n} {kind}" for kind, n in counts.most_common(3)]
-    rest = sum(n for _, n in counts.most_common()[3:])
-    parts += [f"{rest} for other reasons"] if rest else []
-    noun = "tensor" if len(skipped) == 1 else "tensors"
-    err.print(f"skipped {len(skipped)} {noun}: {', '.join(parts)}; --verbose lists them", highlight=False,
-              markup=False)
-
-
-def _kind(skipped) -> str:
-    """A short label of why a tensor was skipped, shared by many ("1-D (norms, biases)", "int64 buffer")."""
-    kind = getattr(skipped, "kind", None)
-    if kind:
-        return kind
-    reason = skipped.reason
-    if reason.startswith("1-D") or re.search(r"\(\d+,\)", reason):
-        return "1-D (norms, biases)"
-    integer = re.search(r"\b(BOOL|U8|I8|U16|I16|U32|I32|U64|I64)\b", reason)
-    if integer:
-        return {"BOOL": "bool"}.get(integer[1], integer[1].replace("I", "int").replace("U", "uint")) + " buffer"
-    for start, kind in (("shape", "with another shape"), ("only in base", "only in the base"),
-                        ("only in", "missing in the base"), ("missing in run", "missing in a run")):
-        if reason.startswith(start):
-            return kind
-    return re.split(r"[(:;]", reason)[0].strip() or reason
+    lines = [f"skipped {s.name}: {s.reason}" for s in skipped] if verbose else \
+        [skip_summary(skipped) + "; --verbose lists them"]
+    for line in lines:
+        err.print(line, highlight=False, markup=False)
 
 
 def wrote(paths: Sequence[Path]) -> None:

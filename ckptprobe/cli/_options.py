@@ -13,7 +13,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ckptprobe.analysis.masks import DEFAULT_ALPHA, Kind, LowThreshold, Vectors
+from ckptprobe.analysis.mask_expr import Kind
+from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold
+from ckptprobe.analysis.masks import Vectors
 from ckptprobe.analysis.svd import TopkMethod
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
 from ckptprobe.report.output import Format

@@ -112,7 +112,8 @@ def build(
 
     `ckptprobe masks ./base --expr 'low & ~principal' --include '*.mlp.*' --vectors freeze -o m.safetensors`
     """
-    from ckptprobe.analysis.masks import MaskSpec, build_masks, group_densities, parse_expression
+    from ckptprobe.analysis.mask_expr import parse_expression
+    from ckptprobe.analysis.masks import MaskSpec, build_masks, group_densities
     from ckptprobe.cli._common import configure_threads, open_sources, tolerances, writable
     from ckptprobe.errors import UsageError
     from ckptprobe.io.maskfile import write_packed

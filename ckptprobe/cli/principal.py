@@ -65,8 +65,7 @@ def principal(
 
     `ckptprobe principal org/base org/rl -k 64 --alpha 0.05 -o principal.json`
     """
-    from ckptprobe.analysis.masks import is_matrix
-    from ckptprobe.analysis.principal import MASKS, matrix_masks, principal_overlap
+    from ckptprobe.analysis.principal import MASKS, check_matrix, matrix_masks, principal_overlap
     from ckptprobe.analysis.svd import resolve_device
     from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, emit, open_sources,
                                        report_skipped, tolerances, wrote)
@@ -82,12 +81,8 @@ def principal(
     dev = resolve_device(device)
     configure_threads(threads)
     src, *fts = open_sources([base, *finetuned], revision, token, download)
-    if matrix and matrix not in src.keys():
-        raise UsageError(f"--matrix {matrix}: {src.ref} has no such tensor",
-                         hint="tensor names are listed by --by tensor")
-    if matrix and not is_matrix(src.info(matrix).dtype, src.info(matrix).shape):
-        raise UsageError(f"--matrix {matrix}: not a 2-D float matrix ({src.info(matrix).dtype} "
-                         f"{tuple(src.info(matrix).shape)})")
+    if matrix:
+        check_matrix(src, fts, matrix)
     total_bytes = sum(s.info(n).nbytes for s in (src, *fts) for n in s.keys())
     with progress_bar("measuring", total_bytes) as advance:
         result = principal_overlap(src, fts, rank, alpha, low_threshold, mode, eta, atol, include or (),

@@ -11,9 +11,10 @@ import pytest
 from factory import tiny_weights
 from typer.testing import CliRunner
 
-import ckptprobe.analysis.consensus as cons
+import ckptprobe.analysis.mask_scan as cons
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits
-from ckptprobe.analysis.consensus import (bernoulli_jaccard, consensus, poisson_binomial, stripe_index)
+from ckptprobe.analysis.consensus import consensus
+from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, poisson_binomial, stripe_index
 from ckptprobe.analysis.update import CompareMode, update_mask
 from ckptprobe.cli import main
 from ckptprobe.cli._app import app
@@ -231,8 +232,7 @@ def test_mismatched_runs_are_left_out_per_tensor(family, tmp_path, capsys):
     assert result.total.jaccard[0, 2] == pytest.approx(brute_jaccard(a, b))
     assert main(["consensus", str(base), *map(str, paths), "--format", "json"]) == 0
     out = capsys.readouterr()
-    assert out.err == "skipped 3 tensors: 1 missing in a run, 1 with another shape, 1 missing in the base; " \
-                      "--verbose lists them\n"
+    assert out.err == "skipped 3 tensors: 2 in one checkpoint only, 1 shape differs; --verbose lists them\n"
     assert len(json.loads(out.out)["skipped"]) == 3
     assert main(["consensus", str(base), *map(str, paths), "--format", "json", "--verbose"]) == 0
     assert "skipped model.layers.0.self_attn.q_proj.weight: missing in run 2" in capsys.readouterr().err

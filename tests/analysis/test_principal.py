@@ -7,7 +7,7 @@ import pytest
 from factory import bump, save
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
-from ckptprobe.analysis.masks import LowThreshold, default_rank, keep_count
+from ckptprobe.analysis.mask_select import LowThreshold, default_rank, keep_count
 from ckptprobe.analysis.principal import OverlapCounts, principal_overlap
 from ckptprobe.cli import main
 from ckptprobe.errors import UsageError
@@ -98,8 +98,11 @@ def test_nothing_updated_gives_none(tiny_pair):
 
 def test_bad_input(tiny_pair):
     base, ft = open_source(str(tiny_pair.base)), open_source(str(tiny_pair.ft))
-    with pytest.raises(UsageError, match="-k 33 is out of range"):
-        principal_overlap(base, [ft], rank=33)
+    r = principal_overlap(base, [ft], rank=33)  # larger than every matrix: each is skipped, saying why
+    matrices = [n for n in base.keys() if len(base.info(n).shape) == 2]
+    assert r.matrices == () and matrices
+    assert sorted(s.name for s in r.skipped if s.category.value == "small") == sorted(matrices)
+    assert all(s.reason.endswith("< k=33") for s in r.skipped if s.category.value == "small")
     with pytest.raises(UsageError, match="outside"):
         principal_overlap(base, [ft], alpha=-0.1)
 
