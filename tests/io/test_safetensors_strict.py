@@ -71,7 +71,7 @@ CASES = {
     "dtype not a string": (file_bytes({"a": {**F, "dtype": ["F32"]}}), ["'a'", "dtype"]),
     "metadata value not a string": (file_bytes({"__metadata__": {"x": 1}, "a": F}), ["__metadata__"]),
     "metadata a list": (file_bytes({"__metadata__": [], "a": F}), ["__metadata__"]),
-    "nested 5000 deep": (file_bytes(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}", b""), ["nests"]),
+    "nested 5000 deep": (file_bytes(b"{\"a\":" + b"[" * 5000 + b"]" * 5000 + b"}", b""), ["nests"]),
     "invalid UTF-8": (file_bytes(b'{"\xff":1}', b""), ["UTF-8"]),
     "byte-order mark": (file_bytes(b"\xef\xbb\xbf" + enc({"a": F})), ["not valid JSON"]),
     "a list, not an object": (file_bytes([], b""), ["not a JSON object"]),
@@ -143,22 +143,20 @@ def test_library_files_of_every_shape_are_read(tmp_path):
 
 
 def test_thirty_thousand_tiny_tensors_open_fast(tmp_path):
-    """Per-tensor overhead: opening, listing and reading 30,000 one-element tensors takes well under a second
-    each (measured against one file holding one tensor of the same total size)."""
+    """Per-tensor overhead: opening, listing and reading 30,000 one-element tensors costs a small multiple
+    of what the safetensors library (compiled Rust) takes for the same job, measured in the same run."""
     n = 30_000
-    many, one = tmp_path / "many.safetensors", tmp_path / "one.safetensors"
-    write_safetensors(many, {f"t.{i}": ("F32", np.full(1, i, np.float32)) for i in range(n)})
-    write_safetensors(one, {"t": ("F32", np.arange(n, dtype=np.float32))})
+    path = tmp_path / "many.safetensors"
+    write_safetensors(path, {f"model.layers.{i}.w": ("F32", np.full(1, i, np.float32)) for i in range(n)})
     t0 = time.perf_counter()
-    src = open_source(str(many))
-    t_open = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    src = open_source(path)
     infos = [src.info(k) for k in src.keys()]
-    t_info = time.perf_counter() - t0
-    t0 = time.perf_counter()
     total = sum(float(src.get_array(k)[0]) for k in src.keys())
-    t_get = time.perf_counter() - t0
-    assert len(infos) == n and total == sum(range(n))
-    assert np.array_equal(open_source(str(one)).get_array("t"), np.arange(n, dtype=np.float32))
-    # Bounds generous for a loaded 2-core machine: ~10 us, ~1 us and ~20 us per tensor when quiet.
-    assert t_open < 3 and t_info < 1 and t_get < 5, (t_open, t_info, t_get)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with safe_open(str(path), "np") as f:
+        library_total = sum(float(f.get_tensor(k)[0]) for k in f.keys())
+    library = time.perf_counter() - t0
+    assert len(infos) == n and total == library_total == sum(range(n))
+    # Measured 3-6x on a 2-core machine under load 10; 15x leaves room, a per-tensor regression does not.
+    assert ours < 15 * library, (ours, library)
