@@ -23,6 +23,7 @@ PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; conver
 
 class TensorSource(Protocol):
     ref: str
+    forkable: bool  # a forked worker process may read it (local files; not an HTTP session)
 
     def keys(self) -> list[str]: ...
     def info(self, name: str) -> TensorInfo: ...
@@ -41,6 +42,7 @@ class MultiFileSource:
     def __init__(self, ref: str, files: dict, weight_map: dict[str, str] | None = None):
         self.ref = ref
         self.metadata: dict[str, str] = {}
+        self.forkable = all(getattr(f, "forkable", False) for f in files.values())
         self._where: dict = {}
         file_of: dict[str, str] = {}
         for filename, f in files.items():

@@ -191,6 +191,8 @@ class SafetensorsFile:
     array, smaller ones are copied.
     """
 
+    forkable = True  # a forked child may read it (no connection or lock to share)
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.ref = self._fspath = str(path)

@@ -57,6 +57,8 @@ class HubSource:
     `subfolder` (the repo's root when empty).
     """
 
+    forkable = False  # reads go through an HTTP session, which a forked child must not share
+
     def __init__(self, repo_id: str, revision: str | None = None, token: str | bool | None = None,
                  download: bool = False, ref: str | None = None, subfolder: str = ""):
         self.repo_id = repo_id
