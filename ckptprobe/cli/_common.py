@@ -103,6 +103,13 @@ def pick_layer(source, include: Sequence[str], exclude: Sequence[str], layer: in
     return layer
 
 
+def expand_series(refs: Sequence[str], revision: str | None, token: str | None) -> list[str]:
+    """The checkpoints a series pattern names (`org/name@step-*`, `run/step-{100..500..100}`), in order."""
+    from ckptprobe.io.series import expand_refs
+
+    return expand_refs(refs, revision, token)
+
+
 def open_sources(refs: Sequence[str], revision: str | None, token: str | None, download: bool) -> list:
     """Open every reference (file, folder or Hub repo) with the same Hub options."""
     from ckptprobe.io.sources import open_source

@@ -69,12 +69,13 @@ def consensus(
     `ckptprobe consensus base/ rl-1/ rl-2/ --by tensor --include '*.layers.13.*'`
     """
     from ckptprobe.analysis.consensus import consensus as run
-    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, head_dim_of, labels,
-                                       open_sources, pick_layer, report_skipped, tolerances, wrote)
+    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, expand_series,
+                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, tolerances, wrote)
     from ckptprobe.cli._common import emit as emit_result
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import fmt_num, progress_bar, table, warn
 
+    runs = expand_series(runs, revision, token)
     if len(runs) < 2:
         raise UsageError(f"consensus needs at least two runs, got {len(runs)}",
                          hint="give the base and two or more fine-tunes of it: ckptprobe consensus BASE RUN1 RUN2 ...")

@@ -42,14 +42,14 @@ def drift(
     `ckptprobe drift $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1-step050) $(ckptprobe demo --path rl-1)`
     """
     from ckptprobe.analysis.drift import drift as run
-    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, labels, open_sources,
-                                       report_skipped, wrote)
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, labels,
+                                       open_sources, report_skipped, wrote)
     from ckptprobe.report.output import progress_bar, table
 
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
     configure_threads(threads)
-    src, *series = open_sources([base, *checkpoints], revision, token, download)
+    src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download)
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))
     with progress_bar("reading", total) as advance:
         result = run(src, series, include or (), exclude or (), z, progress=advance)

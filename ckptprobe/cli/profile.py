@@ -52,8 +52,8 @@ def profile(
     `ckptprobe profile base/ run/step-*/ --smooth 9 -o profile.json`
     """
     from ckptprobe.analysis.profile import profile as run
-    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, head_dim_of, labels,
-                                       open_sources, pick_layer, report_skipped, tolerances, wrote)
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series,
+                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, tolerances, wrote)
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import progress_bar, table, warn
 
@@ -61,7 +61,7 @@ def profile(
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
     configure_threads(threads)
-    a, *sources = open_sources([base, *checkpoints], revision, token, download)
+    a, *sources = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download)
     layer = pick_layer(a, include or (), exclude or (), layer)
     if layer is None:
         raise UsageError("no selected tensor name has a layer index, so there is no layer to profile",
