@@ -21,6 +21,7 @@ COMMANDS = {
     "profile": "ckptprobe.cli.consensus:profile",
     "drift": "ckptprobe.cli.drift:drift",
     "masks": "ckptprobe.cli.masks:masks_app",
+    "scramble": "ckptprobe.cli.scramble:scramble",
     "demo": "ckptprobe.cli.demo:demo",
 }
 
