@@ -18,6 +18,13 @@ from ckptprobe.errors import CheckpointNotFoundError
 
 RL_RUNS = ("rl-1", "rl-2", "rl-3")
 RL_SERIES = ("rl-1-step050", "rl-1-step100", "rl-1-step150", "rl-1")
+SCRAMBLED = ("base-scrambled", "rl-1-scrambled")  # rl-1's recipe and seed from a scrambled base
+
+
+def _versus_chance(ratio: float) -> str:
+    """Words for an observed/chance ratio: the reading follows the number."""
+    return ("at chance" if ratio < 1.1 else "close to chance" if ratio < 1.5 else "above chance" if ratio < 2
+            else "far above chance")
 
 
 @dataclass(frozen=True)
@@ -134,5 +141,31 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
         f"rl-1 drifts steadily over its {len(RL_SERIES)} checkpoints "
         f"({', '.join(f'{_mean(g[t] for g in growth):.1e}' for t in range(len(RL_SERIES)))}); "
         f"lm_head surges: {len(dr.surges) or 'none'}."))
+
+    say("scramble")
+    import json
+
+    from ckptprobe.analysis.overlap import mask_overlap
+    from ckptprobe.analysis.scramble import RECORD_FILE
+
+    scr_base, scr_run = (src(n) for n in SCRAMBLED)
+    scrambled = json.loads((Path(scr_base.ref) / RECORD_FILE).read_text())["layers"]
+    ov = mask_overlap(base, rl[0], scr_base, scr_run)
+    seeds = mask_overlap(base, rl[0], base, rl[1]).by_layer()  # what another seed gives, unscrambled
+    for layer, g in ov.by_layer().items():
+        if layer is None:
+            continue
+        state = "scrambled" if layer in scrambled else "untouched"
+        items.append(Finding(
+            f"scramble_layer{layer}", f"rl-1-scrambled vs rl-1: overlap of update masks, layer {layer} ({state})",
+            None, g.overlap, {"rl-1-scrambled": g.overlap, "jaccard": g.jaccard, "bernoulli": g.bernoulli,
+                              "rl-2": seeds[layer].overlap},
+            g.chance,
+            f"Layer {layer}, {state}{' (same function, other coordinates)' if state == 'scrambled' else ''}: "
+            f"rl-1's recipe and seed from the scrambled base update the same coordinates as rl-1 "
+            f"{_versus_chance(g.overlap / g.chance)}: "
+            f"overlap {g.overlap:.2f} vs {g.chance:.2f} by chance ({g.overlap / g.chance:.2f}x), "
+            f"Jaccard {g.jaccard:.2f} vs {g.bernoulli:.2f} ({g.jaccard / g.bernoulli:.2f}x); "
+            f"rl-2 (another seed, unscrambled base) overlaps rl-1 {seeds[layer].overlap:.2f} there."))
     return Findings(str(root or path("base").parent), rank, alpha, tuple(items),
-                    {"consensus": cons, "principal": pr, "spectrum": spec, "drift": dr})
+                    {"consensus": cons, "principal": pr, "spectrum": spec, "drift": dr, "scramble": ov})
