@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import Corpus
 from factory import bump, save, tiny_weights
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
@@ -39,3 +40,9 @@ def tiny_pair(tmp_path_factory) -> TinyPair:
     base = {n: bf16_bits_to_float32(b) for n, b in base_bits.items()}
     return TinyPair(save(root / "base.safetensors", base), save(root / "ft.safetensors", ft),
                     save(root / "base", base, shards=2), save(root / "ft", ft, shards=2), changed)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    """Real layouts (see corpus.py), each built once per session when a test first asks for it."""
+    return Corpus(tmp_path_factory.mktemp("corpus"))

@@ -239,13 +239,16 @@ def _from_bf16(state: dict[str, torch.Tensor]) -> TinyLlama:
     return model
 
 
-def pretrain(progress: Progress) -> TinyLlama:
+def pretrain(progress: Progress, steps: int | None = None) -> TinyLlama:
     """Addition from scratch until good but not perfect: AdamW, linear warmup then constant lr.
 
     Every `eval_every` steps the bf16-rounded model (what ships) samples answers at
     temperature 1; training stops at the first check that reaches `target` accuracy.
     Stopping on accuracy rather than after a fixed step count keeps the base equally
     good whatever the exact path, since this task is learnt in a sudden jump.
+
+    `steps` returns after that many steps whatever the accuracy: a prefix of the recipe,
+    enough to check quickly that a machine trains it deterministically.
     """
     cfg = PRETRAIN
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -266,6 +269,8 @@ def pretrain(progress: Progress) -> TinyLlama:
         loss.backward()
         opt.step()
         sched.step()
+        if step == steps:
+            return model
         if step % cfg["eval_every"] == 0:
             acc = accuracy(_from_bf16(_bf16(model)), "+")
             progress(f"base: step {step}, loss {loss.item():.3f}, accuracy at temperature 1 {acc:.3f}")

@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_walkthrough.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "01_walkthrough.ipynb"
 
 
 def test_walkthrough_executes(tmp_path):

@@ -26,7 +26,7 @@ from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
 TOKEN = "hf_FakeSecretToken0123456789"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def files_of(path: Path) -> dict[str, bytes]:
