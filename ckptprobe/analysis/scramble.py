@@ -87,7 +87,8 @@ class Arch:
         heads = positive("num_attention_heads")
         kv_heads = positive("num_key_value_heads", heads)
         if heads % kv_heads:
-            raise InvalidCheckpointError(f"{what}: {heads} attention heads do not split into {kv_heads} key-value groups")
+            raise InvalidCheckpointError(
+                f"{what}: {heads} attention heads do not split into {kv_heads} key-value groups")
         # Mistral-style configs may hold "head_dim": null, meaning hidden_size / heads.
         head_dim = positive("head_dim") if config.get("head_dim") is not None else positive("hidden_size") // heads
         return cls(model_type, positive("num_hidden_layers"), heads, kv_heads, head_dim, positive("intermediate_size"))
@@ -322,7 +323,8 @@ def scramble_checkpoint(base: str | os.PathLike, out: str | os.PathLike, seed: i
 
     folder = Path(base)
     arch = Arch.from_config(read_config(folder), str(folder / "config.json"))
-    plan = Scramble(arch, range(arch.layers) if layers is None else layers, seed, list(Kind) if kinds is None else kinds)
+    plan = Scramble(arch, range(arch.layers) if layers is None else layers, seed,
+                    list(Kind) if kinds is None else kinds)
     record = plan.record(str(base) if base_ref is None else base_ref)
     changed = rewrite_folder(folder, out, lambda name, info, raw: plan.apply_stored(name, raw, info.dtype),
                              {RECORD_KEY: json.dumps(record, sort_keys=True)},

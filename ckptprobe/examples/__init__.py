@@ -67,12 +67,12 @@ def rebuild(out_dir: str | os.PathLike, progress: Callable[[str], None] | None =
             folder = out_dir / name
             if name == "base-scrambled":  # written as `ckptprobe scramble` writes it, with its record
                 _write_scrambled(out_dir, folder)
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            # One metadata key only: safetensors writes metadata from a hash map, whose order
-            # (and so the file's bytes) would change from run to run with two.
-            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-            (folder / "config.json").write_text(json.dumps(_train.config(), indent=2) + "\n")
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                # One metadata key only: safetensors writes metadata from a hash map, whose order
+                # (and so the file's bytes) would change from run to run with two.
+                save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+                (folder / "config.json").write_text(json.dumps(_train.config(), indent=2) + "\n")
             if name == stop_after:
                 break
     finally:

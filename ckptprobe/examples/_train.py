@@ -361,9 +361,11 @@ def scramble(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from ckptprobe.analysis.scramble import Arch, Kind, Scramble
 
     plan = Scramble(Arch.from_config(config()), SCRAMBLE["layers"], SCRAMBLE["seed"], list(Kind))
-    bits = {k: v.view(torch.int16).numpy().view(np.uint16) for k, v in state.items()}
-    return {k: torch.from_numpy(np.ascontiguousarray(plan.apply_stored(k, b, "BF16")).view(np.int16)).view(torch.bfloat16)
-            for k, b in bits.items()}
+    out = {}
+    for k, v in state.items():
+        bits = plan.apply_stored(k, v.view(torch.int16).numpy().view(np.uint16), "BF16")  # bf16 as uint16 bits
+        out[k] = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+    return out
 
 
 def names() -> tuple[str, ...]:

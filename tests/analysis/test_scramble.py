@@ -16,7 +16,6 @@ transformers, and run on the same tokens. Tolerances:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factory import run_error
 from safetensors import safe_open
 
 from ckptprobe.analysis.bf16 import float64_to_bf16_bits
@@ -225,70 +223,3 @@ def test_float64_to_bf16_is_correctly_rounded():
     through_float32 = (cases.astype(np.float32).view(np.uint32) + 0x7FFF
                        + ((cases.astype(np.float32).view(np.uint32) >> 16) & 1)) >> 16
     assert (through_float32.astype(np.uint16) != got).any()  # the trap is really in the cases
-
-
-# ---------------------------------------------------------------- refusals, one line each
-
-@pytest.fixture()
-def tiny_llama(built, tmp_path):
-    """A copy of the bf16 Llama folder that a test may edit."""
-    folder = tmp_path / "base"
-    shutil.copytree(built["llama"].folder, folder)
-    return folder
-
-
-def test_refusals(tiny_llama, tmp_path, capsys):
-    base = str(tiny_llama)
-    out = str(tmp_path / "out")
-    run_error(capsys, ["scramble", base, "-o", base, "--seed", "0"], "output folder is the base", code=2,
-              hint="new folder")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("")
-    run_error(capsys, ["scramble", base, "-o", str(tmp_path / "full"), "--seed", "0"], "not empty", code=2,
-              hint="new folder")
-    (tmp_path / "file").write_text("")
-    run_error(capsys, ["scramble", base, "-o", str(tmp_path / "file"), "--seed", "0"], "not a folder", code=2)
-    run_error(capsys, ["scramble", base, "-o", out, "--seed", "0", "--layers", "3"], "layer 3", "0..2", code=2)
-    run_error(capsys, ["scramble", base, "-o", out, "--seed", "0", "--layers", "1-x"], "--layers", code=2)
-    run_error(capsys, ["scramble", str(tmp_path / "nope"), "-o", out, "--seed", "0"], "config.json", "not found")
-    config = json.loads((tiny_llama / "config.json").read_text())
-    (tiny_llama / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    run_error(capsys, ["scramble", base, "-o", out, "--seed", "0"], "config.json", "gpt2", "llama")
-    (tiny_llama / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
-    run_error(capsys, ["scramble", base, "-o", out, "--seed", "0"], "config.json", "key-value")
-    (tiny_llama / "config.json").write_text(json.dumps(config))
-    assert not (tmp_path / "out").exists()  # nothing written by a refusal
-
-
-def _add_tensor(folder: Path, name: str, array: np.ndarray, dtype: str = "F32") -> None:
-    from ckptprobe.io.writer import write_safetensors
-
-    write_safetensors(folder / "extra.safetensors", {name: (dtype, array)})
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    index["weight_map"][name] = "extra.safetensors"
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
-@pytest.mark.parametrize("name, array, dtype, needle", [
-    ("model.layers.1.self_attn.sinks", np.zeros(4, np.float32), "F32", "does not know how"),
-    ("model.layers.1.self_attn.q_norm.weight", np.ones(64, np.float32), "F32", "shared by every head"),
-])
-def test_unknown_tensors_in_a_scrambled_layer_are_refused(tiny_llama, tmp_path, capsys, name, array, dtype, needle):
-    _add_tensor(tiny_llama, name, array, dtype)
-    run_error(capsys, ["scramble", str(tiny_llama), "-o", str(tmp_path / "out"), "--seed", "0"], name, needle)
-    # The same tensor in a layer left alone is copied as is.
-    assert main(["scramble", str(tiny_llama), "-o", str(tmp_path / "ok"), "--seed", "0", "--layers", "0"]) == 0
-
-
-def test_rotation_of_fp8_is_refused(tiny_llama, tmp_path, capsys):
-    from ckptprobe.io.writer import write_safetensors
-
-    folder = tmp_path / "fp8"
-    folder.mkdir()
-    (folder / "config.json").write_bytes((tiny_llama / "config.json").read_bytes())
-    write_safetensors(folder / "model.safetensors",
-                      {"model.layers.1.self_attn.v_proj.weight": ("F8_E4M3", np.zeros((64, 64), np.uint8))})
-    run_error(capsys, ["scramble", str(folder), "-o", str(tmp_path / "out"), "--seed", "0", "--rotate-vo"],
-              "v_proj", "F8_E4M3")
-    # A permutation moves fp8 codes exactly.
-    assert main(["scramble", str(folder), "-o", str(tmp_path / "ok"), "--seed", "0", "--permute-heads"]) == 0
