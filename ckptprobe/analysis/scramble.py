@@ -316,8 +316,9 @@ def scramble_checkpoint(base: str | os.PathLike, out: str | os.PathLike, seed: i
     """Write the scramble of the local checkpoint folder `base` into the new folder `out`.
 
     `layers` default to all, `kinds` to all three. The record (see `Scramble.record`, with
-    `base_ref`, default `str(base)`, as the base) goes into every shard's metadata under
-    RECORD_KEY and into `out/scramble.json`. Returns the scramble and the changed tensors' names.
+    `base_ref`, default `str(base)`, as the base, and the base's own record under "base_record" if
+    it was scrambled before) goes into every shard's metadata under RECORD_KEY and into
+    `out/scramble.json`. Returns the scramble and the changed tensors' names.
     """
     from ckptprobe.io.rewrite import rewrite_folder
 
@@ -326,6 +327,12 @@ def scramble_checkpoint(base: str | os.PathLike, out: str | os.PathLike, seed: i
     plan = Scramble(arch, range(arch.layers) if layers is None else layers, seed,
                     list(Kind) if kinds is None else kinds)
     record = plan.record(str(base) if base_ref is None else base_ref)
+    previous = folder / RECORD_FILE
+    if previous.is_file():  # scrambling a scrambled checkpoint: keep what was done before
+        try:
+            record["base_record"] = json.loads(previous.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidCheckpointError(f"{previous}: not valid JSON ({e})") from None
     changed = rewrite_folder(folder, out, lambda name, info, raw: plan.apply_stored(name, raw, info.dtype),
                              {RECORD_KEY: json.dumps(record, sort_keys=True)},
                              {RECORD_FILE: json.dumps(record, indent=2, sort_keys=True) + "\n"}, progress)

@@ -95,3 +95,11 @@ def test_rotation_of_fp8_is_refused(tiny_llama, tmp_path, capsys):
               "v_proj", "F8_E4M3")
     # A permutation moves fp8 codes exactly.
     assert main(["scramble", str(folder), "-o", str(tmp_path / "ok"), "--seed", "0", "--permute-heads"]) == 0
+
+
+def test_scrambling_a_scrambled_checkpoint_keeps_the_first_record(tiny_llama, tmp_path):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert main(["scramble", str(tiny_llama), "-o", str(once), "--seed", "1", "--layers", "1"]) == 0
+    assert main(["scramble", str(once), "-o", str(twice), "--seed", "2", "--layers", "2"]) == 0
+    record = json.loads((twice / RECORD_FILE).read_text())
+    assert (record["seed"], record["layers"], record["base_record"]["seed"]) == (2, [2], 1)
