@@ -30,8 +30,8 @@ _API = {
     "scramble_checkpoint": "ckptprobe.analysis.scramble",
     # masks for training
     "build_masks": "ckptprobe.analysis.masks",
-    "principal_mask": "ckptprobe.analysis.masks",
-    "low_mask": "ckptprobe.analysis.masks",
+    "principal_mask": "ckptprobe.analysis.mask_select",
+    "low_mask": "ckptprobe.analysis.mask_select",
     "load_masks": "ckptprobe.io.maskfile",
     "read_masks": "ckptprobe.io.maskfile",
     # errors
