@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.pairing import Skipped, pair_tensors
+from ckptprobe.analysis.plan import Skipped, plan_tensors
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
 from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
@@ -135,9 +135,9 @@ def mask_overlap(base: TensorSource, run: TensorSource, other_base: TensorSource
     `mode=None` compares bitwise where a pair shares a dtype and after rounding to bf16
     where it does not (as `sparsity` and `consensus` do). Non-finite entries count as unchanged.
     """
-    names, skipped = pair_tensors(base, [run, other_base, other_run], include, exclude)
+    plan = plan_tensors(base, [run, other_base, other_run], include=include, exclude=exclude)
     tensors = []
-    for name in names:
+    for name in (t.name for t in plan.tensors):
         n = base.info(name).numel
         changed = changed_other = inter = 0
         for start in range(0, n, CHUNK):
@@ -148,4 +148,4 @@ def mask_overlap(base: TensorSource, run: TensorSource, other_base: TensorSource
             changed_other += int(np.count_nonzero(m2))
             inter += int(np.count_nonzero(m & m2))
         tensors.append(TensorOverlap(name, parse_name(name).layer, n, changed, changed_other, inter))
-    return OverlapResult((base.ref, run.ref), (other_base.ref, other_run.ref), tuple(tensors), tuple(skipped))
+    return OverlapResult((base.ref, run.ref), (other_base.ref, other_run.ref), tuple(tensors), plan.skipped)
