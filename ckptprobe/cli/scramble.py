@@ -29,11 +29,12 @@ def scramble(
         help="Base checkpoint: a local folder with config.json and safetensors (one file, or shards with an "
              "index).", show_default=False, metavar="BASE")],
     output: Annotated[Path, typer.Option(
-        "--output", "-o", show_default=False,
+        "--output", "-o", show_default=False, metavar="OUT",
         help="New (or empty) folder for the scrambled checkpoint.")],
-    seed: Annotated[int, typer.Option(help="Seed of the random rotations and permutations.", show_default=False)],
+    seed: Annotated[int, typer.Option(help="Seed of the random rotations and permutations.", show_default=False,
+                                      metavar="S")],
     layers: Annotated[Optional[str], typer.Option(
-        help="Layers to scramble: 3-5, 1 or 0,2,4-6.", show_default="all")] = None,
+        help="Layers to scramble: 3-5, 1 or 0,2,4-6.", show_default="all", metavar="LAYERS")] = None,
     rotate_vo: Annotated[bool, typer.Option(
         "--rotate-vo", help="Rotate each value head by a random orthogonal matrix, and W_o's columns back.")] = False,
     permute_heads: Annotated[bool, typer.Option(
