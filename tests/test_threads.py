@@ -75,9 +75,10 @@ def test_usable_cpus_is_within_the_affinity_mask():
     assert 1 <= _threads.usable_cpus() <= len(os.sched_getaffinity(0))
 
 
-def test_libraries_loaded_after_configure_start_with_the_count():
-    code = ("from ckptprobe import _threads; _threads.configure(1)\n"
+@pytest.mark.parametrize("threads", sorted({1, os.cpu_count()}))  # libraries cap counts at the CPUs
+def test_libraries_loaded_after_configure_start_with_the_count(threads):
+    code = (f"from ckptprobe import _threads; _threads.configure({threads})\n"
             "import torch, numpy; from threadpoolctl import threadpool_info\n"
-            "print(torch.get_num_threads(), {i['num_threads'] for i in threadpool_info()})")
+            "print(torch.get_num_threads(), *{i['num_threads'] for i in threadpool_info()})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", "{1}"]
+    assert out.split() == [str(threads)] * 2
