@@ -20,6 +20,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from corpus import Corpus  # noqa: E402
 from factory import bump, save, tiny_weights  # noqa: E402
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: E402
@@ -46,3 +47,9 @@ def tiny_pair(tmp_path_factory) -> TinyPair:
     base = {n: bf16_bits_to_float32(b) for n, b in base_bits.items()}
     return TinyPair(save(root / "base.safetensors", base), save(root / "ft.safetensors", ft),
                     save(root / "base", base, shards=2), save(root / "ft", ft, shards=2), changed)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    """Real layouts (see corpus.py), each built once per session when a test first asks for it."""
+    return Corpus(tmp_path_factory.mktemp("corpus"))
