@@ -118,7 +118,7 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
         sp = sparsity(base, ckpt, mode, eta, atol, include, exclude, progress, workers)
         changed.append(sp.total.changed)
         numel.append(sp.total.numel)
-        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}", k.category, k.label) for k in sp.skipped]
+        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}", k.category, k.kind) for k in sp.skipped]
         plan = plan_tensors(base, [ckpt], Want.floating, include, exclude, compare=True, mode=mode)
         # the layer's matrices (the rest was counted above)
         plans = [p for p in plan.tensors if p.layer == layer and len(p.info.shape) == 2 and p.info.numel]

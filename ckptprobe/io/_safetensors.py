@@ -11,6 +11,7 @@ few tensors whatever the size of the model.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 from ckptprobe.errors import InvalidCheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+SMALL_READ = 1 << 16  # bytes: ranges below this are read with pread, larger ones memory-mapped
 
 # safetensors dtype -> numpy storage dtype. BF16 and FP8 have no numpy type: their raw
 # bits are returned as unsigned integers of the same width (see `to_float32`).
@@ -43,7 +45,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
@@ -134,7 +136,12 @@ class SafetensorsFile:
         except OSError as e:
             raise InvalidCheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
         self._data_start = 8 + n
+        self._fd: int | None = None  # opened on the first small read
         self._infos, self._offsets, self.metadata = parse_header(raw, str(self.path), size - self._data_start)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -146,6 +153,15 @@ class SafetensorsFile:
         dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
         if end <= begin:
             return np.empty(0, dtype)
+        if end - begin < SMALL_READ:
+            # A small tensor costs less to copy than to map: one pread on a file descriptor kept
+            # open (pread takes no file offset, so forked workers may share the descriptor).
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            data = os.pread(self._fd, end - begin, begin)
+            if len(data) != end - begin:
+                raise InvalidCheckpointError(f"{self.path}: file shrank while being read")
+            return np.frombuffer(data, dtype=dtype)
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
             # MAP_POPULATE maps every page up front: one system call instead of a page
