@@ -134,9 +134,11 @@ def consensus(
     from ckptprobe.analysis.consensus import consensus as run
     from ckptprobe.analysis.consensus import layers_of
     from ckptprobe.errors import UsageError
+    from ckptprobe.io.series import expand_refs
     from ckptprobe.io.sources import open_source
     from ckptprobe.report.output import emit, err, fmt_num, progress_bar, table, warn
 
+    runs = expand_refs(runs, revision, token)
     if len(runs) < 2:
         raise UsageError(f"consensus needs at least two runs, got {len(runs)}",
                          hint="give the base and two or more fine-tunes of it: ckptprobe consensus BASE RUN1 RUN2 ...")
@@ -249,11 +251,12 @@ def profile(
     from ckptprobe.analysis.consensus import layers_of
     from ckptprobe.analysis.profile import profile as run
     from ckptprobe.errors import UsageError
+    from ckptprobe.io.series import expand_refs
     from ckptprobe.io.sources import open_source
     from ckptprobe.report.output import emit, err, progress_bar, table, warn
 
     a = open_source(base, revision, token, download)
-    sources = [open_source(c, revision, token, download) for c in checkpoints]
+    sources = [open_source(c, revision, token, download) for c in expand_refs(checkpoints, revision, token)]
     if layer is None:
         layers = layers_of(a, include or (), exclude or ())
         if not layers:

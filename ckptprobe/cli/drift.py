@@ -44,11 +44,12 @@ def drift(
     `ckptprobe drift $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1-step050) $(ckptprobe demo --path rl-1)`
     """
     from ckptprobe.analysis.drift import drift as run
+    from ckptprobe.io.series import expand_refs
     from ckptprobe.io.sources import open_source
     from ckptprobe.report.output import emit, progress_bar, table, warn
 
     src = open_source(base, revision, token, download)
-    series = [open_source(c, revision, token, download) for c in checkpoints]
+    series = [open_source(c, revision, token, download) for c in expand_refs(checkpoints, revision, token)]
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))
     with progress_bar("reading", total) as advance:
         result = run(src, series, include or (), exclude or (), z, progress=advance)
