@@ -117,9 +117,9 @@ def _qr_first(shape: tuple[int, int]) -> bool:
 def check_k(name: str, shape: tuple[int, ...], k: int) -> None:
     """UsageError naming the matrix when k is not in 1..min(m, n)."""
     if not 1 <= k <= min(shape):
-        raise UsageError(f"-k {k} is out of range for {name} of shape {tuple(shape)}: "
+        raise UsageError(f"k={k} is out of range for {name} of shape {tuple(shape)}: "
                          f"k must be between 1 and {min(shape)}",
-                         hint=f"use -k {min(shape)} or less, or --exclude that matrix")
+                         hint=f"use k={min(shape)} or less, or exclude that matrix", param="k")
 
 
 def decompose(batch: torch.Tensor, request: SVDRequest = SVDRequest(),
