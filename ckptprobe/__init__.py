@@ -25,6 +25,9 @@ _API = {
     "consensus": "ckptprobe.analysis.consensus",
     "profile": "ckptprobe.analysis.profile",
     "drift": "ckptprobe.analysis.drift",
+    "mask_overlap": "ckptprobe.analysis.overlap",
+    # the same model in other coordinates
+    "scramble_checkpoint": "ckptprobe.analysis.scramble",
     # masks for training
     "build_masks": "ckptprobe.analysis.masks",
     "principal_mask": "ckptprobe.analysis.mask_select",

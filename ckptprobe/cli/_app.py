@@ -32,9 +32,13 @@ COMMANDS = {
               "Drift over a checkpoint series: how far each module group moved from the base, step by step"),
     "masks": ("ckptprobe.cli.masks:masks_app",
               "Training masks from a base model: build one"),
+    "scramble": ("ckptprobe.cli.scramble:scramble",
+                 "Write a checkpoint that computes the same function as BASE with its weights in other coordinates."),
     "demo": ("ckptprobe.cli.demo:demo",
              "Run every analysis on the built-in example family and say what each finding means."),
 }
+# group -> {subcommand: "module:attribute"}: subcommands kept in their own modules.
+SUBCOMMANDS = {"masks": {"export": "ckptprobe.cli.masks_export:export"}}
 
 
 def command_object(name: str):
@@ -65,6 +69,9 @@ def build_app(command: str | None = None):
             continue
         obj = command_object(name)
         if isinstance(obj, typer.Typer):
+            for sub, sub_target in SUBCOMMANDS.get(name, {}).items():
+                sub_module, sub_attr = sub_target.split(":")
+                obj.command(sub, no_args_is_help=True)(getattr(importlib.import_module(sub_module), sub_attr))
             app.add_typer(obj, name=name)
         else:
             app.command(name, no_args_is_help=name != "demo")(obj)
