@@ -39,6 +39,9 @@ _API = {
     "ProfileResult": "ckptprobe.analysis.profile",
     "drift": "ckptprobe.analysis.drift",
     "DriftResult": "ckptprobe.analysis.drift",
+    "mask_overlap": "ckptprobe.analysis.overlap",
+    # the same model in other coordinates
+    "scramble_checkpoint": "ckptprobe.analysis.scramble",
     # masks for training
     "build_masks": "ckptprobe.analysis.masks",
     "MaskSpec": "ckptprobe.analysis.masks",

@@ -267,12 +267,12 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
         if not spec.like:
             raise UsageError("the random kind needs --like KIND: the kind whose per-matrix density it copies")
         if "random" in parse_expression(spec.like).atoms():
-            raise UsageError("--like cannot itself be random")
+            raise UsageError(f"like={spec.like}: it cannot itself be random", param="like")
         atoms = atoms | parse_expression(spec.like).atoms()
     if spec.rank is not None and spec.rank < 1:
-        raise UsageError(f"-k {spec.rank}: the rank must be at least 1")
+        raise UsageError(f"k={spec.rank}: the rank must be at least 1", param="k")
     if not 0 < spec.min_agree <= 1:
-        raise UsageError(f"--min-agree {spec.min_agree} is outside (0, 1]")
+        raise UsageError(f"min_agree={spec.min_agree} is outside (0, 1]", param="min_agree")
     if "update" in atoms and "consensus" in atoms:
         raise UsageError("update and consensus cannot be combined: update reads one --from run, consensus several")
     if "update" in atoms and len(runs) != 1:
@@ -282,7 +282,7 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
         raise UsageError(f"the consensus kind needs at least two --from runs, got {len(runs)}",
                          hint="for one run use --kind update")
     if runs and not atoms & {"update", "consensus"}:
-        raise UsageError("--from runs are only read by the update and consensus kinds")
+        raise UsageError("runs are only read by the update and consensus kinds", param="runs")
 
     plan = plan_tensors(base, (), Want.matrices, include, exclude, k=spec.rank if "principal" in atoms else None,
                         default_k=default_rank if "principal" in atoms else None)
@@ -292,8 +292,9 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
     others = [n for n in names if n not in set(computed)]
     small = [s for s in plan.skipped if s.category == SkipCategory.small]
     if not computed and small:
-        raise UsageError(f"-k {spec.rank} is larger than the smaller side of every selected matrix "
-                         f"({len(small)} skipped, e.g. {small[0].name}: {small[0].reason})", hint="use a smaller -k")
+        raise UsageError(f"k={spec.rank} is larger than the smaller side of every selected matrix "
+                         f"({len(small)} skipped, e.g. {small[0].name}: {small[0].reason})", hint="use a smaller k",
+                         param="k")
     if not computed:
         raise UsageError("no weight matrix of the base is selected: there is nothing to compute a mask for",
                          hint="check --include/--exclude and -k")

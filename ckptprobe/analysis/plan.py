@@ -198,7 +198,7 @@ def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = 
     Raises NoMatchingTensorsError, TensorMismatchError (no name in common) or UsageError.
     """
     if k is not None and k < 1:
-        raise UsageError(f"-k {k}: the rank must be at least 1")
+        raise UsageError(f"k={k}: the rank must be at least 1", param="k")
     _check_filters(base, include, exclude)
     names = [n for n in base.keys() if selected(n, include, exclude)]
     run_keys = [set(r.keys()) for r in runs]

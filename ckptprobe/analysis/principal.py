@@ -205,14 +205,14 @@ def principal_overlap(base: TensorSource, finetuned: Sequence[TensorSource], ran
 def check_matrix(base: TensorSource, finetuned: Sequence[TensorSource], name: str) -> None:
     """UsageError unless `name` is a weight matrix of the base held with its shape by every fine-tune."""
     if name not in base.keys():
-        raise UsageError(f"--matrix {name}: {base.ref} has no such tensor",
-                         hint="tensor names are listed by --by tensor")
+        raise UsageError(f"matrix={name}: {base.ref} has no such tensor",
+                         hint="tensor names are listed by --by tensor", param="matrix")
     info = base.info(name)
     if len(info.shape) != 2 or min(info.shape) == 0 or not_a_weight(base, name):
-        raise UsageError(f"--matrix {name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})")
+        raise UsageError(f"matrix={name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})", param="matrix")
     for ft in finetuned:
         if name not in ft.keys() or ft.info(name).shape != info.shape:
-            raise UsageError(f"--matrix {name}: {ft.ref} has no tensor of that name and shape")
+            raise UsageError(f"matrix={name}: {ft.ref} has no tensor of that name and shape", param="matrix")
 
 
 def matrix_masks(base: TensorSource, finetuned: Sequence[TensorSource], name: str, rank: int | None = None,

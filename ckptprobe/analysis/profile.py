@@ -105,7 +105,7 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
     if not checkpoints:
         raise UsageError("profile needs at least one checkpoint besides the base")
     if smooth < 1:
-        raise UsageError(f"--smooth must be at least 1 (1 = no smoothing), got {smooth}")
+        raise UsageError(f"smooth={smooth}: must be at least 1 (1 = no smoothing)", param="smooth")
     check_layer(layer, layers_of(base, include, exclude))
     S = len(checkpoints)
     changed, numel, skipped = [], [], []

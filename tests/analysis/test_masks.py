@@ -269,7 +269,7 @@ def test_build_errors(runs):
         (UsageError, "say whether they train", dict(spec=MaskSpec("low"))),
         (UsageError, "outside", dict(spec=MaskSpec("low", alpha=1.5), vectors=Vectors.train)),
         (UsageError, "at least 1", dict(spec=MaskSpec("principal", rank=0), vectors=Vectors.train)),
-        (UsageError, "-k 33 is larger than the smaller side of every selected matrix", dict(spec=MaskSpec("principal", rank=33), vectors=Vectors.train)),
+        (UsageError, "k=33 is larger than the smaller side of every selected matrix", dict(spec=MaskSpec("principal", rank=33), vectors=Vectors.train)),
         (UsageError, "exactly one --from", dict(spec=MaskSpec("update"), runs=ft, vectors=Vectors.train)),
         (UsageError, "at least two", dict(spec=MaskSpec("consensus"), runs=ft[:1], vectors=Vectors.train)),
         (UsageError, "needs --like", dict(spec=MaskSpec("random"), vectors=Vectors.train)),
@@ -339,7 +339,7 @@ def test_cli_build_and_info_round_trip(runs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, code, match", [
-    (["--kind", "safe", "--alpha", "1.5", "--vectors", "train"], 2, "outside"),
+    (["--kind", "safe", "--alpha", "1.5", "--vectors", "train"], 2, r"--alpha: must be a fraction in \(0, 1\], got 1.5"),
     (["--expr", "low | princpal", "--vectors", "train"], 2, "unknown name 'princpal'"),
     (["--kind", "low", "--expr", "low", "--vectors", "train"], 2, "exactly one of --kind and --expr"),
     (["--kind", "low"], 2, "--vectors"),
