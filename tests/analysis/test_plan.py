@@ -97,7 +97,7 @@ def test_matrices_stacks_and_k(mixed):
                                                    "model.layers.0.mlp.gate.weight": 1,
                                                    "model.layers.0.mlp.experts.gate_up_proj": 2}
     assert [s.reason for s in plan.skipped if s.name == "model.empty.weight"] == ["shape (0, 8): smaller side 0 < 2"]
-    with pytest.raises(UsageError, match="-k 0"):
+    with pytest.raises(UsageError, match="k=0: the rank must be at least 1"):
         plan_tensors(mixed, [], Want.matrices, k=0)
 
 
