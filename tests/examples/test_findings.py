@@ -43,13 +43,13 @@ def test_rl_barely_moves_the_spectrum(found):
 
 def test_demo_json_and_plots(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert main(["demo", "-f", "json", "-o", str(out), "--plot", str(tmp_path / "fig")]) == 0
+    assert main(["demo", "-f", "json", "-o", str(out), "--plot", str(tmp_path / "fig" / "demo.png")]) == 0
     data = json.loads(out.read_text())
     assert {f["key"] for f in data["findings"]} >= {"sparsity", "jaccard", "overlap_principal", "overlap_low",
                                                    "nss", "max_angle", "drift"}
     figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
-    assert figs == ["consensus_heatmaps.png", "consensus_ratios.png", "drift.png", "jaccard.png",
-                    "principal.png", "spectrum.png"]
+    assert figs == ["demo-consensus-heatmaps.png", "demo-consensus-ratios.png", "demo-drift.png", "demo-jaccard.png",
+                    "demo-principal.png", "demo-spectrum.png"]
 
 
 def test_demo_path_prints_a_folder(capsys):
