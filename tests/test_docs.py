@@ -9,9 +9,13 @@ second copy) and run, in document order, in a fresh folder per document:
 - `ckptprobe` inside that script is a shell function that hands its arguments to this test
   process, which runs `ckptprobe.cli.main(argv)` in-process (the same code as the console
   script, without a Python start-up per command); its output and exit code go back to bash;
-- two things are not run, and only these: `pip install ...` (segments of a `&&` chain or
-  whole lines: the suite runs on an installed package), and `python -m pytest` (this suite
-  itself).
+- each document runs in a fresh copy of the repository (its commands are written for the
+  root of a clone: `python examples/...`), without .git;
+- not run, and only these: `pip install ...` (segments of a `&&` chain or whole lines: the
+  suite runs on an installed package); `python -m pytest` (this suite itself); and a python
+  block whose first line says `# not run here: <why>, see <path>`, visible to the reader,
+  where <path> (checked to exist) is what the suite runs instead (a distributed FSDP2 job,
+  a whole TRL setup).
 
 A fence without a language is output, not a command: the test checks that no such block
 holds a `ckptprobe` command, so that every command shown is one that runs.
@@ -24,6 +28,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +41,7 @@ from ckptprobe.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```", re.S | re.M)
+NOT_RUN = re.compile(r"^# not run here: .*\bsee (\S+)$", re.M)
 SKIPPED = (re.compile(r"^\s*(python3? -m )?pip install\b"), re.compile(r"^\s*python3? -m pytest\b"))
 
 CLIENT = r"""
@@ -114,7 +120,7 @@ def test_doc_runs_as_written(doc, tmp_path, monkeypatch):
     bash = [commands(text) for lang, text in found if lang in ("bash", "sh", "shell")]
     python = [text for lang, text in found if lang == "python"]
     work = tmp_path / "work"
-    work.mkdir()
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache"))
     where = work
     if any(bash):
         lines = [line for block in bash for line in block]
@@ -126,6 +132,10 @@ def test_doc_runs_as_written(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(where)
     namespace = {"__name__": "__main__"}
     for text in python:
+        excused = NOT_RUN.match(text)
+        if excused:
+            assert (ROOT / excused[1]).exists(), f"{doc.name}: names {excused[1]}, which does not exist"
+            continue
         exec(compile(text, f"{doc.name} (python block)", "exec"), namespace)
 
 
