@@ -220,11 +220,12 @@ def _gram_batch(a: torch.Tensor, k: int, values: bool):
     import numpy as np
     import torch
 
-    from ckptprobe.analysis._parallel import parallel_map
+    from ckptprobe.analysis.runner import parallel_map
 
     B, M, N = a.shape
     workers = min(B, torch.get_num_threads()) if M * N * N + N ** 3 >= PARALLEL_MIN_FLOPS else 1
-    outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values, workers > 1), range(B), workers))
+    outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values, workers > 1), [(i,) for i in range(B)], workers,
+                             fork=True))
     stack = lambda i: torch.from_numpy(np.stack([o[i] for o in outs]).astype(np.float32))  # noqa: E731
     return (stack(0) if values else None, *((stack(1), stack(2), stack(3)) if k else (None, None, None)))
 
