@@ -64,7 +64,7 @@ def sparsity(
     if not result.tensors:
         warn("no tensor was compared (check --include/--exclude and the two checkpoints' names)")
     data = result.to_dict()
-    rows = data["tensors"] if by == By.tensor else data["groups"][by.value]
+    rows = result.rows(by.value)
     total = result.total
     mode_text = result.mode if result.mode != "auto" else "auto: " + ", ".join(sorted({t.mode for t in result.tensors}))
     cols = ["name", "shape", "dtype", "numel", "changed", "nonfinite", "sparsity"] if by == By.tensor else \
