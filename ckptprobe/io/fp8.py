@@ -30,8 +30,14 @@ def scale_name(name: str) -> str:
 
 
 def block_scaled(source, name: str) -> bool:
-    """Whether `name` is an FP8 weight with block scales in `source` (anything with `keys()` and `info()`)."""
-    return source.info(name).dtype in FP8_DTYPES and scale_name(name) in set(source.keys())
+    """Whether `name` is an FP8 weight with block scales in `source` (anything with `info()`)."""
+    if source.info(name).dtype not in FP8_DTYPES:
+        return False
+    try:
+        source.info(scale_name(name))
+    except KeyError:
+        return False
+    return True
 
 
 def block_size(shape: tuple[int, ...], scale_shape: tuple[int, ...], what: str) -> tuple[int, int]:
@@ -74,13 +80,22 @@ def dequantize(values: np.ndarray, scale: np.ndarray, block: tuple[int, int]) ->
     return out
 
 
-def read_dequantized(source, name: str) -> np.ndarray:
-    """An FP8 weight with block scales in `source` -> its float32 values, shaped as stored."""
+def _read(source, name: str, index: int | None) -> np.ndarray:
+    """A whole tensor, or only its `index`-th slice along the first axis (one range read)."""
+    shape = source.info(name).shape
+    if index is None:
+        return source.get_array(name)
+    n = int(np.prod(shape[1:], dtype=np.int64))
+    return source.read(name, index * n, (index + 1) * n).reshape(shape[1:])
+
+
+def read_dequantized(source, name: str, index: int | None = None) -> np.ndarray:
+    """An FP8 weight with block scales in `source` -> its float32 values, shaped as stored;
+    with `index`, only matrix `index` of an (E, R, C) stack (whose scales are (E, S0, S1))."""
     info, sinfo = source.info(name), source.info(scale_name(name))
     what = f"{getattr(source, 'ref', '?')}: {scale_name(name)}"
     if sinfo.dtype not in ("F32", "BF16", "F16"):
         raise InvalidCheckpointError(f"{what}: block scales are {sinfo.dtype}, expected a float type")
     block = block_size(info.shape, sinfo.shape, what)
-    values = to_float32(source.get_array(name), info.dtype)
-    scale = to_float32(source.get_array(scale_name(name)), sinfo.dtype)
-    return dequantize(values, scale, block)
+    values, scale = _read(source, name, index), _read(source, scale_name(name), index)
+    return dequantize(to_float32(values, info.dtype), to_float32(scale, sinfo.dtype), block)

@@ -113,3 +113,17 @@ def test_malformed_scales_are_one_line_errors(tmp_path):
         read_dequantized(src, "w.weight")
     with pytest.raises(InvalidCheckpointError, match="u.weight_scale_inv: block scales are I32"):
         read_dequantized(src, "u.weight")
+
+
+def test_read_one_matrix_of_a_stack(tmp_path):
+    rng = np.random.default_rng(1)
+    pairs = [random_fp8(rng, 150, 40, 128) for _ in range(3)]
+    path = tmp_path / "stack.safetensors"
+    write_safetensors(path, {"mlp.experts.down_proj": ("F8_E4M3", np.stack([c for c, _ in pairs])),
+                             "mlp.experts.down_proj_scale_inv": ("F32", np.stack([s for _, s in pairs]))})
+    src = open_source(str(path))
+    assert block_scaled(src, "mlp.experts.down_proj") and not block_scaled(src, "mlp.experts.down_proj_scale_inv")
+    whole = read_dequantized(src, "mlp.experts.down_proj")
+    for e, (c, s) in enumerate(pairs):
+        np.testing.assert_array_equal(read_dequantized(src, "mlp.experts.down_proj", e), whole[e])
+        np.testing.assert_array_equal(whole[e], reference(c, s, 128, 128).astype(np.float32))

@@ -28,8 +28,10 @@ READING = [
      r"|intermediate\.dense\.(weight|bias)|mlp\.c_fc\.(weight|bias)", "up", "mlp"),
     (r"mlp\.((experts\.\d+|shared_experts)\.)?down_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight"
      r"|output\.dense\.(weight|bias)|mlp\.c_proj\.(weight|bias)", "down", "mlp"),
-    (r"mlp\.gate_up_proj\.weight", "gate_up", "mlp"),
-    (r"(mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)", "router", "mlp"),
+    (r"mlp\.gate_up_proj\.weight|mlp\.experts\.gate_up_proj(_bias)?", "gate_up", "mlp"),
+    (r"mlp\.experts\.down_proj(_bias)?", "down", "mlp"),
+    (r"(mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)|mlp\.router\.(weight|bias)", "router", "mlp"),
+    (r"self_attn\.sinks", "sinks", "other"),
     (r".*(layernorm|LayerNorm|norm|ln_\d|ln_f)\.(weight|bias)", "norm", "norm"),
     (r"(embed_tokens|embeddings\.word_embeddings|wte)\.weight", "embed", "embedding"),
     (r"(embeddings\.(position|token_type)_embeddings|wpe)\.weight", "pos_embed", "embedding"),
@@ -76,7 +78,8 @@ def test_corpus_names(corpus, layout):
         p = parse_name(name)
         assert (p.layer, p.module, p.group, p.expert) == expected(name), name
         assert p.transposed == (layout == "gpt2" and re.search(r"\.c_(attn|proj|fc)\.weight$", name) is not None)
-        assert not p.stacked  # checkpoints store experts per expert; fused stacks are transformers' in-memory form
+        # gpt-oss stores its experts fused, the others one matrix per expert
+        assert p.stacked == (layout == "gpt_oss" and ".experts." in name)
         modules.add(p.module)
     assert {"q", "k", "v", "o"} <= modules or {"qkv", "o"} <= modules or {"q_a", "kv_a", "o"} <= modules
     layers = {parse_name(n).layer for n in names} - {None}
