@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synth import qwen_shapes, write_pair  # noqa: E402
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32  # noqa: E402
-from ckptprobe.analysis.masks import (MaskSpec, MatrixMasks, Vectors, build_masks, default_rank,  # noqa: E402
-                                      keep_count, parse_expression)
+from ckptprobe.analysis.mask_expr import parse_expression  # noqa: E402
+from ckptprobe.analysis.mask_select import default_rank, keep_count  # noqa: E402
+from ckptprobe.analysis.masks import MaskSpec, MatrixMasks, Vectors, build_masks  # noqa: E402
 from ckptprobe.io.maskfile import fingerprint, write_packed  # noqa: E402
 from ckptprobe.io.names import parse_name  # noqa: E402
 from ckptprobe.io.sources import open_source  # noqa: E402

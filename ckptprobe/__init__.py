@@ -27,8 +27,8 @@ _API = {
     "drift": "ckptprobe.analysis.drift",
     # masks for training
     "build_masks": "ckptprobe.analysis.masks",
-    "principal_mask": "ckptprobe.analysis.masks",
-    "low_mask": "ckptprobe.analysis.masks",
+    "principal_mask": "ckptprobe.analysis.mask_select",
+    "low_mask": "ckptprobe.analysis.mask_select",
     "load_masks": "ckptprobe.io.maskfile",
     "read_masks": "ckptprobe.io.maskfile",
     # errors

@@ -43,3 +43,7 @@ class HubError(CkptprobeError, ConnectionError):
 
 class DeviceError(CkptprobeError, RuntimeError):
     """A compute device was asked for but is not available."""
+
+
+class NoMatchingTensorsError(CkptprobeError, LookupError):
+    """A name filter (--include/--exclude) selects no tensor of a checkpoint."""

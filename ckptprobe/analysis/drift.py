@@ -29,12 +29,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ckptprobe.analysis.bf16 import to_float32
-from ckptprobe.analysis.pairing import Skipped, pair_tensors
+from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
+from ckptprobe.analysis.runner import run_windows
 from ckptprobe.errors import UsageError
-from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
 
-WINDOW = 4 << 20  # elements per read; memory holds ~3 windows of float32 per tensor
+WINDOW = 4 << 20  # elements per read; memory holds ~3 windows of float64 per worker
 
 
 @dataclass(frozen=True)
@@ -81,22 +81,21 @@ class DriftResult:
                 "tensors": [t.to_dict() for t in self.tensors], "skipped": [s.to_dict() for s in self.skipped]}
 
 
-def _sq_norms(base: TensorSource, series: Sequence[TensorSource], name: str) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Squared norms for one tensor: ||W0||^2, ||W_t - W0||^2, ||W_t - W_{t-1}||^2, ||W_{t-1}||^2 (t = 1..T)."""
-    info = base.info(name)
-    T = len(series)
-    w0_sq, to_base, step, prev_sq = 0.0, np.zeros(T), np.zeros(T), np.zeros(T)
-    for start in range(0, info.numel, WINDOW):
-        w0 = to_float32(base.read(name, start, start + WINDOW), info.dtype).astype(np.float64)
-        w0_sq += float(w0 @ w0)
-        prev = w0
-        for t, src in enumerate(series):
-            wt = to_float32(src.read(name, start, start + WINDOW), src.info(name).dtype).astype(np.float64)
-            d0, d1 = wt - w0, wt - prev
-            to_base[t] += d0 @ d0
-            step[t] += d1 @ d1
-            prev_sq[t] += prev @ prev
-            prev = wt
+def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Squared norms over elements [start, stop) of one tensor: ||W0||^2, ||W_t - W0||^2,
+    ||W_t - W_{t-1}||^2, ||W_{t-1}||^2 (t = 1..T), in float64."""
+    T = len(plan.runs)
+    to_base, step, prev_sq = np.zeros(T), np.zeros(T), np.zeros(T)
+    w0 = to_float32(plan.base.read(plan.name, start, stop), plan.info.dtype).astype(np.float64)
+    w0_sq = float(w0 @ w0)
+    prev = w0
+    for t, r in enumerate(plan.runs):
+        wt = to_float32(r.source.read(plan.name, start, stop), r.info.dtype).astype(np.float64)
+        d0, d1 = wt - w0, wt - prev
+        to_base[t] = d0 @ d0
+        step[t] = d1 @ d1
+        prev_sq[t] = prev @ prev
+        prev = wt
     return w0_sq, to_base, step, prev_sq
 
 
@@ -118,22 +117,19 @@ def surges(ratio: Sequence[float], names: Sequence[str], z_threshold: float, min
 
 def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[str] = (),
           exclude: Sequence[str] = (), z_threshold: float = 3.0,
-          progress: Callable[[int], None] | None = None) -> DriftResult:
+          progress: Callable[[int], None] | None = None, workers: int | None = None) -> DriftResult:
     """Per-tensor and per-group drift of `series` (checkpoints in training order) from `base`."""
     if not series:
         raise UsageError("drift needs at least one checkpoint after the base")
-    names, skipped = pair_tensors(base, series, include, exclude)
+    plan = plan_tensors(base, series, Want.floating, include, exclude)
     tensors, pooled = [], {}
-    for name in names:
-        p = parse_name(name)
-        w0_sq, to_base, step, prev_sq = _sq_norms(base, series, name)
-        tensors.append(TensorDrift(name, p.group, p.module, p.layer, math.sqrt(w0_sq),
+    for p, windows in run_windows(plan.tensors, _sq_norms, lambda p: WINDOW, workers, progress):
+        w0_sq, to_base, step, prev_sq = (sum(w[i] for w in windows) for i in range(4))
+        tensors.append(TensorDrift(p.name, p.group, p.module, p.layer, math.sqrt(w0_sq),
                                    tuple(_ratio(to_base, w0_sq).tolist()), tuple(_ratio(step, prev_sq).tolist())))
         acc = pooled.setdefault(p.group, [0.0, 0.0, 0.0, 0.0])
         for i, v in enumerate((w0_sq, to_base, step, prev_sq)):
             acc[i] = acc[i] + v
-        if progress:
-            progress(base.info(name).nbytes * (1 + len(series)))
     groups = {g: {"rel_to_base": _ratio(a[1], a[0]).tolist(), "rel_step": _ratio(a[2], a[3]).tolist()}
               for g, a in pooled.items()}
     by_name = {t.name: t for t in tensors}
@@ -145,4 +141,4 @@ def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[
         ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
     found = surges(ratio.tolist(), [s.ref for s in series], z_threshold) if head else []
     return DriftResult(base.ref, tuple(s.ref for s in series), tuple(tensors), groups, head, tuple(found),
-                       z_threshold, tuple(skipped))
+                       z_threshold, plan.skipped)

@@ -15,15 +15,16 @@ before dividing, so module, layer and overall figures weigh every entry alike.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.masks import (DEFAULT_ALPHA, LowThreshold, MaskSpec, MatrixMasks, check_alpha, default_rank,
-                                      is_matrix)
-from ckptprobe.analysis.pairing import Skipped, pair_tensors
+from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank
+from ckptprobe.analysis.masks import MaskSpec, MatrixMasks
+from ckptprobe.analysis.plan import Skipped, SkipCategory, Want, plan_tensors
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
+from ckptprobe.analysis.weights import not_a_weight, read_matrix, read_raw
 from ckptprobe.errors import InvalidCheckpointError, UsageError
 from ckptprobe.io.names import MODULE_ORDER, parse_name
 from ckptprobe.io.sources import TensorSource
@@ -84,10 +85,12 @@ class MatrixOverlap:
     rank: int
     alpha: float
     counts: OverlapCounts
+    expert: int | None = None  # the matrix's index in a 3-D expert stack `(E, out, in)`
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "finetuned": self.finetuned, "layer": self.layer, "module": self.module,
-                "shape": list(self.shape), "rank": self.rank, "alpha": self.alpha, **self.counts.to_dict()}
+        return {"name": self.name, "expert": self.expert, "finetuned": self.finetuned, "layer": self.layer,
+                "module": self.module, "shape": list(self.shape), "rank": self.rank, "alpha": self.alpha,
+                **self.counts.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -152,57 +155,63 @@ def principal_overlap(base: TensorSource, finetuned: Sequence[TensorSource], ran
                       method: str = "auto", progress: Callable[[int], None] | None = None) -> PrincipalResult:
     """Overlap of each fine-tune's update mask with the base's principal and low-magnitude masks.
 
-    Every 2-D float matrix present with one shape in the base and all fine-tunes is measured;
-    the base masks are computed once per matrix (one matrix in memory at a time) and shared
-    by all fine-tunes. `rank` None uses `masks.default_rank` per matrix; an explicit rank
-    outside 1..min(m, n) of a selected matrix is refused before any work. `device` and
-    `method` (auto | exact | randomized) go to the SVD engine's `rank_k`. `progress`, if
-    given, gets the bytes read after each matrix.
+    Every weight matrix present with one shape in the base and all fine-tunes is measured (each
+    matrix of a 3-D expert stack on its own); the base masks are computed once per matrix (one
+    matrix in memory at a time) and shared by all fine-tunes. `rank` None uses
+    `default_rank` per matrix; a matrix whose smaller side is below the rank is skipped.
+    `device` and `method` (auto | exact | randomized) go to the SVD engine's `rank_k`.
+    `progress`, if given, gets the bytes read after each matrix.
     """
-    from ckptprobe.analysis.svd import check_k
-
     check_alpha(alpha)
     if not finetuned:
         raise UsageError("give at least one fine-tuned checkpoint")
-    names, skipped = pair_tensors(base, finetuned, include, exclude)
-    plan = []
-    for name in names:
-        info = base.info(name)
-        if not is_matrix(info.dtype, info.shape):
-            skipped.append(Skipped(name, f"not a 2-D float matrix ({info.dtype} {tuple(info.shape)})"))
-            continue
-        k = default_rank(info.shape) if rank is None else rank
-        check_k(name, info.shape, k)
-        plan.append((name, k, _modes(base, finetuned, name, mode)))
-    spec_args = dict(alpha=alpha, low_threshold=low_threshold, device=device, method=method)
+    plan = plan_tensors(base, finetuned, Want.matrices, include, exclude, compare=True, mode=mode, k=rank,
+                        default_k=default_rank)
+    skipped = list(plan.skipped)
+    spec = MaskSpec("principal", alpha=alpha, low_threshold=low_threshold, device=device, method=method)
     matrices = []
-    for name, k, modes in plan:
-        info = base.info(name)
-        raw = base.get_array(name)
-        mm = MatrixMasks(name, raw, info.dtype, MaskSpec("principal", rank=k, **spec_args))
-        try:
-            P, L = mm("principal"), mm("low")
-        except InvalidCheckpointError:  # NaN/inf in the base: no SVD, no magnitude order
-            skipped.append(Skipped(name, "the base holds NaN or inf"))
-            continue
-        PnL = P & ~L
-        sizes = dict(numel=info.numel, principal=int(np.count_nonzero(P)), low=int(np.count_nonzero(L)),
-                     principal_not_low=int(np.count_nonzero(PnL)))
-        p = parse_name(name)
-        for ft, m in zip(finetuned, modes):
-            M = update_mask(raw, ft.get_array(name), info.dtype, ft.info(name).dtype, m, eta, atol)[0]
-            counts = OverlapCounts(updated=int(np.count_nonzero(M)),
-                                   updated_principal=int(np.count_nonzero(M & P)),
-                                   updated_low=int(np.count_nonzero(M & L)),
-                                   updated_principal_not_low=int(np.count_nonzero(M & PnL)), **sizes)
-            matrices.append(MatrixOverlap(name, ft.ref, p.layer, p.module, info.shape, k, alpha, counts))
+    for p in plan.tensors:
+        m, n = p.matrix_shape
+        for index in range(p.matrices) if p.stacked else [None]:
+            raw = read_raw(base, p.name, index)
+            mm = MatrixMasks(p.name, raw, p.info.dtype, replace(spec, rank=p.k),
+                             values=lambda name=p.name, i=index: read_matrix(base, name, i))
+            try:
+                P, L = mm("principal"), mm("low")
+            except InvalidCheckpointError:  # NaN/inf in the base: no SVD, no magnitude order
+                skipped.append(Skipped(p.name, "the base holds NaN or inf" + (f" (expert {index})" if p.stacked else ""),
+                                       SkipCategory.nonfinite, "NaN/inf in base"))
+                continue
+            PnL = P & ~L
+            sizes = dict(numel=m * n, principal=int(np.count_nonzero(P)), low=int(np.count_nonzero(L)),
+                         principal_not_low=int(np.count_nonzero(PnL)))
+            for ft in p.runs:
+                M = update_mask(raw, read_raw(ft.source, p.name, index), p.info.dtype, ft.info.dtype, ft.mode,
+                                eta, atol)[0]
+                counts = OverlapCounts(updated=int(np.count_nonzero(M)),
+                                       updated_principal=int(np.count_nonzero(M & P)),
+                                       updated_low=int(np.count_nonzero(M & L)),
+                                       updated_principal_not_low=int(np.count_nonzero(M & PnL)), **sizes)
+                matrices.append(MatrixOverlap(p.name, ft.source.ref, p.layer, p.module, (m, n), p.k, alpha, counts,
+                                              index))
             if progress:
-                progress(ft.info(name).nbytes)
-        if progress:
-            progress(info.nbytes)
+                progress(m * n * sum(s.info.itemsize for s in (p, *p.runs)))
     return PrincipalResult(base.ref, tuple(f.ref for f in finetuned), rank, alpha, LowThreshold(low_threshold).value,
                            mode.value if mode else "auto", eta, atol, str(getattr(method, "value", method)),
                            tuple(matrices), tuple(skipped))
+
+
+def check_matrix(base: TensorSource, finetuned: Sequence[TensorSource], name: str) -> None:
+    """UsageError unless `name` is a weight matrix of the base held with its shape by every fine-tune."""
+    if name not in base.keys():
+        raise UsageError(f"--matrix {name}: {base.ref} has no such tensor",
+                         hint="tensor names are listed by --by tensor")
+    info = base.info(name)
+    if len(info.shape) != 2 or min(info.shape) == 0 or not_a_weight(base, name):
+        raise UsageError(f"--matrix {name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})")
+    for ft in finetuned:
+        if name not in ft.keys() or ft.info(name).shape != info.shape:
+            raise UsageError(f"--matrix {name}: {ft.ref} has no tensor of that name and shape")
 
 
 def matrix_masks(base: TensorSource, finetuned: Sequence[TensorSource], name: str, rank: int | None = None,
@@ -210,15 +219,8 @@ def matrix_masks(base: TensorSource, finetuned: Sequence[TensorSource], name: st
                  mode: CompareMode | None = None, eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL,
                  device=None, method: str = "auto") -> dict[str, np.ndarray]:
     """The masks of one matrix, for pictures (Fig. 18): {"principal": P, "low": L, ft.ref: M, ...}, bool (m, n)."""
-    if name not in base.keys():
-        raise UsageError(f"--matrix {name}: the base has no such tensor",
-                         hint="names are listed by `ckptprobe principal ... --by tensor`")
+    check_matrix(base, finetuned, name)
     info = base.info(name)
-    if not is_matrix(info.dtype, info.shape):
-        raise UsageError(f"--matrix {name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})")
-    for ft in finetuned:
-        if name not in ft.keys() or ft.info(name).shape != info.shape:
-            raise UsageError(f"--matrix {name}: {ft.ref} has no tensor of that name and shape")
     raw = base.get_array(name)
     k = default_rank(info.shape) if rank is None else rank
     mm = MatrixMasks(name, raw, info.dtype, MaskSpec("principal", rank=k, alpha=alpha, low_threshold=low_threshold,

@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.consensus import check_layer, layers_of, plan_tensors, scan
-from ckptprobe.analysis.pairing import Skipped
+from ckptprobe.analysis.mask_scan import scan
+from ckptprobe.analysis.pairing import check_layer, layers_of
+from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
 from ckptprobe.analysis.sparsity import sparsity
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
 from ckptprobe.errors import UsageError
@@ -117,10 +118,11 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
         sp = sparsity(base, ckpt, mode, eta, atol, include, exclude, progress, workers)
         changed.append(sp.total.changed)
         numel.append(sp.total.numel)
-        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}") for k in sp.skipped]
-        plans, _ = plan_tensors(base, [ckpt], mode, include, exclude, keep_layer=layer)
-        plans = [p for p in plans if p.keep_profile]  # the layer's matrices (the rest was counted above)
-        for t in scan(plans, 1, eta, atol, None, workers):
+        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}", k.category, k.label) for k in sp.skipped]
+        plan = plan_tensors(base, [ckpt], Want.floating, include, exclude, compare=True, mode=mode)
+        # the layer's matrices (the rest was counted above)
+        plans = [p for p in plan.tensors if p.layer == layer and len(p.info.shape) == 2 and p.info.numel]
+        for t in scan(plans, 1, eta, atol, [p.name for p in plans], None, workers):
             per_name.setdefault(t.name, [None] * S)[s] = t
     tensors = []
     for name in [n for n in base.keys() if n in per_name]:  # in the base's order

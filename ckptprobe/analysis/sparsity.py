@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-from ckptprobe.analysis._parallel import parallel_map
-from ckptprobe.analysis.pairing import Skipped, pair_tensors
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes, default_mode
-from ckptprobe.errors import UsageError
-from ckptprobe.io.names import MODULE_ORDER, parse_name
-from ckptprobe.io.sources import MultiFileSource, TensorSource
+from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
+from ckptprobe.analysis.runner import run_windows
+from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
+from ckptprobe.io.names import MODULE_ORDER
+from ckptprobe.io.sources import TensorSource
 
 WINDOW = 8 << 20  # elements per read: 16 MiB of bf16 per side
 
@@ -101,43 +100,24 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
              eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL, include: Sequence[str] = (),
              exclude: Sequence[str] = (), progress: Callable[[int], None] | None = None,
              workers: int | None = None) -> SparsityResult:
-    """Compare `finetuned` against `base`, tensor by tensor.
+    """Compare `finetuned` against `base`, weight by weight (every floating-point tensor).
 
     `mode=None` compares bitwise where both sides share a dtype and after rounding to
     bf16 where they do not. `progress`, if given, is called with the number of bytes
-    read after each window.
+    read after each window. `workers` None: every CPU the process may use.
     """
-    names, skipped = pair_tensors(base, [finetuned], include, exclude)
-    plan = []
-    for name in names:
-        a, b = base.info(name), finetuned.info(name)
-        m = mode or default_mode(a.dtype, b.dtype)
-        if m == CompareMode.bitwise and a.dtype != b.dtype:
-            raise UsageError(f"{name}: bitwise comparison needs one dtype, base has {a.dtype}, "
-                             f"{finetuned.ref} has {b.dtype}", hint="use --mode bf16 or --mode eta")
-        plan.append((name, a, b, m))
+    plan = plan_tensors(base, [finetuned], Want.floating, include, exclude, compare=True, mode=mode)
 
-    def count(task: tuple[int, int]) -> tuple[int, int]:
-        name, a, b, m = plan[task[0]]
-        start, stop = task[1], min(task[1] + WINDOW, a.numel)
-        return count_changes(base.read(name, start, stop), finetuned.read(name, start, stop),
-                             a.dtype, b.dtype, m, eta, atol)
+    def count(p: TensorPlan, start: int, stop: int) -> tuple[int, int]:
+        ft = p.runs[0]
+        return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),
+                             p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
 
-    tasks = [(i, start) for i, p in enumerate(plan) for start in range(0, max(p[1].numel, 1), WINDOW)]
-    local = all(isinstance(s, MultiFileSource) for s in (base, finetuned))
-    if workers is None and sum(p[1].numel for p in plan) < WINDOW:
-        workers = 1  # starting workers costs more than comparing a small model
-    per_name: dict[str, Counts] = {}
-    for (i, start), (changed, nonfinite) in zip(tasks, parallel_map(count, tasks, workers, fork=local)):
-        name, a, b, _ = plan[i]
-        n = min(WINDOW, a.numel - start)
-        per_name[name] = per_name.get(name, Counts(0, 0)) + Counts(n, changed, nonfinite)
-        if progress:
-            progress(n * (a.itemsize + b.itemsize))
     tensors = []
-    for name, a, b, m in plan:
-        p = parse_name(name)
-        tensors.append(TensorSparsity(name, p.layer, p.module, p.group, a.shape, a.dtype, b.dtype, m.value,
-                                      per_name[name]))
+    for p, windows in run_windows(plan.tensors, count, lambda p: WINDOW, workers, progress):
+        ft = p.runs[0]
+        counts = Counts(p.info.numel, sum(c for c, _ in windows), sum(n for _, n in windows))
+        tensors.append(TensorSparsity(p.name, p.layer, p.module, p.group, p.info.shape, p.info.dtype,
+                                      ft.info.dtype, ft.mode.value, counts))
     return SparsityResult(base.ref, finetuned.ref, mode.value if mode else "auto", eta, atol,
-                          tuple(tensors), tuple(skipped))
+                          tuple(tensors), plan.skipped)

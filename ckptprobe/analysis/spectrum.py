@@ -21,22 +21,21 @@ values for NSS, top-k vectors for the angles), base once, then each fine-tune.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ckptprobe.analysis.bf16 import to_torch
-from ckptprobe.analysis.pairing import Skipped, pair_tensors
-from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, check_k, decompose, resolve_device,
-                                    shape_batches, svd_bytes, use_randomized)
+from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
+from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, decompose, resolve_device, shape_batches,
+                                    svd_bytes, use_randomized)
+from ckptprobe.analysis.weights import read_matrix
 from ckptprobe.io.names import MODULE_ORDER, parse_name
 from ckptprobe.io.sources import TensorSource
 
 DEFAULT_K = 64
 DEFAULT_MAX_MEMORY = 2 << 30
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def default_k(shape: tuple[int, int]) -> int:
@@ -83,7 +82,7 @@ class Comparison:
     angles_u: tuple[float, ...]
     angles_v: tuple[float, ...]
     topk_energy_change: float | None
-    values: np.ndarray | None
+    values: np.ndarray | None = field(compare=False)
     bounds: Bounds | None = None
     error: str | None = None
 
@@ -108,7 +107,7 @@ class Comparison:
 class MatrixSpectrum:
     """One weight matrix: its base spectrum and one `Comparison` per fine-tune (in argument order).
 
-    shape is as stored; transposed is True for GPT-2 Conv1D weights, analysed as (out, in) so that
+    shape is the matrix's as stored; transposed is True for GPT-2 Conv1D weights, analysed as (out, in) so that
     U is always the output space. randomized: top-k vectors came from the randomized method.
     """
 
@@ -119,14 +118,16 @@ class MatrixSpectrum:
     transposed: bool
     k: int
     randomized: bool
-    base_values: np.ndarray | None
+    base_values: np.ndarray | None = field(compare=False)
     comparisons: tuple[Comparison, ...]
+    expert: int | None = None  # the matrix's index in a 3-D expert stack `(E, out, in)`
 
     def rows(self, singular_values: bool = False) -> list[dict]:
         """Flat records, one per fine-tune: the `matrices[]` entries of the JSON output."""
         out = []
         for c in self.comparisons:
-            row = {"name": self.name, "finetuned": c.finetuned, "layer": self.layer, "module": self.module,
+            row = {"name": self.name, "expert": self.expert, "finetuned": c.finetuned, "layer": self.layer,
+                   "module": self.module,
                    "shape": list(self.shape), "k": self.k, "randomized": self.randomized,
                    "nss": c.nss, "nss_scope": c.nss_scope, "topk_energy_change": c.topk_energy_change,
                    "max_angle_u": c.max_angle_u, "max_angle_v": c.max_angle_v,
@@ -227,46 +228,37 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
              include: Sequence[str] = (), exclude: Sequence[str] = (), device: str = "auto",
              max_memory: int = DEFAULT_MAX_MEMORY, method: TopkMethod = TopkMethod.auto, fast: bool = False,
              bounds: bool = False, progress: Callable[[int], None] | None = None) -> SpectrumResult:
-    """Compare every 2-D floating-point weight of each of `finetuned` against `base`.
+    """Compare every weight matrix of each of `finetuned` against `base` (2-D floating-point tensors;
+    a 3-D expert stack `(E, out, in)` as E matrices).
 
-    k: top-k subspace size for every matrix (None: `default_k` per matrix); a k outside
-    1..min(m, n) of any selected matrix raises UsageError naming it, before any work.
+    k: top-k subspace size for every matrix (None: `default_k` per matrix); a matrix whose smaller
+    side is below k (or below 2: one singular value, no subspace) is skipped with that reason.
     fast: for large matrices (a side >= RANDOMIZED_MIN_SIDE), skip the full singular values, take top-k
     from the randomized method and compute NSS over the top k only (nss_scope "top-k"); ignored with
     `bounds`, which needs all values. bounds: also `Bounds` per comparison (one more singular-value pass, of dW, per matrix and fine-tune).
     progress, if given, is called with the bytes read after each chunk.
     """
     dev = resolve_device(device)
-    names, skipped = pair_tensors(base, finetuned, include, exclude)
-    plan: dict[str, tuple[tuple[int, int], bool, int]] = {}  # name -> (analysed shape, transposed, k)
-    for name in names:
-        info = base.info(name)
-        dtypes = {info.dtype} | {f.info(name).dtype for f in finetuned}
-        if len(info.shape) != 2:
-            skipped.append(Skipped(name, f"{len(info.shape)}-D, not a matrix"))
-        elif not dtypes <= FLOAT_DTYPES:
-            skipped.append(Skipped(name, f"dtype {'/'.join(sorted(dtypes - FLOAT_DTYPES))} is not floating point"))
-        elif min(info.shape) < 2:
-            skipped.append(Skipped(name, f"shape {info.shape} has a side of 1: one singular value, no subspace"))
-        else:
-            transposed = parse_name(name).transposed
-            shape = tuple(reversed(info.shape)) if transposed else tuple(info.shape)
-            kk = default_k(shape) if k is None else k
-            check_k(name, info.shape, kk)
-            plan[name] = (shape, transposed, kk)
+    plan = plan_tensors(base, finetuned, Want.matrices, include, exclude, k=k, default_k=default_k, min_side=2)
+    # one unit per matrix: (name, index in an expert stack or None) -> (analysed shape, transposed, k)
+    units: dict[tuple[str, int | None], tuple[tuple[int, int], bool, int]] = {}
+    for p in plan.tensors:
+        transposed = p.param.transposed
+        shape = tuple(reversed(p.matrix_shape)) if transposed else p.matrix_shape
+        for i in range(p.matrices) if p.stacked else [None]:
+            units[(p.name, i)] = (shape, transposed, p.k)
 
     def request(shape: tuple[int, int], kk: int) -> SVDRequest:
         # the bounds need every singular value (Weyl) and s_{k+1} (Wedin): --fast yields to --bounds
         skip_values = fast and not bounds and use_randomized(shape, kk, method, values=False)
         return SVDRequest(values=not skip_values, k=kk, method=method)
 
-    def load(source: TensorSource, chunk: list[str]) -> torch.Tensor:
+    def load(source: TensorSource, chunk: list[tuple[str, int | None]]) -> torch.Tensor:
         mats = []
-        for name in chunk:
-            raw = source.get_array(name)
-            t = to_torch(raw, source.info(name).dtype)
-            mats.append(t.mT if plan[name][1] else t)
-        return torch.stack(mats).to(dev)  # (B, m, n) in the checkpoint's dtype; decompose upcasts
+        for unit in chunk:
+            t = torch.from_numpy(read_matrix(source, *unit))
+            mats.append(t.mT if units[unit][1] else t)
+        return torch.stack(mats).to(dev)  # (B, m, n) float32
 
     def bytes_per_matrix(shape) -> int:  # base outputs are held while each fine-tune is decomposed
         kk = k or default_k(shape)
@@ -274,8 +266,8 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
 
     # chunks hold one k (k differs only between shapes, and a chunk has one shape)
     results: dict[str, MatrixSpectrum] = {}
-    for shape, chunk in shape_batches(((n, p[0]) for n, p in plan.items()), max_memory, bytes_per_matrix):
-        kk = plan[chunk[0]][2]
+    for shape, chunk in shape_batches(((u, v[0]) for u, v in units.items()), max_memory, bytes_per_matrix):
+        kk = units[chunk[0]][2]
         req = request(shape, kk)
         w0 = load(base, chunk)
         b0 = decompose(w0, req)
@@ -289,20 +281,20 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
             del w1
             for i, c in enumerate(_compare(b0, b1, kk, src.ref, req.values, dw)):
                 per_ft[i].append(c)
-        for i, name in enumerate(chunk):
+        for i, (name, expert) in enumerate(chunk):
             p = parse_name(name)
-            info = base.info(name)
+            stored = base.info(name).shape[-2:]
             base_vals = _values(b0, i, req.values)
             err = None if bool(b0.finite[i]) else "base has NaN/inf entries"
             comps = tuple(c if err is None else Comparison(c.finetuned, None, c.nss_scope, (), (), None,
                                                             c.values, None, err) for c in per_ft[i])
-            results[name] = MatrixSpectrum(name, p.layer, p.module, info.shape, p.transposed, kk, b0.randomized,
-                                           base_vals, comps)
+            results[(name, expert)] = MatrixSpectrum(name, p.layer, p.module, stored, p.transposed, kk,
+                                                     b0.randomized, base_vals, comps, expert)
         if progress:
-            progress(sum(base.info(n).nbytes + sum(f.info(n).nbytes for f in finetuned) for n in chunk))
-    matrices = tuple(results[n] for n in plan)  # back in checkpoint order
+            progress(sum(s.info(n).itemsize for n, _ in chunk for s in (base, *finetuned)) * shape[0] * shape[1])
+    matrices = tuple(results[u] for u in units)  # back in checkpoint order
     return SpectrumResult(base.ref, tuple(f.ref for f in finetuned), k, method.value, fast, str(dev),
-                          matrices, tuple(skipped))
+                          matrices, plan.skipped)
 
 
 def _values(out: SVDOutput, i: int, full: bool) -> np.ndarray | None:

@@ -8,7 +8,9 @@ from typing import Annotated, List, Optional
 import typer
 from typer.core import TyperGroup
 
-from ckptprobe.analysis.masks import DEFAULT_ALPHA, Kind, LowThreshold, Vectors
+from ckptprobe.analysis.mask_expr import Kind
+from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold
+from ckptprobe.analysis.masks import Vectors
 from ckptprobe.analysis.svd import TopkMethod
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA
 from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt,
@@ -136,7 +138,8 @@ def build(
 
     `ckptprobe masks ./base --expr 'low & ~principal' --include '*.mlp.*' --vectors freeze -o m.safetensors`
     """
-    from ckptprobe.analysis.masks import MaskSpec, build_masks, group_densities, parse_expression
+    from ckptprobe.analysis.mask_expr import parse_expression
+    from ckptprobe.analysis.masks import MaskSpec, build_masks, group_densities
     from ckptprobe.errors import UsageError
     from ckptprobe.io.maskfile import write_packed
     from ckptprobe.io.sources import open_source

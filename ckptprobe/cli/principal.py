@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ckptprobe.analysis.masks import DEFAULT_ALPHA, LowThreshold
+from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA
 from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt,
                                     RevisionOpt, TokenOpt)
@@ -75,8 +75,8 @@ def principal(
 
     `ckptprobe principal org/base org/rl -k 64 --alpha 0.05 --format json -o principal.json`
     """
-    from ckptprobe.analysis.masks import is_matrix
-    from ckptprobe.analysis.principal import MASKS, matrix_masks, principal_overlap
+    from ckptprobe.analysis.plan import skip_summary
+    from ckptprobe.analysis.principal import MASKS, check_matrix, matrix_masks, principal_overlap
     from ckptprobe.analysis.svd import resolve_device
     from ckptprobe.errors import UsageError
     from ckptprobe.io.sources import open_source
@@ -86,23 +86,15 @@ def principal(
         raise UsageError("--matrix only chooses what --plot draws", hint="add --plot FILE.png")
     dev = resolve_device(device)
     src = open_source(base, revision, token, download)
-    if matrix and matrix not in src.keys():
-        raise UsageError(f"--matrix {matrix}: {src.ref} has no such tensor",
-                         hint="tensor names are listed by --by tensor")
-    if matrix and not is_matrix(src.info(matrix).dtype, src.info(matrix).shape):
-        raise UsageError(f"--matrix {matrix}: not a 2-D float matrix ({src.info(matrix).dtype} "
-                         f"{tuple(src.info(matrix).shape)})")
     fts = [open_source(f, revision, token, download) for f in finetuned]
+    if matrix:
+        check_matrix(src, fts, matrix)
     total_bytes = sum(s.info(n).nbytes for s in (src, *fts) for n in s.keys())
     with progress_bar("measuring", total_bytes) as advance:
         result = principal_overlap(src, fts, rank, alpha, low_threshold, mode, eta, atol, include or (),
                                    exclude or (), dev, topk_method.value, progress=advance)
-    not_matrix = [s for s in result.skipped if s.reason.startswith("not a 2-D")]
-    if not_matrix:
-        warn(f"skipped {len(not_matrix)} tensor(s) that are not 2-D float matrices, e.g. {not_matrix[0].name}")
-    for s in result.skipped:
-        if not s.reason.startswith("not a 2-D"):
-            warn(f"skipped {s.name}: {s.reason}")
+    if result.skipped:
+        warn(skip_summary(result.skipped) + " (listed in --format json)")
     if not result.matrices:
         warn("no matrix was measured (check --include/--exclude and the checkpoints' names)")
     data = result.to_dict()

@@ -112,6 +112,7 @@ def spectrum(
     `ckptprobe spectrum org/base org/sft org/rl --by module --format json -o spectrum.json`
     """
     from ckptprobe.analysis.pairing import selected
+    from ckptprobe.analysis.plan import skip_summary
     from ckptprobe.analysis.spectrum import spectrum as run
     from ckptprobe.analysis.svd import resolve_device
     from ckptprobe.io.names import parse_name
@@ -134,12 +135,8 @@ def spectrum(
     with progress_bar("spectrum", total) as advance:
         result = run(a, fts, k, include or (), exclude or (), device.value, budget, topk_method,
                      fast, bounds, progress=advance)
-    not_matrices = [s for s in result.skipped if s.reason.endswith("not a matrix")]
-    if not_matrices:
-        warn(f"skipped {len(not_matrices)} tensors that are not 2-D (biases, norms, ...; listed under Skipped)")
-    for s in result.skipped:
-        if s not in not_matrices:
-            warn(f"skipped {s.name}: {s.reason}")
+    if result.skipped:
+        warn(skip_summary(result.skipped) + " (listed under Skipped)")
     if not result.matrices:
         warn("no matrix was analysed (check --include/--exclude and the checkpoints' names)")
     for r in result.rows():

@@ -121,6 +121,8 @@ class SafetensorsFile:
     memory map that lives exactly as long as the array.
     """
 
+    forkable = True  # a forked child may read it (no connection or lock to share)
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.ref = str(path)

@@ -27,6 +27,7 @@ HUB_REF = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<
 
 class TensorSource(Protocol):
     ref: str
+    forkable: bool  # a forked worker process may read it (local files; not an HTTP session)
 
     def keys(self) -> list[str]: ...
     def info(self, name: str) -> TensorInfo: ...
@@ -45,6 +46,7 @@ class MultiFileSource:
     def __init__(self, ref: str, files: dict, weight_map: dict[str, str] | None = None):
         self.ref = ref
         self.metadata: dict[str, str] = {}
+        self.forkable = all(getattr(f, "forkable", False) for f in files.values())
         self._where: dict = {}
         file_of: dict[str, str] = {}
         for filename, f in files.items():

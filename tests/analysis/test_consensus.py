@@ -11,9 +11,10 @@ import pytest
 from factory import tiny_weights
 from typer.testing import CliRunner
 
-import ckptprobe.analysis.consensus as cons
+import ckptprobe.analysis.mask_scan as cons
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits
-from ckptprobe.analysis.consensus import (bernoulli_jaccard, consensus, poisson_binomial, stripe_index)
+from ckptprobe.analysis.consensus import consensus
+from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, poisson_binomial, stripe_index
 from ckptprobe.analysis.update import CompareMode, update_mask
 from ckptprobe.cli import main
 from ckptprobe.cli._app import app

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
-from ckptprobe.analysis.masks import (Kind, LowThreshold, MaskSpec, Vectors, below_mean, build_masks, default_rank,
-                                      keep_count, low_mask, parse_expression, principal_mask, random_mask,
-                                      select_largest, select_smallest)
+from ckptprobe.analysis.mask_expr import Kind, parse_expression
+from ckptprobe.analysis.mask_select import (LowThreshold, below_mean, default_rank, keep_count, low_mask,
+                                            principal_mask, random_mask, select_largest, select_smallest)
+from ckptprobe.analysis.masks import MaskSpec, Vectors, build_masks
 from ckptprobe.cli import main
 from ckptprobe.errors import TensorMismatchError, UsageError
 from ckptprobe.io.maskfile import read_masks
@@ -268,7 +269,7 @@ def test_build_errors(runs):
         (UsageError, "say whether they train", dict(spec=MaskSpec("low"))),
         (UsageError, "outside", dict(spec=MaskSpec("low", alpha=1.5), vectors=Vectors.train)),
         (UsageError, "at least 1", dict(spec=MaskSpec("principal", rank=0), vectors=Vectors.train)),
-        (UsageError, "-k 33 is out of range", dict(spec=MaskSpec("principal", rank=33), vectors=Vectors.train)),
+        (UsageError, "-k 33 is larger than the smaller side of every selected matrix", dict(spec=MaskSpec("principal", rank=33), vectors=Vectors.train)),
         (UsageError, "exactly one --from", dict(spec=MaskSpec("update"), runs=ft, vectors=Vectors.train)),
         (UsageError, "at least two", dict(spec=MaskSpec("consensus"), runs=ft[:1], vectors=Vectors.train)),
         (UsageError, "needs --like", dict(spec=MaskSpec("random"), vectors=Vectors.train)),
@@ -342,7 +343,7 @@ def test_cli_build_and_info_round_trip(runs, tmp_path, capsys):
     (["--expr", "low | princpal", "--vectors", "train"], 2, "unknown name 'princpal'"),
     (["--kind", "low", "--expr", "low", "--vectors", "train"], 2, "exactly one of --kind and --expr"),
     (["--kind", "low"], 2, "--vectors"),
-    (["--kind", "principal", "-k", "40", "--vectors", "train"], 2, "out of range"),
+    (["--kind", "principal", "-k", "40", "--vectors", "train"], 2, "-k 40 is larger than the smaller side"),
     (["--kind", "low", "--like", "safe", "--vectors", "train"], 2, "only read by the random kind"),
     (["--kind", "update", "--from", "{root}/bad.safetensors", "--vectors", "train"], 1, r"shape \(64, 31\)"),
 ])

@@ -7,7 +7,7 @@ import pytest
 from factory import bump, save
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
-from ckptprobe.analysis.masks import LowThreshold, default_rank, keep_count
+from ckptprobe.analysis.mask_select import LowThreshold, default_rank, keep_count
 from ckptprobe.analysis.principal import OverlapCounts, principal_overlap
 from ckptprobe.cli import main
 from ckptprobe.errors import UsageError
@@ -98,8 +98,11 @@ def test_nothing_updated_gives_none(tiny_pair):
 
 def test_bad_input(tiny_pair):
     base, ft = open_source(str(tiny_pair.base)), open_source(str(tiny_pair.ft))
-    with pytest.raises(UsageError, match="-k 33 is out of range"):
-        principal_overlap(base, [ft], rank=33)
+    r = principal_overlap(base, [ft], rank=33)  # larger than every matrix: each is skipped, saying why
+    matrices = [n for n in base.keys() if len(base.info(n).shape) == 2]
+    assert r.matrices == () and matrices
+    assert sorted(s.name for s in r.skipped if s.category.value == "small") == sorted(matrices)
+    assert all(s.reason.endswith("< k=33") for s in r.skipped if s.category.value == "small")
     with pytest.raises(UsageError, match="outside"):
         principal_overlap(base, [ft], alpha=-0.1)
 
@@ -118,14 +121,14 @@ def test_cli_json_csv_plot(tiny_pair, tmp_path, capsys):
     assert main(["principal", base, ft, "--plot", str(plot), "--matrix", "model.layers.1.mlp.up_proj.weight"]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr()
-    assert "Overlap of" in out.out and "not 2-D float matrices" in out.err
+    assert "Overlap of" in out.out and "skipped 5 tensors: 5 1-D (norms, biases)" in out.err
 
 
 @pytest.mark.parametrize("args, match", [
     (["--matrix", "model.layers.1.mlp.up_proj.weight"], "only chooses what --plot draws"),
     (["--plot", "{tmp}/f.png", "--matrix", "nope"], "no such tensor"),
     (["--plot", "{tmp}/f.png", "--matrix", "model.norm.weight"], "not a 2-D float matrix"),
-    (["-k", "0"], "out of range"),
+    (["-k", "0"], "-k 0: the rank must be at least 1"),
     (["--alpha", "2"], "outside"),
 ])
 def test_cli_errors_exit_2(tiny_pair, tmp_path, capsys, args, match):

@@ -13,7 +13,7 @@ import ckptprobe.analysis.sparsity as sparsity_module
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from ckptprobe.analysis.sparsity import Counts, sparsity
 from ckptprobe.analysis.update import CompareMode
-from ckptprobe.errors import UsageError
+from ckptprobe.errors import NoMatchingTensorsError, UsageError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
@@ -137,7 +137,8 @@ def test_skipped_tensors(tiny_pair, tmp_path):
     assert reasons["model.extra.weight"] == f"only in {b.ref} (missing in base)"
     assert len(r.tensors) == len(w) - 2
     assert r.total.changed == 32  # the diagonal of one q_proj; everything else compared is equal
-    assert r.to_dict()["skipped"][0] == {"name": "model.embed_tokens.weight", "reason": reasons["model.embed_tokens.weight"]}
+    assert r.to_dict()["skipped"][0] == {"name": "model.embed_tokens.weight", "category": "shape",
+                                         "reason": reasons["model.embed_tokens.weight"]}
 
 
 def test_include_exclude(tiny_pair):
@@ -149,8 +150,11 @@ def test_include_exclude(tiny_pair):
     r = sparsity(a, b, include=["*.layers.0.*", "lm_head.*"], exclude=["*norm*", "*.q_proj.*"])
     assert {t.name for t in r.tensors} == {n for n in tiny_pair.changed if (".layers.0." in n or n.startswith("lm_head"))
                                            and "norm" not in n and "q_proj" not in n}
-    r = sparsity(a, b, include=["nothing*"])
-    assert r.tensors == () and r.total == Counts(0, 0) and r.total.sparsity is None
+    with pytest.raises(NoMatchingTensorsError, match=r"--include 'nothing\*' matches no tensor of .*base"):
+        sparsity(a, b, include=["nothing*"])
+    with pytest.raises(NoMatchingTensorsError, match="leave no tensor"):
+        sparsity(a, b, include=["*.layers.0.*"], exclude=["*.layers.*"])
+    assert Counts(0, 0).sparsity is None
 
 
 def test_filters_apply_to_skipped(tiny_pair, tmp_path):

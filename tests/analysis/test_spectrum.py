@@ -227,15 +227,16 @@ def test_skips_non_matrices_and_reports_nonfinite(tmp_path):
     bad_ft[3, 4] = np.nan
     bad_base[0, 0] = np.inf
     items = {"model.norm.weight": ("F32", np.ones(20, np.float32)),
-             "experts.weight": ("F32", np.zeros((2, 3, 4), np.float32)),
+             "conv.weight": ("F32", np.zeros((2, 3, 4), np.float32)),
              "steps": ("I64", np.zeros((3, 3), np.int64))}
     for who, mats in (("base", {Q: w0, UP: w0, DOWN: bad_base}), ("ft", {Q: w0 * 1.01, UP: bad_ft, DOWN: w0})):
         write_safetensors(tmp_path / f"{who}.safetensors",
                           items | {n: ("F32", x.astype(np.float32)) for n, x in mats.items()})
     r = spectrum(open_source(str(tmp_path / "base.safetensors")), [open_source(str(tmp_path / "ft.safetensors"))], k=4)
     reasons = {s.name: s.reason for s in r.skipped}
-    assert reasons == {"model.norm.weight": "1-D, not a matrix", "experts.weight": "3-D, not a matrix",
-                       "steps": "dtype I64 is not floating point"}
+    assert reasons == {"model.norm.weight": "1-D, not a matrix",
+                       "conv.weight": "3-D (2, 3, 4), not a matrix or an expert stack",
+                       "steps": "int64 buffer, not a weight"}
     by_name = {m.name: m.comparisons[0] for m in r.matrices}
     assert by_name[Q].error is None and by_name[Q].nss == pytest.approx(0.01, rel=1e-4)  # W1 = 1.01 W0
     assert by_name[UP].error == "fine-tune has NaN/inf entries" and by_name[UP].nss is None
@@ -243,10 +244,13 @@ def test_skips_non_matrices_and_reports_nonfinite(tmp_path):
     json.dumps(r.to_dict())  # no NaN objects leak into the JSON structure
 
 
-def test_k_too_large_names_the_matrix(tmp_path):
+def test_k_too_large_skips_that_matrix_only(tmp_path):
     w0, *_ = gapped(20, 12, 2, seed=13)
-    with pytest.raises(UsageError, match=r"-k 13 .*q_proj.*\(20, 12\)"):
-        run(tmp_path, {Q: w0}, [{Q: w0}], k=13)
+    w1, *_ = gapped(20, 16, 2, seed=14)
+    r = run(tmp_path, {Q: w0, UP: w1}, [{Q: w0, UP: w1}], k=13)
+    assert [m.name for m in r.matrices] == [UP] and r.matrices[0].k == 13
+    assert [(s.name, s.category.value, s.reason) for s in r.skipped] == [
+        (Q, "small", "shape (20, 12): smaller side 12 < k=13")]
 
 
 # ---- the command ----
@@ -299,9 +303,11 @@ def test_cli_table_csv_bounds_and_plot(ckpts, tmp_path):
 
 
 def test_cli_errors_are_one_line(ckpts, capsys, monkeypatch):
-    assert main(["spectrum", ckpts["base"], ckpts["rl"], "-k", "30"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("Error: -k 30 is out of range for model.layers.0.self_attn.q_proj.weight")
+    assert main(["spectrum", ckpts["base"], ckpts["rl"], "-k", "30", "-f", "json"]) == 0  # too small: skipped
+    skipped = json.loads(capsys.readouterr().out)["skipped"]
+    assert {s["reason"] for s in skipped if s["category"] == "small"} == {
+        "shape (24, 24): smaller side 24 < k=30", "shape (40, 24): smaller side 24 < k=30",
+        "shape (24, 40): smaller side 24 < k=30"}
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--max-memory", "lots"]) == 2
     assert "--max-memory 'lots'" in capsys.readouterr().err
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--plot", "x.png", "--layer", "9"]) == 2

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from factory import one_line_error, save, tiny_weights
+from factory import one_line_error, run_error, save, tiny_weights
 
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from ckptprobe.cli import main
@@ -170,8 +170,9 @@ def test_skipped_listed_with_warning(tiny_pair, capsys, tmp_path):
     assert code == 0
     data = json.loads(out)
     assert data["skipped"] == [
-        {"name": "model.embed_tokens.weight", "reason": f"shape (48, 32) in base vs (64, 32) in {ft}"},
-        {"name": "lm_head.weight", "reason": f"only in base (missing in {ft})"}]
+        {"name": "model.embed_tokens.weight", "category": "shape",
+         "reason": f"shape (48, 32) in base vs (64, 32) in {ft}"},
+        {"name": "lm_head.weight", "category": "missing", "reason": f"only in base (missing in {ft})"}]
     assert len(data["tensors"]) == len(tiny_pair.changed) - 2 and data["total"]["changed"] == 0
     warnings = err.strip().splitlines()
     assert warnings == [f"Warning: skipped model.embed_tokens.weight: shape (48, 32) in base vs (64, 32) in {ft}",
@@ -186,10 +187,8 @@ def test_include_exclude(tiny_pair, capsys):
     assert code == 0
     names = [t["name"] for t in json.loads(out)["tensors"]]
     assert names == ["model.embed_tokens.weight"]
-    code, out, err = run(capsys, tiny_pair.base, tiny_pair.ft, "-f", "json", "-i", "nothing")
-    assert code == 0 and json.loads(out)["tensors"] == [] and "no tensor was compared" in err
-    code, out, err = run(capsys, tiny_pair.base, tiny_pair.ft, "-i", "nothing")  # the table copes too
-    assert code == 0
+    run_error(capsys, ["sparsity", str(tiny_pair.base), str(tiny_pair.ft), "-f", "json", "-i", "nothing"],
+              "--include 'nothing' matches no tensor of", str(tiny_pair.base))
 
 
 def test_nonfinite_and_f16(capsys, tmp_path):

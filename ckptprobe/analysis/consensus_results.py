@@ -1,0 +1,238 @@
+"""Cross-run consensus results: per tensor, pooled per group, and for a whole comparison.
+
+See `consensus_stats` for the statistics and `mask_scan` for how the counts are taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
+from ckptprobe.analysis.plan import Skipped
+from ckptprobe.io.names import MODULE_ORDER
+
+def _listed(a: np.ndarray | None) -> list | None:
+    """float array -> nested list with None for NaN (JSON has no NaN)."""
+    if a is None:
+        return None
+    return np.where(np.isnan(a), None, a).tolist() if a.dtype.kind == "f" else a.tolist()
+
+
+@dataclass(frozen=True)
+class TensorConsensus:
+    """One tensor across the R runs. Arrays are indexed by run over all R runs.
+
+    `runs`: indices of the runs that took part (the others did not match the base);
+    `changed` (R,) int64 and `inter` (R, R) int64 (diagonal = changed) are 0 for runs left out;
+    `hist` (len(runs)+1,) int64 counts entries changed by exactly k of the runs that took part;
+    `row_ratio`/`col_ratio` ((rows,), (cols,) float64) are kept only for the chosen layer;
+    `heatmap` is the block-averaged consensus C (at most HEAT_SIZE per side, float64),
+    chosen layer only, with `heat_block` the block size.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    group: str
+    shape: tuple[int, ...]
+    runs: tuple[int, ...]
+    numel: int
+    changed: np.ndarray
+    nonfinite: np.ndarray
+    inter: np.ndarray
+    hist: np.ndarray
+    row_stripe_index: float | None = None
+    col_stripe_index: float | None = None
+    row_ratio: np.ndarray | None = None
+    col_ratio: np.ndarray | None = None
+    heatmap: np.ndarray | None = None
+    heat_block: int | None = None
+
+    @property
+    def valid(self) -> np.ndarray:
+        v = np.zeros(len(self.changed), bool)
+        v[list(self.runs)] = True
+        return v
+
+    @property
+    def density(self) -> np.ndarray:
+        """(R,) float64 fraction of entries changed per run; NaN for runs left out."""
+        d = self.changed / max(self.numel, 1)
+        return np.where(self.valid, d, np.nan)
+
+    @property
+    def jaccard(self) -> np.ndarray:
+        j = jaccard_matrix(self.inter, self.changed)
+        return np.where(np.outer(self.valid, self.valid), j, np.nan)
+
+    @property
+    def bernoulli(self) -> np.ndarray:
+        return bernoulli_jaccard(self.density)
+
+    @property
+    def expected_hist(self) -> np.ndarray:
+        """(len(runs)+1,) expected `hist` if the runs' masks were independent with their densities."""
+        return self.numel * poisson_binomial(self.density[list(self.runs)])
+
+    def summary(self) -> dict:
+        """Flat numbers for a table or CSV row (no R x R matrices)."""
+        d = self.density
+        j, b = off_diagonal_mean(self.jaccard), off_diagonal_mean(self.bernoulli)
+        full = len(self.runs) == len(d) and self.numel > 0
+        return {
+            "name": self.name, "layer": self.layer, "module": self.module, "group": self.group,
+            "shape": list(self.shape), "numel": self.numel, "runs": list(self.runs),
+            "density": _listed(d), "density_mean": float(np.nanmean(d)) if np.isfinite(d).any() else None,
+            "changed": [int(c) if v else None for c, v in zip(self.changed, self.valid)],
+            "nonfinite": int(self.nonfinite.sum()),
+            "jaccard_mean": j, "bernoulli_mean": b, "lift": j / b if j is not None and b else None,
+            "all_runs": float(self.hist[-1] / self.numel) if full else None,
+            "all_runs_expected": float(self.expected_hist[-1] / self.numel) if full else None,
+            "consensus_hist": self.hist.tolist(), "expected_hist": self.expected_hist.tolist(),
+            "row_stripe_index": self.row_stripe_index, "col_stripe_index": self.col_stripe_index,
+        }
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "jaccard": _listed(self.jaccard), "bernoulli": _listed(self.bernoulli)}
+
+
+@dataclass(frozen=True)
+class GroupConsensus:
+    """Tensors pooled (a module type, a layer, the whole model).
+
+    Jaccard pools counts: `J_rs = sum_t I_rs,t / sum_t U_rs,t` over the tensors both runs
+    took part in. Its baseline pools expectations the same way, each tensor with its own
+    densities (`sum_t n_t p q / sum_t n_t (p + q - pq)`), so runs that merely favour the
+    same *tensors* do not count as agreeing on *coordinates*. `hist` and `expected_hist`
+    sum the tensors all R runs took part in; stripe indexes are medians over tensors.
+    """
+
+    key: object
+    tensors: int
+    numel: int
+    density: np.ndarray  # (R,)
+    jaccard: np.ndarray  # (R, R)
+    bernoulli: np.ndarray  # (R, R)
+    hist: np.ndarray  # (R+1,)
+    expected_hist: np.ndarray  # (R+1,)
+    row_stripe_index: float | None
+    col_stripe_index: float | None
+
+    @property
+    def jaccard_mean(self) -> float | None:
+        return off_diagonal_mean(self.jaccard)
+
+    @property
+    def bernoulli_mean(self) -> float | None:
+        return off_diagonal_mean(self.bernoulli)
+
+    @property
+    def lift(self) -> float | None:
+        """Observed over expected mean Jaccard (1: no more overlap than chance)."""
+        j, b = self.jaccard_mean, self.bernoulli_mean
+        return j / b if j is not None and b else None
+
+    def summary(self, key_name: str = "key") -> dict:
+        """Flat numbers for a table or CSV row (no R x R matrices)."""
+        total = self.hist.sum()
+        finite = np.isfinite(self.density).any()
+        return {
+            key_name: self.key, "tensors": self.tensors, "numel": self.numel, "density": _listed(self.density),
+            "density_mean": float(np.nanmean(self.density)) if finite else None,
+            "jaccard_mean": self.jaccard_mean, "bernoulli_mean": self.bernoulli_mean, "lift": self.lift,
+            "all_runs": float(self.hist[-1] / total) if total else None,
+            "all_runs_expected": float(self.expected_hist[-1] / total) if total else None,
+            "consensus_hist": self.hist.tolist(), "expected_hist": self.expected_hist.tolist(),
+            "row_stripe_index": self.row_stripe_index, "col_stripe_index": self.col_stripe_index,
+        }
+
+    def to_dict(self, key_name: str = "key") -> dict:
+        return {**self.summary(key_name), "jaccard": _listed(self.jaccard), "bernoulli": _listed(self.bernoulli)}
+
+
+def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus:
+    """Pool per-tensor counts into one `GroupConsensus` (see its docstring for how)."""
+    R = n_runs
+    inter, union, e_inter, e_union = (np.zeros((R, R)) for _ in range(4))
+    changed, numel = np.zeros(R), np.zeros(R)
+    hist, expected = np.zeros(R + 1, np.int64), np.zeros(R + 1)
+    for t in tensors:
+        v = t.valid
+        both = np.outer(v, v)
+        n = t.changed.astype(np.float64)
+        p = np.where(v, n / max(t.numel, 1), 0.0)
+        inter += np.where(both, t.inter, 0)
+        union += np.where(both, n[:, None] + n[None, :] - t.inter, 0)
+        pq = np.outer(p, p)
+        e_inter += np.where(both, t.numel * pq, 0)
+        e_union += np.where(both, t.numel * (p[:, None] + p[None, :] - pq), 0)
+        changed += np.where(v, n, 0)
+        numel += np.where(v, t.numel, 0)
+        if len(t.runs) == R:
+            hist += t.hist
+            expected += t.expected_hist
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jac = np.where(union > 0, inter / union, np.nan)
+        bern = np.where(e_union > 0, e_inter / e_union, np.nan)
+        density = np.where(numel > 0, changed / numel, np.nan)
+    bern[np.diag_indices(R)] = np.where(density > 0, 1.0, np.nan)
+
+    def median(vals):
+        vals = [x for x in vals if x is not None]
+        return float(np.median(vals)) if vals else None
+
+    return GroupConsensus(key, len(tensors), sum(t.numel for t in tensors), density, jac, bern, hist, expected,
+                          median(t.row_stripe_index for t in tensors), median(t.col_stripe_index for t in tensors))
+
+
+@dataclass(frozen=True)
+class ConsensusResult:
+    base: str
+    runs: tuple[str, ...]
+    mode: str  # the mode asked for, or "auto"
+    eta: float
+    atol: float
+    layer: int | None  # the layer whose ratio profiles and heatmaps were kept
+    tensors: tuple[TensorConsensus, ...]
+    skipped: tuple[Skipped, ...]
+
+    @property
+    def total(self) -> GroupConsensus:
+        return pool("all", self.tensors, len(self.runs))
+
+    def by(self, key: str) -> dict:
+        """GroupConsensus per "module", "layer" or "group", in a stable order (layers ascending, None last)."""
+        groups: dict = {}
+        for t in self.tensors:
+            groups.setdefault(getattr(t, key), []).append(t)
+        if key == "module":
+            order = {m: i for i, m in enumerate(MODULE_ORDER)}
+            keys = sorted(groups, key=lambda k: (order.get(k, len(order)), k))
+        elif key == "layer":
+            keys = sorted(groups, key=lambda k: (k is None, k or 0))
+        else:
+            keys = list(groups)
+        return {k: pool(k, groups[k], len(self.runs)) for k in keys}
+
+    def layer_tensors(self) -> list[TensorConsensus]:
+        """The chosen layer's 2-D tensors (those with ratio profiles), in checkpoint order."""
+        return [t for t in self.tensors if t.row_ratio is not None]
+
+    def to_dict(self) -> dict:
+        total = self.total
+        return {
+            "command": "consensus", "base": self.base, "runs": list(self.runs), "mode": self.mode,
+            "eta": self.eta, "atol": self.atol,
+            **{k: v for k, v in total.to_dict().items() if k not in ("key", "tensors", "row_stripe_index",
+                                                                     "col_stripe_index")},
+            "tensors": [t.to_dict() for t in self.tensors],
+            "groups": {key: [g.to_dict(key) for g in self.by(key).values()] for key in ("module", "layer")},
+            "layer": self.layer,
+            "profiles": [{"name": t.name, "module": t.module, "row_ratio": t.row_ratio.tolist(),
+                          "col_ratio": t.col_ratio.tolist()} for t in self.layer_tensors()],
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+

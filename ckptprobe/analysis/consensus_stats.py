@@ -1,0 +1,89 @@
+"""Cross-run consensus statistics, on small arrays of counts.
+
+"The Path Not Taken" (Sec. 2.2, Fig. 2, 3, 8) compares the update masks M^(r) of several
+RL runs from one base. From per-tensor counts this module computes:
+
+- pairwise Jaccard `J(A, B) = |A n B| / |A u B|` and the independent-Bernoulli
+  baseline `E[J] = pq / (p + q - pq)` (p, q the two densities);
+- the expected consensus histogram of independent runs: a Poisson-binomial law, exactly;
+- a *stripe index* per axis of the row and column ratios (ours, not the paper's).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+def jaccard_matrix(inter: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Pairwise Jaccard from counts: (R, R) intersections, (R,) changed counts -> (R, R) float64.
+
+    `J_rs = I_rs / (n_r + n_s - I_rs)`; NaN where the union is empty. The diagonal is 1
+    (each run against itself) wherever the run changed anything.
+    """
+    inter = np.asarray(inter, np.float64)
+    n = np.asarray(changed, np.float64)
+    union = n[:, None] + n[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
+
+
+def bernoulli_jaccard(density: np.ndarray) -> np.ndarray:
+    """(R,) densities -> (R, R) expected Jaccard of independent Bernoulli masks, `pq / (p + q - pq)`.
+
+    For two masks of n entries, independent, with densities p and q, |A n B| ~ npq and
+    |A u B| ~ n(p + q - pq); their ratio is E[J] up to O(1/n). NaN where p = q = 0.
+    The diagonal is set to 1 (a mask against itself).
+    """
+    p = np.asarray(density, np.float64)
+    pq = p[:, None] * p[None, :]
+    union = p[:, None] + p[None, :] - pq
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(union > 0, pq / union, np.nan)
+    diag = np.diag_indices_from(out)
+    out[diag] = np.where(p > 0, 1.0, np.nan)
+    return out
+
+
+def off_diagonal_mean(m: np.ndarray) -> float | None:
+    """Mean of the defined (non-NaN) off-diagonal entries of a square matrix; None if there is none."""
+    m = np.asarray(m, np.float64)
+    vals = m[~np.eye(len(m), dtype=bool)]
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if vals.size else None
+
+
+def poisson_binomial(p: Sequence[float]) -> np.ndarray:
+    """(R,) per-run probabilities -> (R+1,) pmf of the number of successes of independent Bernoullis.
+
+    Exact dynamic programme over runs: after run r, pmf[k] = P(k of the first r+1 runs
+    succeed). With equal p this is Binomial(R, p).
+    """
+    pmf = np.zeros(len(p) + 1)
+    pmf[0] = 1.0
+    for r, pr in enumerate(p):
+        pmf[1:r + 2] = pmf[1:r + 2] * (1 - pr) + pmf[:r + 1] * pr
+        pmf[0] *= 1 - pr
+    return pmf
+
+
+def stripe_index(ratios: np.ndarray, density: np.ndarray, n_other: int) -> float | None:
+    """Variance of row (or column) ratios of a consensus over its value for unstructured masks.
+
+    `ratios` (n,) are `rho_i = mean_j C_ij` over `n_other` entries each, with
+    `C = (1/R) sum_r M^(r)` and run densities `density` (R,). If every M^(r) were iid
+    Bernoulli(p_r) entries, `Var C_ij = sum_r p_r (1 - p_r) / R^2` and a mean of
+    `n_other` independent entries has variance `Var C_ij / n_other`; the sample
+    variance (ddof=1) of the n ratios is an unbiased estimate of it. The index is
+    their quotient: ~1 without structure, >> 1 when whole rows (columns) are
+    preferred by the runs. This index is ckptprobe's, not the paper's.
+    The null takes one density per run for the whole matrix, so strong structure along
+    one axis pulls the other axis's index below 1 (rows of very different densities
+    make column means vary less than uniform entries would): read < 1 as "none".
+    None when there are fewer than 2 ratios or the null variance is 0 (every p_r 0 or 1).
+    """
+    p = np.asarray(density, np.float64)
+    null = float(np.sum(p * (1 - p))) / len(p) ** 2 / n_other if len(p) and n_other else 0.0
+    if len(ratios) < 2 or null <= 0:
+        return None
+    return float(np.var(np.asarray(ratios, np.float64), ddof=1) / null)

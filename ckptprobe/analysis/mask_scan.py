@@ -1,0 +1,245 @@
+"""Update masks of several runs against one base, streamed in row blocks: the counts behind
+`consensus` (R runs) and `profile` (one checkpoint at a time).
+
+Memory is bounded by a row block, not by the model or by R: tensors are read in blocks
+of whole rows (the base's and all runs' blocks together map about BLOCK_BYTES), on the
+window runner; each run's mask is bit-packed (`np.packbits`) and added into a small
+per-entry counter, chunk by chunk; Jaccard intersections are popcounts of ANDed packed
+words. A tensor that is not a matrix is seen as (numel, 1): counted, with no profiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Sequence
+
+import numpy as np
+
+from ckptprobe.analysis.consensus_results import TensorConsensus
+from ckptprobe.analysis.consensus_stats import stripe_index
+from ckptprobe.analysis.plan import TensorPlan
+from ckptprobe.analysis.runner import run_windows
+from ckptprobe.analysis.update import (DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, plain_bits16,
+                                      surely_finite16, update_mask)
+
+BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together (mapped page cache)
+CHUNK = 1 << 17  # entries per numpy step inside a block: base, run, mask and counts stay in L2 (~1 MB)
+HEAT_SIZE = 256  # heatmaps are block-averaged to at most this many cells per side
+
+
+def rows_cols(plan: TensorPlan) -> tuple[int, int]:
+    """The tensor seen as (rows, cols): (out, in) for a matrix; (numel, 1) otherwise (no profiles)."""
+    shape = plan.info.shape
+    return (shape[0], shape[1]) if len(shape) == 2 else (plan.info.numel, 1)
+
+
+def _chunk_mask(x: np.ndarray, y: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode, eta: float,
+                atol: float, exp: int | None, base_finite: bool, xor: np.ndarray,
+                out: np.ndarray) -> tuple[np.ndarray, int]:
+    """One chunk's update mask: flat storage arrays -> (changed bool (n,), nonfinite count).
+
+    `exp` is given (the 16-bit exponent mask) when the fast path may apply: bitwise mode and
+    one 16-bit float dtype on both sides. Then, where the pair proof holds (`plain_bits16`;
+    `base_finite` is the base chunk's part of it, proven once for all runs), "changed" is
+    "bits differ"; other chunks take `update_mask`. `xor` and `out` are scratch buffers.
+    """
+    if exp is not None:
+        xu, yu = x.view(np.uint16), y.view(np.uint16)
+        d = np.bitwise_xor(xu, yu, out=xor[:x.size])
+        if base_finite and plain_bits16(xu, yu, d, exp, x_finite=True):
+            return np.not_equal(d, 0, out=out[:x.size]), 0
+    changed, nonfinite = update_mask(x, y, dtype_a, dtype_b, mode, eta, atol)
+    return changed, int(np.count_nonzero(nonfinite))
+
+
+def _histogram(counter: np.ndarray, n_runs: int) -> np.ndarray:
+    """(n,) per-entry counts in 0..n_runs -> (n_runs+1,) int64 histogram."""
+    if n_runs < 24:  # a SIMD compare-and-count per value beats bincount's cast to intp for small R
+        h = [np.count_nonzero(counter == k) for k in range(1, n_runs + 1)]
+        return np.array([counter.size - sum(h), *h], np.int64)
+    return np.bincount(counter, minlength=n_runs + 1).astype(np.int64)
+
+
+@dataclass
+class _Block:
+    """What one row block adds to its tensor's statistics (R' = runs taking part)."""
+
+    changed: np.ndarray  # (R',) int64
+    nonfinite: np.ndarray  # (R',) int64
+    inter: np.ndarray  # (R', R') int64, strict upper triangle
+    hist: np.ndarray  # (R'+1,) int64
+    row_sums: np.ndarray | None  # (block rows,) int64: per row, sum of the per-entry counts
+    col_sums: np.ndarray | None  # (cols,) int64
+    heat: tuple[np.ndarray, np.ndarray] | None  # (grid row indices (g,), (g, grid cols) int64 sums)
+
+
+def heat_block(rows: int, cols: int) -> int:
+    """Cell side of a heatmap of (rows, cols): the one `report.figures.block_average` uses for HEAT_SIZE."""
+    return max(1, -(-max(rows, cols) // HEAT_SIZE))
+
+
+def _chunk_rows(cols: int) -> int:
+    """Rows per chunk: about CHUNK entries, and a multiple of 8 entries so packed bits stay byte-aligned."""
+    rows = max(1, CHUNK // max(cols, 1))
+    align = 8 // math.gcd(cols, 8) if cols else 1
+    return -(-rows // align) * align
+
+
+def block_rows(plan: TensorPlan) -> int:
+    """Rows per task: the base and every run's block together map about BLOCK_BYTES, in whole chunks."""
+    rows, cols = rows_cols(plan)
+    per_row = max(cols, 1) * plan.info.itemsize * (1 + len(plan.runs))
+    chunk = _chunk_rows(cols)
+    return max(1, BLOCK_BYTES // per_row // chunk) * chunk
+
+
+def _pair_counts(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bit-packed masks (R, W) uint64 -> (popcounts (R,), intersections (R, R) int64).
+
+    `inter[k, l]` (k < l, strict upper triangle) is `|M_k n M_l|`: AND the words of run k
+    with those of every later run at once, count bits, sum.
+    """
+    R = len(words)
+    inter = np.zeros((R, R), np.int64)
+    for k in range(R - 1):
+        inter[k, k + 1:] = np.bitwise_count(words[k] & words[k + 1:]).sum(axis=1, dtype=np.int64)
+    return np.bitwise_count(words).sum(axis=1, dtype=np.int64), inter
+
+
+def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, keep: bool) -> _Block:
+    """Rows [lo, hi) of one tensor in the base and every run taking part; `keep`: keep the profiles.
+
+    The base's and the runs' blocks are mapped once; work then goes chunk by chunk
+    (a few rows), every run in turn, so that the chunk's base, run, mask and counter
+    stay in cache, and the histogram and row/column sums of the chunk's counts are
+    taken while they are there.
+    """
+    rows, cols = rows_cols(plan)
+    n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
+    matrix = len(plan.info.shape) == 2
+    x = plan.base.read(plan.name, lo * cols, hi * cols)
+    ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]
+    exp = EXPONENT16.get(dtype)
+    fast = [exp if r.mode == CompareMode.bitwise and r.info.dtype == dtype else None for r in plan.runs]
+    step = _chunk_rows(cols) * cols
+    packed = np.zeros((R, -(-n // 64) * 8), np.uint8)  # per run, the mask bit-packed, in whole uint64 words
+    nonfinite, hist = np.zeros(R, np.int64), np.zeros(R + 1, np.int64)
+    counts = np.zeros(n if keep else min(step, n), np.uint8 if R < 256 else np.uint16)
+    ne, xor = np.empty(min(step, n), bool), np.empty(min(step, n), np.uint16)
+    row_sums = np.zeros(hi - lo, np.int64) if matrix else None
+    col_sums = np.zeros(cols, np.int64) if matrix else None
+    for c in range(0, n, step):
+        xc = x[c:c + step]
+        cc = counts[c:c + step] if keep else counts[:xc.size]
+        cc[:] = 0
+        # the base's half of the pair proof, once for every run
+        base_finite = exp is not None and any(f is not None for f in fast) and surely_finite16(xc.view(np.uint16), exp)
+        for k, r in enumerate(plan.runs):
+            m, nf = _chunk_mask(xc, ys[k][c:c + step], dtype, r.info.dtype, r.mode, eta, atol, fast[k],
+                                base_finite, xor, ne)
+            nonfinite[k] += nf
+            packed[k, c // 8:(c + m.size + 7) // 8] = np.packbits(m, bitorder="little")
+            np.add(cc, m.view(np.uint8), out=cc, casting="unsafe")
+        hist += _histogram(cc, R)
+        if matrix:
+            c2 = cc.reshape(-1, cols)
+            # Sums in the narrowest type that cannot overflow: summing into uint16 is ~4x faster than int64.
+            r0 = c // cols
+            row_sums[r0:r0 + len(c2)] = c2.sum(axis=1, dtype=np.uint16 if cols * R < 1 << 16 else np.int64)
+            col_sums += c2.sum(axis=0, dtype=np.uint16 if len(c2) * R < 1 << 16 else np.int64)
+    del x, ys  # unmap
+    changed, inter = _pair_counts(packed.view(np.uint64))
+    heat = None
+    if keep and n:
+        # Sums of the counts over heatmap cells of side b: columns first, then the rows of
+        # each cell that fall in this block (a cell may span two blocks; the caller adds).
+        b = heat_block(rows, cols)
+        by_col = np.add.reduceat(counts.reshape(hi - lo, cols), np.arange(0, cols, b), axis=1, dtype=np.int64)
+        starts = np.union1d([0], np.flatnonzero(np.arange(lo, hi) % b == 0))
+        heat = ((lo + starts) // b, np.add.reduceat(by_col, starts, axis=0))
+    return _Block(changed, nonfinite, inter, hist, row_sums, col_sums, heat)
+
+
+class _Acc:
+    """Running totals of one tensor's blocks."""
+
+    def __init__(self, plan: TensorPlan, keep: bool):
+        R = len(plan.runs)
+        rows, cols = rows_cols(plan)
+        self.changed, self.nonfinite = np.zeros(R, np.int64), np.zeros(R, np.int64)
+        self.inter, self.hist = np.zeros((R, R), np.int64), np.zeros(R + 1, np.int64)
+        matrix = len(plan.info.shape) == 2
+        self.row_sums = np.zeros(rows, np.int64) if matrix else None
+        self.col_sums = np.zeros(cols, np.int64) if matrix else None
+        self.heat = None
+        if keep:
+            b = heat_block(rows, cols)
+            self.heat = np.zeros((-(-rows // b), -(-cols // b)), np.int64)
+
+    def add(self, lo: int, hi: int, blk: _Block) -> None:
+        self.changed += blk.changed
+        self.nonfinite += blk.nonfinite
+        self.inter += blk.inter
+        self.hist += blk.hist
+        if blk.row_sums is not None:
+            self.row_sums[lo:hi] = blk.row_sums
+            self.col_sums += blk.col_sums
+        if blk.heat is not None:
+            self.heat[blk.heat[0]] += blk.heat[1]
+
+
+def _finish(plan: TensorPlan, acc: _Acc, n_runs: int) -> TensorConsensus:
+    idx = [r.index for r in plan.runs]
+    R = len(idx)
+    rows, cols = rows_cols(plan)
+    numel = plan.info.numel
+    changed, nonfinite = np.zeros(n_runs, np.int64), np.zeros(n_runs, np.int64)
+    changed[idx], nonfinite[idx] = acc.changed, acc.nonfinite
+    inter = np.zeros((n_runs, n_runs), np.int64)
+    inter[np.ix_(idx, idx)] = acc.inter + acc.inter.T + np.diag(acc.changed)
+    p = acc.changed / max(numel, 1)
+    rho = kappa = heat = None
+    row_idx = col_idx = None
+    b = None
+    if acc.row_sums is not None:
+        rho = acc.row_sums / (R * cols) if cols else np.zeros(rows)
+        kappa = acc.col_sums / (R * rows) if rows else np.zeros(cols)
+        row_idx, col_idx = stripe_index(rho, p, cols), stripe_index(kappa, p, rows)
+    if acc.heat is not None:
+        b = heat_block(rows, cols)
+        cells = np.outer(np.minimum(b, rows - b * np.arange(acc.heat.shape[0])),
+                         np.minimum(b, cols - b * np.arange(acc.heat.shape[1])))
+        heat = acc.heat / (cells * R)
+    else:
+        rho = kappa = None
+    return TensorConsensus(plan.name, plan.layer, plan.module, plan.group, plan.info.shape, tuple(idx), numel,
+                           changed, nonfinite, inter, acc.hist.copy(), row_idx, col_idx, rho, kappa, heat, b)
+
+
+def scan(plans: Sequence[TensorPlan], n_runs: int, eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL,
+         profiles: Collection[str] = (), progress: Callable[[int], None] | None = None,
+         workers: int | None = None) -> Iterator[TensorConsensus]:
+    """Stream every planned tensor in row blocks; yield one `TensorConsensus` per plan, in order.
+
+    `n_runs` is R, the length of the per-run arrays. Matrices named in `profiles` keep their
+    row/column ratio profiles and a heatmap. `progress`, if given, is called with the bytes
+    read after each block.
+    """
+    keep = {p.name for p in plans if p.name in profiles and len(p.info.shape) == 2 and p.info.numel > 0}
+
+    def work(plan: TensorPlan, start: int, stop: int) -> _Block:
+        cols = rows_cols(plan)[1]  # windows are whole rows
+        return _scan_block(plan, start // max(cols, 1), stop // max(cols, 1), eta, atol, plan.name in keep)
+
+    def step(plan: TensorPlan) -> int:
+        return block_rows(plan) * rows_cols(plan)[1]
+
+    for plan, blocks in run_windows(plans, work, step, workers, progress):
+        acc = _Acc(plan, plan.name in keep)
+        lo = 0
+        for blk in blocks:
+            hi = lo + len(blk.row_sums) if blk.row_sums is not None else lo
+            acc.add(lo, hi, blk)
+            lo = hi
+        yield _finish(plan, acc, n_runs)
