@@ -83,6 +83,8 @@ def sparsity(
         [by.value, "numel", "changed", "nonfinite", "sparsity"]
     caption = (f"total: {total.changed:,} of {total.numel:,} entries changed; sparsity {total.sparsity:.4f} "
                f"({100 * total.sparsity:.1f}% unchanged), mode {mode_text}" if total.sparsity is not None else None)
+    if caption and any(t.dtype.startswith("F8_") for t in result.tensors):
+        caption += "; FP8 weights compared on their stored bits (block scales are not weights)"
     tables = [table(f"Update sparsity of {result.finetuned} vs {result.base}, by {by.value}", rows, cols, caption)]
     if result.skipped:
         tables.append(table("Skipped", [s.to_dict() for s in result.skipped]))

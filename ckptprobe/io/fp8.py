@@ -89,13 +89,31 @@ def _read(source, name: str, index: int | None) -> np.ndarray:
     return source.read(name, index * n, (index + 1) * n).reshape(shape[1:])
 
 
-def read_dequantized(source, name: str, index: int | None = None) -> np.ndarray:
-    """An FP8 weight with block scales in `source` -> its float32 values, shaped as stored;
-    with `index`, only matrix `index` of an (E, R, C) stack (whose scales are (E, S0, S1))."""
+def _scales(source, name: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The float32 block scales of weight `name` and the block size they imply."""
     info, sinfo = source.info(name), source.info(scale_name(name))
     what = f"{getattr(source, 'ref', '?')}: {scale_name(name)}"
     if sinfo.dtype not in ("F32", "BF16", "F16"):
         raise InvalidCheckpointError(f"{what}: block scales are {sinfo.dtype}, expected a float type")
     block = block_size(info.shape, sinfo.shape, what)
-    values, scale = _read(source, name, index), _read(source, scale_name(name), index)
-    return dequantize(to_float32(values, info.dtype), to_float32(scale, sinfo.dtype), block)
+    return to_float32(source.get_array(scale_name(name)), sinfo.dtype), block
+
+
+def read_dequantized(source, name: str, index: int | None = None) -> np.ndarray:
+    """An FP8 weight with block scales in `source` -> its float32 values, shaped as stored;
+    with `index`, only matrix `index` of an (E, R, C) stack (whose scales are (E, S0, S1))."""
+    scale, block = _scales(source, name)
+    values = _read(source, name, index)
+    return dequantize(to_float32(values, source.info(name).dtype), scale if index is None else scale[index], block)
+
+
+def read_dequantized_range(source, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Elements [start, stop) of a flattened FP8 weight with block scales -> float32 values."""
+    info = source.info(name)
+    scale, (b0, b1) = _scales(source, name)
+    stop = info.numel if stop is None else min(stop, info.numel)
+    rows, cols = info.shape[-2:]
+    idx = np.arange(start, max(start, stop), dtype=np.int64)
+    mat, within = np.divmod(idx, rows * cols)  # which matrix of a stack, and where in it
+    factors = scale.reshape(-1, *scale.shape[-2:])[mat, within // cols // b0, within % cols // b1]
+    return to_float32(source.read(name, start, stop), info.dtype) * factors

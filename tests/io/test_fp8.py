@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptprobe.errors import InvalidCheckpointError
-from ckptprobe.io.fp8 import block_scaled, block_size, dequantize, read_dequantized, scale_name
+from ckptprobe.io.fp8 import (block_scaled, block_size, dequantize, read_dequantized, read_dequantized_range,
+                               scale_name)
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
@@ -127,3 +128,17 @@ def test_read_one_matrix_of_a_stack(tmp_path):
     for e, (c, s) in enumerate(pairs):
         np.testing.assert_array_equal(read_dequantized(src, "mlp.experts.down_proj", e), whole[e])
         np.testing.assert_array_equal(whole[e], reference(c, s, 128, 128).astype(np.float32))
+
+
+@pytest.mark.parametrize("start,stop", [(0, None), (0, 1), (37, 5000), (6000, 12000), (11999, 12000)])
+def test_read_element_ranges(tmp_path, start, stop):
+    rng = np.random.default_rng(2)
+    pairs = [random_fp8(rng, 150, 40, 128) for _ in range(2)]
+    path = tmp_path / "stack.safetensors"
+    write_safetensors(path, {"mlp.experts.down_proj": ("F8_E4M3", np.stack([c for c, _ in pairs])),
+                             "mlp.experts.down_proj_scale_inv": ("F32", np.stack([s for _, s in pairs])),
+                             "w.weight": ("F8_E4M3", pairs[0][0]), "w.weight_scale_inv": ("F32", pairs[0][1])})
+    src = open_source(str(path))
+    flat = np.concatenate([reference(c, s, 128, 128).astype(np.float32).ravel() for c, s in pairs])
+    np.testing.assert_array_equal(read_dequantized_range(src, "mlp.experts.down_proj", start, stop), flat[start:stop])
+    np.testing.assert_array_equal(read_dequantized_range(src, "w.weight", start, stop), flat[:6000][start:stop])
