@@ -18,7 +18,15 @@ class CkptprobeError(Exception):
 
 
 class UsageError(CkptprobeError, ValueError):
-    """The command line asks for something impossible (bad option value, too few runs)."""
+    """The command line asks for something impossible (bad option value, too few runs).
+
+    `param`, when set, is the name of the Python parameter at fault (`"k"`, `"alpha"`): the message
+    speaks of it as `k=...`, and the CLI shows the matching flag instead (`-k ...`).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, param: str | None = None):
+        super().__init__(message, hint)
+        self.param = param
 
 
 class CheckpointNotFoundError(CkptprobeError, FileNotFoundError):

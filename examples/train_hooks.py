@@ -81,7 +81,7 @@ def masked_training(model, gen, folder: Path):
     print(f"   entries changed: {moved_in}/{inside} inside the mask, {moved_out}/{outside} outside")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"   hooks hold {handle.nbytes} bytes = {handle.nbytes / n_params:.2f} bytes per entry "
-          f"(1 bool + 70% frozen x 4 fp32 bytes; a bf16 model pays 1 + 0.7 x 2)")
+          f"(1/8 for the packed positions + 70% frozen x 4 fp32 bytes; a bf16 model pays 1/8 + 0.7 x 2)")
     handle.remove()
 
 

@@ -3,12 +3,14 @@
 It serves the Hub's URL layout to the real `huggingface_hub` client:
 `HEAD/GET /{org}/{name}/resolve/{rev}/{file}` (with `X-Repo-Commit`, `ETag`, and
 `Range` -> 206/416), `GET /api/models/{org}/{name}[/revision/{rev}]` and
-`GET /api/models/{org}/{name}/tree/{rev}`; errors carry the `X-Error-Code` header the
+`GET /api/models/{org}/{name}/tree/{rev}[/{path}][?recursive=true]` (files and folders, as the
+Hub lists them), `GET /api/models/{org}/{name}/refs` (branches, tags, pull requests); errors carry the `X-Error-Code` header the
 client maps to its exceptions (RepoNotFound, RevisionNotFound, EntryNotFound,
 GatedRepo). With `redirect=True`, .safetensors files are answered like the real Hub
 answers LFS files: a 302 (with `X-Linked-Etag`, `X-Linked-Size`) to a storage URL
 `/cdn/{org}/{name}/{commit}/{file}` that serves the bytes without a token. Every request is logged and every body byte of a file counted, so tests
-can assert what a command fetched.
+can assert what a command fetched. `quirks` make a repo answer like a broken server or proxy:
+"no-rfilename" (model info siblings without `rfilename`), "size-unknown" (`Content-Range: bytes a-b/*`).
 
     with FakeHub() as hub:
         hub.add_repo("org/a", {"main": {"model.safetensors": data}, "v2": {...}})
@@ -25,7 +27,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
 def commit_of(repo_id: str, revision: str) -> str:
@@ -38,6 +40,8 @@ class FakeRepo:
     revisions: dict[str, dict[str, bytes]]  # revision name -> {path: content}
     commits: dict[str, str]  # revision name -> commit sha
     token: str | None = None  # gated: files need `Authorization: Bearer <token>`
+    tags: tuple[str, ...] = ()  # revisions listed as tags; refs/pr/N as pull requests; the rest as branches
+    quirks: tuple[str, ...] = ()
 
     def find(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
         """(commit, files) of a revision given by name or by commit sha."""
@@ -66,8 +70,10 @@ class FakeHub:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
-    def add_repo(self, repo_id: str, revisions: dict[str, dict[str, bytes]], token: str | None = None) -> None:
-        self.repos[repo_id] = FakeRepo(revisions, {name: commit_of(repo_id, name) for name in revisions}, token)
+    def add_repo(self, repo_id: str, revisions: dict[str, dict[str, bytes]], token: str | None = None,
+                 tags: tuple[str, ...] = (), quirks: tuple[str, ...] = ()) -> None:
+        self.repos[repo_id] = FakeRepo(revisions, {name: commit_of(repo_id, name) for name in revisions}, token,
+                                       tuple(tags), tuple(quirks))
 
     def reset(self) -> None:
         """Forget the requests and byte counts seen so far."""
@@ -145,10 +151,13 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.fake.repos.get(repo_id)
         if repo is None:
             return self._error(404, "RepoNotFound")
+        if rest == ["refs"]:
+            return self._json(self._refs(repo))
         if rest and rest[0] in ("revision", "tree") and len(rest) >= 2:
-            revision = "/".join(rest[1:])
+            # the client sends the revision quoted (one path segment) and, for tree, the folder after it
+            revision, folder = (rest[1], "/".join(rest[2:])) if rest[0] == "tree" else ("/".join(rest[1:]), "")
         elif not rest:
-            revision = "main"
+            revision, folder = "main", ""
         else:
             return self._send(404, b"not found")
         found = repo.find(revision)
@@ -156,14 +165,26 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound")
         commit, files = found
         if rest and rest[0] == "tree":
-            entries = [{"type": "file", "path": p, "size": len(d), "oid": _git_oid(d),
-                        **({"lfs": _lfs(d, "oid")} if p.endswith(".safetensors") else {})}
-                       for p, d in sorted(files.items())]
-            return self._json(entries)
+            recursive = parse_qs(urlsplit(self.path).query).get("recursive", ["false"])[0].lower() in ("true", "1")
+            return self._json(_tree(files, folder.strip("/"), recursive))
         siblings = [{"rfilename": p, "size": len(d), "blobId": _git_oid(d),
                      **({"lfs": _lfs(d)} if p.endswith(".safetensors") else {})} for p, d in sorted(files.items())]
+        if "no-rfilename" in repo.quirks:
+            siblings = [{k: v for k, v in sib.items() if k != "rfilename"} for sib in siblings]
         self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                     "gated": "manual" if repo.token else False, "siblings": siblings})
+
+    @staticmethod
+    def _refs(repo: FakeRepo) -> dict:
+        out = {"branches": [], "tags": [], "converts": [], "pullRequests": []}
+        for name, commit in repo.commits.items():
+            if name.startswith("refs/pr/"):
+                out["pullRequests"].append({"name": name, "ref": name, "targetCommit": commit})
+            elif name in repo.tags:
+                out["tags"].append({"name": name, "ref": f"refs/tags/{name}", "targetCommit": commit})
+            else:
+                out["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit})
+        return out
 
     def _resolve(self, request: Request, repo_id: str, revision: str, path: str, head: bool) -> None:
         repo = self.fake.repos.get(repo_id)
@@ -193,7 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(302, b"", {"Location": location, "X-Repo-Commit": commit,
                                          "ETag": f'"{_git_oid(data)}"', "X-Linked-Etag": etag,
                                          "X-Linked-Size": str(len(data))}, head)
-        self._serve(request, (repo_id, path), data, {"X-Repo-Commit": commit, "ETag": etag}, head)
+        self._serve(request, (repo_id, path), data, {"X-Repo-Commit": commit, "ETag": etag}, head,
+                    size_unknown="size-unknown" in repo.quirks)
 
     def _cdn(self, request: Request, repo_id: str, commit: str, path: str, head: bool) -> None:
         repo = self.fake.repos.get(repo_id)
@@ -204,7 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(request, (repo_id, path), found[1][path], {"ETag": f'"{hashlib.sha256(found[1][path]).hexdigest()}"'},
                     head)
 
-    def _serve(self, request: Request, key: tuple[str, str], data: bytes, headers: dict, head: bool) -> None:
+    def _serve(self, request: Request, key: tuple[str, str], data: bytes, headers: dict, head: bool,
+               size_unknown: bool = False) -> None:
         """A file's bytes, or the byte range asked for (206), counted under `key`."""
         headers = {**headers, "Accept-Ranges": "bytes"}
         status, body = 200, data
@@ -215,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {**headers, "Content-Range": f"bytes */{len(data)}"})
             a, b = span
             status, body = 206, data[a:b + 1]
-            headers["Content-Range"] = f"bytes {a}-{b}/{len(data)}"
+            headers["Content-Range"] = f"bytes {a}-{b}/{'*' if size_unknown else len(data)}"
         self.fake._record(request, key, 0 if head else len(body))
         self._send(status, body, headers, head)
 
@@ -250,6 +273,24 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return (a, b) if a < size and a <= b else None
 
 
+def _tree(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict]:
+    """The tree endpoint's entries under `folder` ("" = root): direct children, or every descendant."""
+    prefix = folder + "/" if folder else ""
+    entries: dict[str, dict] = {}
+    for path, data in sorted(files.items()):
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix):].split("/")
+        for depth in range(1, len(parts)):  # the folders on the way
+            sub = prefix + "/".join(parts[:depth])
+            if recursive or depth == 1:
+                entries.setdefault(sub, {"type": "directory", "path": sub, "oid": _git_oid(sub.encode())})
+        if recursive or len(parts) == 1:
+            entries[path] = {"type": "file", "path": path, "size": len(data), "oid": _git_oid(data),
+                             **({"lfs": _lfs(data, "oid")} if path.endswith(".safetensors") else {})}
+    return [entries[k] for k in sorted(entries)]
+
+
 def _git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -257,3 +298,28 @@ def _git_oid(data: bytes) -> str:
 def _lfs(data: bytes, sha_key: str = "sha256") -> dict:
     """LFS pointer info: the tree endpoint names the sha256 `oid`, the info endpoint `sha256`."""
     return {"size": len(data), sha_key: hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+
+
+def files_of(path) -> dict[str, bytes]:
+    """A local checkpoint as repo files: a single file becomes model.safetensors, a folder keeps its names."""
+    if path.is_file():
+        return {"model.safetensors": path.read_bytes()}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def use_fake_hub(hub: FakeHub, tmp_path, monkeypatch) -> FakeHub:
+    """Point the in-process `huggingface_hub` client at `hub`, with an empty cache under `tmp_path`
+    and no token anywhere; forget the requests seen so far."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    monkeypatch.setattr(c, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    hub.reset()
+    return hub

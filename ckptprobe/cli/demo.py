@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ckptprobe.cli._options import FormatOpt, OutputOpt
-from ckptprobe.report.output import Format
+from ckptprobe.cli._options import DEFAULT_ALPHA, AlphaOpt, FormatOpt, OutputOpt, PlotOpt, RankOpt, ThreadsOpt
+
+FIGURES = ("spectrum", "principal", "jaccard", "consensus-heatmaps", "consensus-ratios", "drift")
 
 
 def demo(
@@ -16,13 +17,14 @@ def demo(
         "--path", help="Print the folder of one shipped checkpoint (base, sft, rl-1, ...) and exit, "
                        "for use in other commands.", metavar="NAME")] = None,
     rebuild: Annotated[Optional[Path], typer.Option(
-        help="Train the family again into this folder (a few minutes on CPU), then report on it.",
+        metavar="DIR", help="Train the family again into this folder (a few minutes on CPU), then report on it.",
         file_okay=False)] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write the figures into this folder.", file_okay=False)] = None,
-    rank: Annotated[int, typer.Option("--rank", "-k", help="k for principal masks and principal angles.", min=1)] = 8,
-    alpha: Annotated[float, typer.Option(help="Fraction of entries in the principal and low masks.", min=0, max=1)] = 0.05,
-    fmt: FormatOpt = Format.table,
+    plot: PlotOpt = None,
+    rank: RankOpt = None,
+    alpha: AlphaOpt = DEFAULT_ALPHA,
+    fmt: FormatOpt = None,
     output: OutputOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run every analysis on the built-in example family and say what each finding means.
 
@@ -30,53 +32,60 @@ def demo(
     fine-tuned with SFT on subtraction (`sft`) and with GRPO from three seeds (`rl-1`, `rl-2`, `rl-3`;
     `rl-1` also at steps 50, 100, 150), all stored in bf16. The report compares SFT with RL on update
     sparsity, agreement between RL runs, overlap with principal and low-magnitude weights, spectrum
-    shift and principal angles, and rl-1's drift.
+    shift and principal angles, and rl-1's drift. k (-k) defaults to 8 here, the rule of `principal`
+    for these 128-wide matrices. --plot FILE.png writes FILE-spectrum.png, FILE-principal.png,
+    FILE-jaccard.png, FILE-consensus-heatmaps.png, FILE-consensus-ratios.png and FILE-drift.png.
 
     Examples:
 
     `ckptprobe demo`
 
-    `ckptprobe demo --plot figures/ --format json -o demo.json`
+    `ckptprobe demo --plot figures/demo.png -o demo.json`
 
     `ckptprobe sparsity $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1)`
     """
     from ckptprobe import examples
+    from ckptprobe.cli._common import check_output, check_plot, configure_threads, emit, wrote
 
     if path:
         print(examples.path(path))
         return
+    out = check_output(fmt, output)
+    figures = check_plot(plot, FIGURES)
+    configure_threads(threads)
     from ckptprobe.examples._findings import findings
-    from ckptprobe.report.output import emit, err, table
+    from ckptprobe.report.output import err, table
 
     if rebuild:
         with err.status("training the example family") as status:
             examples.rebuild(rebuild, progress=lambda line: status.update(line))
     with err.status("measuring") as status:
-        result = findings(rebuild, rank, alpha, progress=lambda step: status.update(f"measuring: {step}"))
+        result = findings(rebuild, rank or 8, alpha, progress=lambda step: status.update(f"measuring: {step}"))
     rows = [{"finding": f.title, "SFT": f.sft, "RL (mean of 3)": f.rl, "chance / none": f.baseline}
             for f in result.items]
     readings = "\n".join(f"- {f.reading}" for f in result.items)
     tables = [table(f"SFT vs RL on the example family ({result.root})", rows,
                     ["finding", "SFT", "RL (mean of 3)", "chance / none"], readings)]
-    if plot:
-        _plots(result, plot)
-        err.print(f"wrote figures to {plot}/", highlight=False)
-    emit(fmt, result.to_dict(), [f.to_dict() for f in result.items], tables, output)
+    if figures:
+        _plots(result, dict(zip(FIGURES, figures)))
+        wrote(figures)
+    emit(out, result.to_dict(), [f.to_dict() for f in result.items], tables)
 
 
-def _plots(result, folder: Path) -> None:
+def _plots(result, files: dict) -> None:
     import json
 
     from ckptprobe.report.consensus_plots import plot_heatmaps, plot_jaccard, plot_ratios
     from ckptprobe.report.drift_plots import plot_drift
+    from ckptprobe.report.labels import labels
     from ckptprobe.report.principal_plots import plot_principal
     from ckptprobe.report.spectrum_plots import plot_spectrum
 
     cons = result.results["consensus"]
     head_dim = json.loads((Path(result.root) / "base" / "config.json").read_text()).get("head_dim")
-    plot_spectrum(result.results["spectrum"], folder / "spectrum.png")
-    plot_principal(result.results["principal"], folder / "principal.png")
-    plot_jaccard(cons.total, [Path(r).name for r in cons.runs], folder / "jaccard.png")
-    plot_heatmaps(cons.layer_tensors(), len(cons.runs), folder / "consensus_heatmaps.png", head_dim)
-    plot_ratios(cons.layer_tensors(), folder / "consensus_ratios.png", head_dim)
-    plot_drift(result.results["drift"], folder / "drift.png")
+    plot_spectrum(result.results["spectrum"], files["spectrum"])
+    plot_principal(result.results["principal"], files["principal"])
+    plot_jaccard(cons.total, labels(cons.runs), files["jaccard"])
+    plot_heatmaps(cons.layer_tensors(), len(cons.runs), files["consensus-heatmaps"], head_dim)
+    plot_ratios(cons.layer_tensors(), files["consensus-ratios"], head_dim)
+    plot_drift(result.results["drift"], files["drift"])

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
-from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt,
-                                    RevisionOpt, TokenOpt)
-from ckptprobe.report.output import Format
+from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt, PlotOpt,
+                                    RevisionOpt, SeriesArg, ThreadsOpt, TokenOpt, VerboseOpt)
 
 
 def drift(
     base: BaseArg,
-    checkpoints: Annotated[List[str], typer.Argument(
-        help="Checkpoints of one run, in training order (e.g. step-100 step-200 ...).", show_default=False,
-        metavar="CKPT...")],
-    z: Annotated[float, typer.Option("--z", help="z-score above which an lm_head step counts as a surge.")] = 3.0,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a figure (png/pdf/svg) of the drift curves.",
-                                                 dir_okay=False)] = None,
+    checkpoints: SeriesArg,
+    z: Annotated[float, typer.Option("--z", min=0, metavar="X",
+                                     help="z-score above which an lm_head step counts as a surge.")] = 3.0,
+    plot: PlotOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fmt: FormatOpt = Format.table,
+    fmt: FormatOpt = None,
     output: OutputOpt = None,
+    verbose: VerboseOpt = False,
+    threads: ThreadsOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
@@ -44,31 +42,33 @@ def drift(
     `ckptprobe drift $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1-step050) $(ckptprobe demo --path rl-1)`
     """
     from ckptprobe.analysis.drift import drift as run
-    from ckptprobe.io.sources import open_source
-    from ckptprobe.report.output import emit, progress_bar, table, warn
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, labels,
+                                       open_sources, report_skipped, wrote)
+    from ckptprobe.report.output import progress_bar, table
 
-    src = open_source(base, revision, token, download)
-    series = [open_source(c, revision, token, download) for c in checkpoints]
+    out = check_output(fmt, output, verbose)
+    figures = check_plot(plot)
+    configure_threads(threads)
+    src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download)
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))
     with progress_bar("reading", total) as advance:
         result = run(src, series, include or (), exclude or (), z, progress=advance)
-    for s in result.skipped:
-        warn(f"skipped {s.name}: {s.reason}")
+    report_skipped(result.skipped, verbose)
     groups = list(result.groups)
-    names = [Path(c).name or c for c in result.checkpoints]
-    labels = names if len(set(names)) == len(names) else list(result.checkpoints)
-    rows = [{"checkpoint": labels[t], **{f"{g}_{kind}": result.groups[g][kind][t] for g in groups
+    names = labels(result.checkpoints)
+    rows = [{"checkpoint": names[t], **{f"{g}_{kind}": result.groups[g][kind][t] for g in groups
                                  for kind in ("rel_to_base", "rel_step")}}
-            for t, c in enumerate(result.checkpoints)]
+            for t in range(len(result.checkpoints))]
     tables = [table(f"Relative change {title}, per module group", [
         {"checkpoint": r["checkpoint"], **{g: r[f"{g}_{kind}"] for g in groups}} for r in rows],
         ["checkpoint", *groups]) for title, kind in (("from the base", "rel_to_base"), ("per step", "rel_step"))]
     if result.head:
         tables.append(table(f"lm_head surges ({result.head} step / body step, z > {result.z_threshold:g})",
-                            [{**s.to_dict(), "checkpoint": labels[s.index]} for s in result.surges],
+                            [{**s.to_dict(), "checkpoint": names[s.index]} for s in result.surges],
                             ["checkpoint", "ratio", "z"], None if result.surges else "none"))
-    if plot:
+    if figures:
         from ckptprobe.report.drift_plots import plot_drift
 
-        plot_drift(result, plot)
-    emit(fmt, result.to_dict(), rows, tables, output)
+        plot_drift(result, figures[0])
+        wrote(figures)
+    emit(out, result.to_dict(), rows, tables)

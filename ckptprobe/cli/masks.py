@@ -8,37 +8,9 @@ from typing import Annotated, List, Optional
 import typer
 from typer.core import TyperGroup
 
-from ckptprobe.analysis.mask_expr import Kind
-from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold
-from ckptprobe.analysis.masks import Vectors
-from ckptprobe.analysis.svd import TopkMethod
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA
-from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt,
-                                    RevisionOpt, TokenOpt)
-from ckptprobe.cli.sparsity import ModeOpt
-from ckptprobe.report.output import Format
-
-RankOpt = Annotated[Optional[int], typer.Option(
-    "-k", "--rank", show_default="min(64, min(m, n) // 16) per matrix",
-    help="Rank k of the SVD reconstruction W0^(k) behind the principal mask. The default gives 64 for "
-         "1536-wide and larger matrices and 8 for the 128-wide example family; an explicit k must fit every "
-         "selected matrix (1 <= k <= min(m, n)).")]
-AlphaOpt = Annotated[float, typer.Option(
-    "--alpha", help="Fraction of each matrix in the principal mask (and in the low mask with --low-threshold "
-                    "alpha): exactly round(alpha * n) entries, ties to the lowest index.")]
-LowOpt = Annotated[LowThreshold, typer.Option(
-    "--low-threshold", help="Low-magnitude mask: alpha = the alpha fraction of smallest |W0|; mean = every "
-                            "entry below the matrix's mean |W0| (the paper's choice for training masks).")]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="Where SVDs run: auto (CUDA when available), cpu, cuda or cuda:N.")]
-
-
-TopkMethodOpt = Annotated[TopkMethod, typer.Option(
-    "--topk-method", help="How W0^(k) is computed. auto: exact thin SVD, randomized (seeded range finder, "
-                          "4 power iterations) for matrices with a side >= 8192. Randomized is accurate when the "
-                          "spectrum decays past k, as in trained weights (99% of principal entries agree at "
-                          "sigma_i ~ i^-0.5), not on a flat one (random Gaussian matrices: ~30%). exact: always "
-                          "exact, slower on large matrices.")]
+from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, DeviceOpt, DownloadOpt, EtaOpt,
+                                    ExcludeOpt, FormatOpt, IncludeOpt, Kind, LowOpt, LowThreshold, ModeOpt, OutputOpt,
+                                    RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, Vectors)
 
 
 class _DefaultBuild(TyperGroup):
@@ -76,7 +48,7 @@ masks_app = typer.Typer(
 @masks_app.command("build", no_args_is_help=True)
 def build(
     base: BaseArg,
-    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, show_default=False,
+    output: Annotated[Path, typer.Option("--output", "-o", show_default=False, metavar="FILE",
                                          help="The mask file to write (safetensors, written atomically).")],
     kind: Annotated[Optional[Kind], typer.Option(
         "--kind", show_default=False,
@@ -85,7 +57,7 @@ def build(
              "update: what --from FT changed. consensus: what at least --min-agree of the --from runs "
              "changed.")] = None,
     expr: Annotated[Optional[str], typer.Option(
-        "--expr", show_default=False,
+        "--expr", show_default=False, metavar="EXPR",
         help="Set algebra over kind names instead of --kind: ~ not, & and, ^ xor, | or, parentheses "
              "(precedence as in Python), e.g. 'low & ~principal'.")] = None,
     vectors: Annotated[Optional[Vectors], typer.Option(
@@ -96,23 +68,25 @@ def build(
     alpha: AlphaOpt = DEFAULT_ALPHA,
     low_threshold: LowOpt = LowThreshold.alpha,
     like: Annotated[Optional[str], typer.Option(
-        "--like", show_default=False,
+        "--like", show_default=False, metavar="KIND",
         help="random: the kind (or expression) whose per-matrix density it copies.")] = None,
     seed: Annotated[int, typer.Option(
-        "--seed", help="random: seed of the positions (mixed with each tensor's name).")] = 0,
+        "--seed", metavar="N", help="random: seed of the positions (mixed with each tensor's name).")] = 0,
     runs: Annotated[Optional[List[str]], typer.Option(
         "--from", show_default=False, metavar="RUN...",
         help="Fine-tuned checkpoints for update (one) and consensus (two or more): --from RUN1 RUN2 ...")] = None,
-    min_agree: Annotated[float, typer.Option(
-        "--min-agree", help="consensus: keep an entry changed in at least ceil(min_agree * runs) runs "
-                            "(1.0: in every run).")] = 1.0,
+    min_agree: Annotated[Optional[int], typer.Option(
+        "--min-agree", min=1, metavar="N", show_default="all of the --from runs",
+        help="consensus: keep an entry that at least N of the --from runs changed (N = 2 of 3 runs: a "
+             "majority).")] = None,
     mode: ModeOpt = None,
-    eta: Annotated[float, typer.Option(help="Relative tolerance for --mode eta.", min=0)] = DEFAULT_ETA,
-    atol: Annotated[float, typer.Option(help="Absolute tolerance for --mode atol.", min=0)] = DEFAULT_ATOL,
+    eta: EtaOpt = None,
+    atol: AtolOpt = None,
     device: DeviceOpt = "auto",
     topk_method: TopkMethodOpt = TopkMethod.auto,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    threads: ThreadsOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
@@ -140,10 +114,10 @@ def build(
     """
     from ckptprobe.analysis.mask_expr import parse_expression
     from ckptprobe.analysis.masks import MaskSpec, build_masks, group_densities
+    from ckptprobe.cli._common import configure_threads, open_sources, tolerances, writable
     from ckptprobe.errors import UsageError
     from ckptprobe.io.maskfile import write_packed
-    from ckptprobe.io.sources import open_source
-    from ckptprobe.report.output import err, out, progress_bar, table
+    from ckptprobe.report.output import err, progress_bar, show, table
 
     if (kind is None) == (expr is None):
         raise UsageError("give exactly one of --kind and --expr")
@@ -151,24 +125,31 @@ def build(
     atoms = parse_expression(text).atoms() | (parse_expression(like).atoms() if like else set())
     if like is not None and "random" not in parse_expression(text).atoms():
         raise UsageError("--like is only read by the random kind")
-    src = open_source(base, revision, token, download)
-    run_sources = [open_source(r, revision, token, download) for r in runs or ()]
+    if min_agree is not None and "consensus" not in atoms:
+        raise UsageError("--min-agree is only read by the consensus kind")
+    if min_agree is not None and min_agree > len(runs or ()):
+        raise UsageError(f"--min-agree {min_agree}: more than the {len(runs or ())} --from runs")
+    eta, atol = tolerances(mode, eta, atol)
+    writable("-o", output)
     dev = None
     if "principal" in atoms:
         from ckptprobe.analysis.svd import resolve_device
 
         dev = resolve_device(device)
-    spec = MaskSpec(text, rank, alpha, low_threshold, like, seed, min_agree, mode, eta, atol, topk_method.value,
-                    dev)
+    configure_threads(threads)
+    src, *run_sources = open_sources([base, *(runs or ())], revision, token, download)
+    agree = 1.0 if min_agree is None else min_agree / len(run_sources)  # the library takes a fraction of runs
+    spec = MaskSpec(text, rank, alpha, low_threshold, like, seed, agree, mode, eta, atol, topk_method.value, dev)
     with progress_bar("building masks", sum(src.info(n).nbytes for n in src.keys())) as advance:
         result = build_masks(src, spec, run_sources, kind.value if kind else None, include or (), exclude or (),
                              vectors, progress=advance)
     write_packed(output, result.packed(), result.recipe, result.fingerprints)
     total = result.total
-    err.print(f"wrote {output}: {result.recipe['expression']}, density {total['density']:.4f} "
-              f"({total['trainable']:,} of {total['numel']:,} entries trainable)", highlight=False)
-    out.print(table(f"Mask {result.recipe['expression']} of {src.ref}, by module",
-                    group_densities(result.tensors, "module"), ["module", "tensors", "numel", "trainable", "density"]))
+    density = f"{100 * total['density']:.1f}%" if total["numel"] else "no"
+    err.print(f"{result.recipe['expression']}: {density} of entries trainable ({total['trainable']:,} of "
+              f"{total['numel']:,}); wrote {output}", highlight=False, markup=False)
+    show(table(f"Mask {result.recipe['expression']} of {src.ref}, by module",
+               group_densities(result.tensors, "module"), ["module", "tensors", "numel", "trainable", "density"]))
 
 
 @masks_app.command("info", no_args_is_help=True)
@@ -176,10 +157,10 @@ def info(
     file: Annotated[Path, typer.Argument(help="A mask file written by `ckptprobe masks`.", show_default=False,
                                          metavar="FILE", dir_okay=False)],
     base: Annotated[Optional[str], typer.Option(
-        "--base", show_default=False,
+        "--base", show_default=False, metavar="BASE",
         help="Check the file against this checkpoint: every mask's shape and the fingerprint of the base "
              "tensor it was computed from.")] = None,
-    fmt: FormatOpt = Format.table,
+    fmt: FormatOpt = None,
     output: OutputOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
@@ -199,14 +180,15 @@ def info(
     `ckptprobe masks info safe.safetensors --base ./base --format json`
     """
     from ckptprobe.analysis.masks import TensorMask, fingerprint_as, group_densities
+    from ckptprobe.cli._common import check_output, emit, open_sources
     from ckptprobe.io.maskfile import check_against, read_masks
     from ckptprobe.io.names import parse_name
-    from ckptprobe.io.sources import open_source
-    from ckptprobe.report.output import emit, table, warn
+    from ckptprobe.report.output import table, warn
 
+    out = check_output(fmt, output)
     mf = read_masks(file)
     if base:
-        src = open_source(base, revision, token, download)
+        src, = open_sources([base], revision, token, download)
         shapes = {n: src.info(n).shape for n in src.keys()}
         names = [n for n in mf.keys() if n in shapes and tuple(shapes[n]) == mf.shape(n)]
         fps = {n: fingerprint_as(src.get_array(n), src.info(n).dtype,
@@ -233,4 +215,4 @@ def info(
     cols = ["tensors", "numel", "trainable", "density"]
     tables = [table(f"{file}: {recipe}", groups["module"], ["module", *cols]),
               table("By layer", groups["layer"], ["layer", *cols], caption)]
-    emit(fmt, data, data["tensors"], tables, output)
+    emit(out, data, data["tensors"], tables)

@@ -2,58 +2,46 @@
 
 from __future__ import annotations
 
-from enum import Enum
-from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA
-from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt,
-                                    RevisionOpt, TokenOpt)
-from ckptprobe.cli.masks import AlphaOpt, DeviceOpt, LowOpt, RankOpt, TopkMethod, TopkMethodOpt
-from ckptprobe.cli.sparsity import ModeOpt
-from ckptprobe.report.output import Format
-
-
-class By(str, Enum):
-    tensor = "tensor"
-    module = "module"
-    layer = "layer"
+from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt, EtaOpt,
+                                    ExcludeOpt, FinetunedArg, FormatOpt, IncludeOpt, LowOpt, LowThreshold, ModeOpt,
+                                    OutputOpt, PlotOpt, RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod,
+                                    TopkMethodOpt, VerboseOpt)
 
 
 def _cell(counts, mask: str) -> str:
-    """overlap/baseline ratio, e.g. "0.031/0.050 0.62x"."""
+    """overlap/baseline ratio, e.g. "0.0312/0.05 0.624x"."""
+    from ckptprobe.report.output import fmt_num
+
     o, b, r = counts.overlap(mask), counts.baseline(mask), counts.ratio(mask)
-    text = ("-" if o is None else f"{o:.3f}") + ("/-" if b is None else f"/{b:.3f}")
-    return text + (f" {r:.2f}x" if r is not None else "")
+    return f"{fmt_num(o, 3)}/{fmt_num(b, 3)}" + (f" {fmt_num(r, 3)}x" if r is not None else "")
 
 
 def principal(
     base: BaseArg,
-    finetuned: Annotated[List[str], typer.Argument(
-        help="Fine-tuned checkpoints of BASE (same kinds of reference), each compared on its own.",
-        show_default=False, metavar="FT...")],
+    finetuned: FinetunedArg,
     rank: RankOpt = None,
     alpha: AlphaOpt = DEFAULT_ALPHA,
     low_threshold: LowOpt = LowThreshold.alpha,
     mode: ModeOpt = None,
-    eta: Annotated[float, typer.Option(help="Relative tolerance for --mode eta.", min=0)] = DEFAULT_ETA,
-    atol: Annotated[float, typer.Option(help="Absolute tolerance for --mode atol.", min=0)] = DEFAULT_ATOL,
+    eta: EtaOpt = None,
+    atol: AtolOpt = None,
     by: Annotated[By, typer.Option("--by", help="Rows of the table (and of CSV).")] = By.module,
-    plot: Annotated[Optional[Path], typer.Option(
-        help="Write a figure (png/pdf/svg): overlap vs random baseline per layer (Fig. 5); with --matrix, also "
-             "that matrix's update masks beside its principal mask (Fig. 18).", dir_okay=False)] = None,
+    plot: PlotOpt = None,
     matrix: Annotated[Optional[str], typer.Option(
-        "--matrix", show_default=False, help="With --plot: the tensor name whose masks to draw, e.g. "
-                                             "model.layers.1.mlp.up_proj.weight.")] = None,
+        "--matrix", show_default=False, metavar="NAME",
+        help="With --plot: the tensor whose masks to draw, e.g. model.layers.1.mlp.up_proj.weight.")] = None,
     device: DeviceOpt = "auto",
     topk_method: TopkMethodOpt = TopkMethod.auto,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fmt: FormatOpt = Format.table,
+    fmt: FormatOpt = None,
     output: OutputOpt = None,
+    verbose: VerboseOpt = False,
+    threads: ThreadsOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
@@ -65,7 +53,9 @@ def principal(
     overlap = |M & X| / |M|; a random mask of M's size would overlap X by X's density (the baseline), so
     the ratio overlap/baseline < 1 means the updates avoid X. "The Path Not Taken" (Sec. 4.2, Fig. 5): RLVR
     updates are sub-random on principal weights and super-random on low-magnitude ones; SFT's are near 1.
-    Only 2-D weight matrices are measured; the rest are listed as skipped.
+    Only 2-D weight matrices are measured; the rest are skipped (a summary on stderr, the list in
+    JSON/CSV and with --verbose). --plot draws the overlap vs its random baseline per layer (Fig. 5) and,
+    with --matrix, that matrix's update masks beside its principal mask (Fig. 18).
 
     Examples:
 
@@ -73,28 +63,31 @@ def principal(
 
     `ckptprobe principal ./base ./rl --by layer --plot overlap.png --matrix model.layers.1.mlp.up_proj.weight`
 
-    `ckptprobe principal org/base org/rl -k 64 --alpha 0.05 --format json -o principal.json`
+    `ckptprobe principal org/base org/rl -k 64 --alpha 0.05 -o principal.json`
     """
-    from ckptprobe.analysis.plan import skip_summary
     from ckptprobe.analysis.principal import MASKS, check_matrix, matrix_masks, principal_overlap
     from ckptprobe.analysis.svd import resolve_device
+    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, emit, open_sources,
+                                       report_skipped, tolerances, wrote)
     from ckptprobe.errors import UsageError
-    from ckptprobe.io.sources import open_source
-    from ckptprobe.report.output import emit, progress_bar, table, warn
+    from ckptprobe.report.output import progress_bar, table, warn
 
+    check_by(by, ("tensor", "module", "layer"), "principal")
+    eta, atol = tolerances(mode, eta, atol)
+    out = check_output(fmt, output, verbose)
+    figures = check_plot(plot)
     if matrix and not plot:
         raise UsageError("--matrix only chooses what --plot draws", hint="add --plot FILE.png")
     dev = resolve_device(device)
-    src = open_source(base, revision, token, download)
-    fts = [open_source(f, revision, token, download) for f in finetuned]
+    configure_threads(threads)
+    src, *fts = open_sources([base, *finetuned], revision, token, download)
     if matrix:
         check_matrix(src, fts, matrix)
     total_bytes = sum(s.info(n).nbytes for s in (src, *fts) for n in s.keys())
     with progress_bar("measuring", total_bytes) as advance:
         result = principal_overlap(src, fts, rank, alpha, low_threshold, mode, eta, atol, include or (),
                                    exclude or (), dev, topk_method.value, progress=advance)
-    if result.skipped:
-        warn(skip_summary(result.skipped) + " (listed in --format json)")
+    report_skipped(result.skipped, verbose)
     if not result.matrices:
         warn("no matrix was measured (check --include/--exclude and the checkpoints' names)")
     data = result.to_dict()
@@ -117,14 +110,13 @@ def principal(
         cols = [key, *(["k"] if by == By.tensor else []), "update density", *labels.values()]
         tables.append(table(f"Overlap of {ft}'s updates with {result.base}'s masks, by {by.value}", trows, cols,
                             caption))
-    if result.skipped:
-        tables.append(table("Skipped", [s.to_dict() for s in result.skipped]))
-    if plot:
+    if figures:
         from ckptprobe.report.principal_plots import plot_principal
 
         masks = None
         if matrix:
             masks = matrix_masks(src, fts, matrix, rank, alpha, low_threshold, mode, eta, atol, dev,
                                  topk_method.value)
-        plot_principal(result, plot, matrix, masks)
-    emit(fmt, data, rows, tables, output)
+        plot_principal(result, figures[0], matrix, masks)
+        wrote(figures)
+    emit(out, data, rows, tables)

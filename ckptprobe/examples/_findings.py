@@ -4,10 +4,16 @@ One function, `findings()`, runs sparsity, consensus, principal/low overlap, spe
 drift on `base` vs `sft` and the RL runs, and returns the headline numbers with a
 one-line reading of each. `ckptprobe demo`, the walkthrough notebook and the tests
 use it.
+
+The words of a reading follow its numbers, never the other way round: each reading picks
+its verb from `THRESHOLDS` (a ratio or an angle against stated bounds), so a family that
+does not show a finding says so. To add a reading, add its scale to `THRESHOLDS` (if it
+needs one) and its sentence to `READINGS`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +24,93 @@ from ckptprobe.errors import CheckpointNotFoundError
 
 RL_RUNS = ("rl-1", "rl-2", "rl-3")
 RL_SERIES = ("rl-1-step050", "rl-1-step100", "rl-1-step150", "rl-1")
+
+# scale -> ((upper bound, word), ...): a value takes the word of the first row whose bound it is below.
+THRESHOLDS = {
+    # Jaccard of two runs' update masks / Jaccard of independent masks of the same densities.
+    "agreement": ((1 / 1.5, "less"), (1.5, "chance"), (math.inf, "agree")),
+    # share of the updates in a mask / the mask's density (what a random update would give).
+    "overlap": ((0.5, "avoid"), (2.0, "chance"), (math.inf, "prefer")),
+    # SFT's NSS / RL's NSS: RL "barely moves" the spectrum when SFT moves it 10x more.
+    "spectrum": ((10.0, "moves"), (math.inf, "barely moves")),
+    # largest principal angle between the base's and the fine-tune's top-k subspaces, degrees.
+    "angle": ((5.0, "keeps"), (math.inf, "rotates")),
+}
+
+
+def verdict(scale: str, value: float) -> str:
+    """The word `THRESHOLDS[scale]` gives `value` (NaN: "unknown")."""
+    return next((word for bound, word in THRESHOLDS[scale] if value < bound), "unknown")
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None:
+        return math.nan
+    return a / b if b else (math.inf if a else 1.0)
+
+
+def _read_sparsity(f: "Finding", detail: dict) -> str:
+    return f"RL left {100 * f.rl:.0f}% of weights bitwise unchanged; SFT {100 * f.sft:.0f}%."
+
+
+def _read_jaccard(f: "Finding", detail: dict) -> str:
+    lift = _ratio(f.rl, f.baseline)
+    head = {"agree": "Independent RL runs change the same weights",
+            "chance": "Independent RL runs overlap as much as independent masks would",
+            "less": "Independent RL runs change different weights",
+            "unknown": "RL runs' agreement is unknown"}[verdict("agreement", lift)]
+    return (f"{head}: Jaccard {f.rl:.2f} vs {f.baseline:.2f} for independent masks of the same density "
+            f"({lift:.1f}x).")
+
+
+def _read_overlap(f: "Finding", detail: dict) -> str:
+    mask = detail["mask"]
+    rl, sft = _ratio(f.rl, f.baseline), _ratio(f.sft, f.baseline)
+    head = {"avoid": f"RL updates avoid the {mask} weights", "prefer": f"RL updates prefer the {mask} weights",
+            "chance": f"RL updates land on the {mask} weights at chance rate",
+            "unknown": f"RL updates' overlap with the {mask} weights is unknown"}[verdict("overlap", rl)]
+    sft_word = {"avoid": "avoids them", "prefer": "prefers them", "chance": "at chance",
+                "unknown": "unknown"}[verdict("overlap", sft)]
+    return (f"{head}: {f.rl:.3f} of them fall there vs {f.baseline:.3f} by chance ({rl:.2f}x); "
+            f"SFT {f.sft:.3f} ({sft:.2f}x, {sft_word}).")
+
+
+def _read_nss(f: "Finding", detail: dict) -> str:
+    ratio = _ratio(f.sft, f.rl)
+    word = "does not move" if f.rl == 0 else verdict("spectrum", ratio)
+    return f"RL {word} the spectrum: NSS {f.rl:.1e} vs SFT {f.sft:.1e} (SFT/RL {ratio:.0f}x)."
+
+
+def _read_angle(f: "Finding", detail: dict) -> str:
+    k = detail["rank"]
+    return (f"RL {verdict('angle', f.rl)} the top-{k} singular subspaces: {f.rl:.2f} deg vs SFT {f.sft:.1f} deg "
+            f"(SFT {verdict('angle', f.sft)} them).")
+
+
+def _read_drift(f: "Finding", detail: dict) -> str:
+    series, surges = detail["series"], detail["surges"]
+    steady = all(b > a for a, b in zip(series, series[1:]))
+    how = "drifts steadily away from base" if steady else "does not drift steadily (its distance to base does not grow at every checkpoint)"
+    return (f"rl-1 {how} over its {len(series)} checkpoints ({', '.join(f'{v:.1e}' for v in series)}); "
+            f"lm_head surges: {surges or 'none'}.")
+
+
+# finding key -> its sentence, from the finding's numbers and `detail` (what else the sentence needs).
+READINGS: dict[str, Callable[["Finding", dict], str]] = {
+    "sparsity": _read_sparsity, "jaccard": _read_jaccard, "overlap_principal": _read_overlap,
+    "overlap_low": _read_overlap, "nss": _read_nss, "max_angle": _read_angle, "drift": _read_drift,
+}
+
+
+NO_SFT = {"jaccard", "drift"}  # findings about the RL runs only
+
+
+def _finding(key: str, title: str, sft, rl, rl_runs: dict, baseline, **detail) -> "Finding":
+    """A Finding read by `READINGS[key]`, or "not measured" when a number it needs is missing."""
+    f = Finding(key, title, sft, rl, rl_runs, baseline, "")
+    missing = rl is None or (sft is None and key not in NO_SFT) or None in detail.get("series", ())
+    reading = f"{title}: not measured (no tensor to measure it on)." if missing else READINGS[key](f, detail)
+    return Finding(key, title, sft, rl, rl_runs, baseline, reading)
 
 
 @dataclass(frozen=True)
@@ -84,30 +177,22 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
 
     say("sparsity")
     sp = {n: sparsity(base, s).total.sparsity for n, s in runs.items()}
-    items.append(Finding(
-        "sparsity", "update sparsity (bitwise-unchanged fraction)", sp["sft"], _mean(sp[n] for n in RL_RUNS),
-        {n: sp[n] for n in RL_RUNS}, None,
-        f"RL left {100 * _mean(sp[n] for n in RL_RUNS):.0f}% of weights bitwise unchanged; SFT {100 * sp['sft']:.0f}%."))
+    items.append(_finding("sparsity", "update sparsity (bitwise-unchanged fraction)", sp["sft"],
+                          _mean(sp[n] for n in RL_RUNS), {n: sp[n] for n in RL_RUNS}, None))
 
     say("consensus")
     cons = consensus(base, rl, layer=0)
     total = cons.total
-    items.append(Finding(
-        "jaccard", "Jaccard between RL runs' update masks", None, total.jaccard_mean, {}, total.bernoulli_mean,
-        f"Independent RL runs change the same weights: Jaccard {total.jaccard_mean:.2f} vs "
-        f"{total.bernoulli_mean:.2f} for independent masks of the same density ({total.lift:.1f}x)."))
+    items.append(_finding("jaccard", "Jaccard between RL runs' update masks", None, total.jaccard_mean, {},
+                          total.bernoulli_mean))
 
     say("principal")
     pr = principal_overlap(base, [sft, *rl], rank=rank, alpha=alpha)
-    for mask, title, word in (("principal", f"overlap with principal weights (k={rank})", "avoid"),
-                              ("low", "overlap with low-magnitude weights", "prefer")):
+    for mask, title in (("principal", f"overlap with principal weights (k={rank})"),
+                        ("low", "overlap with low-magnitude weights")):
         per = {refs[ft]: pr.total(ft).overlap(mask) for ft in pr.finetuned}
-        base_rate = pr.total(pr.finetuned[0]).baseline(mask)
-        rl_mean = _mean(per[n] for n in RL_RUNS)
-        items.append(Finding(
-            f"overlap_{mask}", title, per["sft"], rl_mean, {n: per[n] for n in RL_RUNS}, base_rate,
-            f"RL updates {word} the {mask} weights: {rl_mean:.3f} of them fall there vs {base_rate:.3f} by chance "
-            f"({rl_mean / base_rate:.2f}x); SFT {per['sft']:.3f} ({per['sft'] / base_rate:.2f}x)."))
+        items.append(_finding(f"overlap_{mask}", title, per["sft"], _mean(per[n] for n in RL_RUNS),
+                              {n: per[n] for n in RL_RUNS}, pr.total(pr.finetuned[0]).baseline(mask), mask=mask))
 
     say("spectrum")
     spec = spectrum(base, [sft, *rl], k=rank)
@@ -115,24 +200,17 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
     nss = {refs[ft]: _mean(r["nss"] for r in rows if r["finetuned"] == ft) for ft in spec.finetuned}
     angle = {refs[ft]: _mean(max(r["max_angle_u"], r["max_angle_v"]) for r in rows
                              if r["finetuned"] == ft and r["error"] is None) for ft in spec.finetuned}
-    rl_nss, rl_angle = _mean(nss[n] for n in RL_RUNS), _mean(angle[n] for n in RL_RUNS)
-    items.append(Finding(
-        "nss", "normalized spectrum shift (mean over matrices)", nss["sft"], rl_nss,
-        {n: nss[n] for n in RL_RUNS}, 0.0,
-        f"RL barely moves the spectrum: NSS {rl_nss:.1e} vs SFT {nss['sft']:.1e} ({nss['sft'] / rl_nss:.0f}x)."))
-    items.append(Finding(
-        "max_angle", f"largest top-{rank} principal angle, degrees (mean over matrices)", angle["sft"], rl_angle,
-        {n: angle[n] for n in RL_RUNS}, 0.0,
-        f"RL keeps the top-{rank} singular subspaces: {rl_angle:.2f} deg vs SFT {angle['sft']:.1f} deg."))
+    items.append(_finding("nss", "normalized spectrum shift (mean over matrices)", nss["sft"],
+                          _mean(nss[n] for n in RL_RUNS), {n: nss[n] for n in RL_RUNS}, 0.0))
+    items.append(_finding("max_angle", f"largest top-{rank} principal angle, degrees (mean over matrices)",
+                          angle["sft"], _mean(angle[n] for n in RL_RUNS), {n: angle[n] for n in RL_RUNS}, 0.0,
+                          rank=rank))
 
     say("drift")
     dr = drift(base, [src(n) for n in RL_SERIES])
     growth = [dr.groups[g]["rel_to_base"] for g in ("attention", "mlp") if g in dr.groups]
-    items.append(Finding(
-        "drift", "relative weight change of rl-1 from base (attention+mlp, last checkpoint)", None,
-        _mean(g[-1] for g in growth), {}, None,
-        f"rl-1 drifts steadily over its {len(RL_SERIES)} checkpoints "
-        f"({', '.join(f'{_mean(g[t] for g in growth):.1e}' for t in range(len(RL_SERIES)))}); "
-        f"lm_head surges: {len(dr.surges) or 'none'}."))
+    series = [_mean(g[t] for g in growth) for t in range(len(RL_SERIES))]
+    items.append(_finding("drift", "relative weight change of rl-1 from base (attention+mlp, last checkpoint)",
+                          None, series[-1], {}, None, series=series, surges=len(dr.surges)))
     return Findings(str(root or path("base").parent), rank, alpha, tuple(items),
                     {"consensus": cons, "principal": pr, "spectrum": spec, "drift": dr})

@@ -17,23 +17,26 @@ for the import.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import httpx2  # huggingface_hub's HTTP client: its transport errors are not wrapped
 import numpy as np
-from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
+from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
                                     LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                     RevisionNotFoundError)
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+# `httpx` is the client's own re-export of the HTTP library it uses (httpx2 in huggingface_hub 2.x),
+# kept stable for downstream code: its transport errors (refused, timed out) are not wrapped.
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, httpx
 
 from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
+from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource
 from ckptprobe.io._safetensors import SafetensorsFile, TensorInfo, byte_span, header_length, parse_header
-from ckptprobe.io.sources import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource
 
 TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
 NETWORK_HINT = ("check the network and HF_ENDPOINT; to read files already in the Hub cache (from an earlier "
@@ -44,22 +47,26 @@ _download_lock = threading.Lock()  # --download fetches one whole file at a time
 
 
 class HubSource:
-    """The safetensors checkpoint of a Hub model repo at one revision.
+    """The safetensors checkpoint of a Hub model repo at one revision, at the root or in a subfolder.
 
     Same interface as the local sources: `keys()`, `info(name)`, `read(name, start, stop)`
     (elements [start, stop) of the flattened tensor, numpy storage dtype: uint16 bits
     for BF16), `get_array(name)`. The revision is resolved once to `commit`, and every
     read is pinned to that commit. Picks the files like a local folder does: the
-    `*.safetensors.index.json` and its shards, else every `*.safetensors` at the root.
+    `*.safetensors.index.json` and its shards, else every `*.safetensors` directly in
+    `subfolder` (the repo's root when empty).
     """
 
+    forkable = False  # reads go through an HTTP session, which a forked child must not share
+
     def __init__(self, repo_id: str, revision: str | None = None, token: str | bool | None = None,
-                 download: bool = False, ref: str | None = None):
+                 download: bool = False, ref: str | None = None, subfolder: str = ""):
         self.repo_id = repo_id
         self.revision = revision or constants.DEFAULT_REVISION
-        self.ref = ref or f"{repo_id}@{self.revision}"
+        self.subfolder = subfolder.strip("/")
+        self._label = f"{repo_id}@{self.revision}" + (f":{self.subfolder}" if self.subfolder else "")
+        self.ref = ref or self._label
         self.metadata: dict[str, str] = {}
-        self._label = f"{repo_id}@{self.revision}"
         self._token = token if token != "" else None  # None: HF_TOKEN, then the saved token
         self._download = download
         self._offline = constants.is_offline_mode()
@@ -82,29 +89,46 @@ class HubSource:
 
     # -- opening ---------------------------------------------------------------------------
 
+    def _in_repo(self, name: str) -> str:
+        """A file's path in the repo from its name in the subfolder."""
+        return f"{self.subfolder}/{name}" if self.subfolder else name
+
     def _open_online(self) -> tuple[list, dict | None]:
         # One short API call resolves the revision and lists the files; it fails at once when
         # the endpoint is unreachable (no retries), so a wrong HF_ENDPOINT costs no waiting.
-        info = HfApi().model_info(self.repo_id, revision=self.revision, token=self._token,
-                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        try:
+            info = HfApi().model_info(self.repo_id, revision=self.revision, token=self._token,
+                                      timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            names = [s.rfilename for s in info.siblings or ()]
+        except (KeyError, TypeError, AttributeError) as e:  # the client could not parse the reply
+            raise HubError(f"{self._label}: {constants.ENDPOINT} answered the model-info request with a reply "
+                           f"that is not the Hub's ({type(e).__name__}: {e})", hint=NETWORK_HINT) from e
+        if not isinstance(info.sha, str):
+            raise HubError(f"{self._label}: {constants.ENDPOINT} answered the model-info request without a commit",
+                           hint=NETWORK_HINT)
         self.commit = info.sha
-        shards, weight_map = self._pick([s.rfilename for s in info.siblings or ()], self._read_text)
-        return [(s, self._open_file(s)) for s in shards], weight_map
+        prefix = self.subfolder + "/" if self.subfolder else ""
+        local = [n[len(prefix):] for n in names if n.startswith(prefix)]
+        shards, weight_map = self._pick(local, lambda f: self._read_text(self._in_repo(f)))
+        return [(s, self._open_file(self._in_repo(s))) for s in shards], weight_map
 
     def _open_cached(self) -> tuple[list, dict | None]:
+        patterns = [self._in_repo("*.safetensors"), self._in_repo("*.safetensors.index.json")]
         try:
-            folder = Path(snapshot_download(self.repo_id, revision=self.revision, local_files_only=True,
-                                            allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+            snapshot = Path(snapshot_download(self.repo_id, revision=self.revision, local_files_only=True,
+                                              allow_patterns=patterns))
         except LocalEntryNotFoundError:
             raise HubError(f"{self._label}: not in the Hub cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 "
                            "forbids downloading it", hint=OFFLINE_HINT) from None
-        self.commit = folder.name
+        self.commit = snapshot.name
+        folder = snapshot / self.subfolder
         names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
         shards, weight_map = self._pick(names, lambda f: (folder / f).read_text())
         return [(s, SafetensorsFile(folder / s)) for s in shards], weight_map
 
     def _pick(self, names: list[str], read_text: Callable[[str], str]) -> tuple[list[str], dict | None]:
-        """The safetensors files to open among the repo's `names`, and the index's weight map if any."""
+        """The safetensors files to open among `names` (paths relative to the subfolder), and the
+        index's weight map if any."""
         root = sorted(n for n in names if "/" not in n)
         indexes = [n for n in root if n.endswith(".safetensors.index.json")]
         if indexes:
@@ -135,19 +159,25 @@ class HubSource:
         if self._offline:
             raise HubError(f"{self._label}: no *.safetensors file in the Hub cache, and HF_HUB_OFFLINE=1 forbids "
                            "downloading", hint=OFFLINE_HINT)
-        raise CheckpointNotFoundError(f"{self._label}: the repo holds no *.safetensors files")
+        if self.subfolder and not names:
+            raise CheckpointNotFoundError(f"{self._label}: the repo has no folder {self.subfolder!r}")
+        tops = sorted({n.split("/")[0] for n in names if "/" in n})
+        hint = (f"name a subfolder as {self.repo_id}@{self.revision}:FOLDER (it holds "
+                f"{', '.join(tops[:5])}{', ...' if len(tops) > 5 else ''})") if tops else None
+        where = f"folder {self.subfolder!r}" if self.subfolder else "repo"
+        raise CheckpointNotFoundError(f"{self._label}: the {where} holds no *.safetensors files", hint=hint)
 
-    def _open_file(self, filename: str) -> SafetensorsFile | _RemoteFile:
-        cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit)
-        return SafetensorsFile(cached) if isinstance(cached, str) else _RemoteFile(self, filename)
+    def _open_file(self, path: str) -> SafetensorsFile | _RemoteFile:
+        cached = try_to_load_from_cache(self.repo_id, path, revision=self.commit)
+        return SafetensorsFile(cached) if isinstance(cached, str) else _RemoteFile(self, path)
 
-    def _read_text(self, filename: str) -> str:
-        cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit)
+    def _read_text(self, path: str) -> str:
+        cached = try_to_load_from_cache(self.repo_id, path, revision=self.commit)
         if isinstance(cached, str):
             return Path(cached).read_text()
         if self._download:
-            return Path(self._fetch(filename)).read_text()
-        return self._get(filename)[0].decode("utf-8", "replace")
+            return Path(self._fetch(path)).read_text()
+        return self._get(path)[0].decode("utf-8", "replace")
 
     # -- transfers ---------------------------------------------------------------------------
 
@@ -168,7 +198,13 @@ class HubSource:
             if r.status_code != 206:  # checked before reading: a 200 would be the whole file
                 raise HubError(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range request "
                                f"with HTTP {r.status_code}, not 206", hint="use --download")
-            size = int(r.headers.get("Content-Range", "/0").rpartition("/")[2])
+            content_range = r.headers.get("Content-Range", "")
+            m = _CONTENT_RANGE.fullmatch(content_range.strip())
+            if m is None:  # `bytes a-b/*` (size unknown) or no header: the header's offsets cannot be checked
+                raise HubError(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range request "
+                               f"without the file's size (Content-Range: {content_range[:60]!r})",
+                               hint="use --download")
+            size = int(m[1])
             data = r.read()
         if len(data) != min(stop, size) - start:
             raise HubError(f"{self._label}: {filename}: asked for bytes {start}-{stop - 1}, got {len(data)} bytes")
@@ -185,42 +221,83 @@ class HubSource:
                            f"(was {self.commit[:12]}); run again")
         return str(path)
 
-    @contextmanager
-    def _errors(self, filename: str | None = None) -> Iterator[None]:
-        """Turn the client's exceptions into one-line ckptprobe errors naming repo, revision and file."""
-        what = self._label + (f": {filename}" if filename else "")
-        endpoint = constants.ENDPOINT
+    def _errors(self, filename: str | None = None):
+        return hub_errors(self.repo_id, self.revision, self._label + (f": {filename}" if filename else ""),
+                          "authorization" in getattr(self, "_headers", {}))
+
+
+_CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str, what: str, authorized: bool = False) -> Iterator[None]:
+    """Turn the client's exceptions into one-line ckptprobe errors naming repo, revision and file (`what`)."""
+    endpoint = constants.ENDPOINT
+    try:
+        yield
+    except GatedRepoError as e:
+        if authorized:
+            raise HubError(f"{what}: gated repo, and the token in use has no access to it",
+                           hint="accept the repo's conditions on its Hub page with the token's account") from e
+        raise HubError(f"{what}: gated repo, a token of an account with access is needed", hint=TOKEN_HINT) from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointNotFoundError(f"{repo_id}: no such model repo on {endpoint} (or it is private)",
+                                      hint=f"check the name; for a private repo {TOKEN_HINT}") from e
+    except RevisionNotFoundError as e:
+        raise CheckpointNotFoundError(f"{repo_id}: no revision {revision!r} (branch, tag or commit)",
+                                      hint="check the @revision or --revision") from e
+    except LocalEntryNotFoundError as e:  # hf_hub_download gave up: no connection, or offline
+        raise HubError(f"{what}: cannot download from {endpoint} ({e.__cause__ or e})".splitlines()[0],
+                       hint=NETWORK_HINT) from e
+    except EntryNotFoundError as e:
+        raise CheckpointNotFoundError(f"{what}: no such file in the repo") from e
+    except OfflineModeIsEnabled as e:
+        raise HubError(f"{what}: HF_HUB_OFFLINE=1 forbids requests", hint=OFFLINE_HINT) from e
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        hint = f"the token may be invalid or lack permission; {TOKEN_HINT}" if status in (401, 403) else None
+        raise HubError(f"{what}: {endpoint} answered HTTP {status}", hint=hint) from e
+    except httpx.TimeoutException as e:
+        raise HubError(f"{what}: {endpoint} did not answer within HF_HUB_DOWNLOAD_TIMEOUT="
+                       f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s", hint=NETWORK_HINT) from e
+    except httpx.HTTPError as e:
+        raise HubError(f"{what}: cannot reach {endpoint} ({e})", hint=NETWORK_HINT) from e
+    except HFValidationError as e:
+        raise CheckpointNotFoundError(f"{repo_id}: not a valid Hub repo id ({e})".splitlines()[0]) from e
+
+
+# -- series: many revisions or subfolders of one repo ---------------------------------------------
+
+def matching_revisions(repo_id: str, pattern: str, token: str | bool | None = None) -> list[str]:
+    """The repo's branches and tags whose name matches the glob `pattern` (fnmatch, case-sensitive)."""
+    with hub_errors(repo_id, pattern, f"{repo_id}@{pattern}", bool(token)):
         try:
-            yield
-        except GatedRepoError as e:
-            if "authorization" in self._headers:
-                raise HubError(f"{what}: gated repo, and the token in use has no access to it",
-                               hint="accept the repo's conditions on its Hub page with the token's account") from e
-            raise HubError(f"{what}: gated repo, a token of an account with access is needed", hint=TOKEN_HINT) from e
-        except RepositoryNotFoundError as e:
-            raise CheckpointNotFoundError(f"{self.repo_id}: no such model repo on {endpoint} (or it is private)",
-                                          hint=f"check the name; for a private repo {TOKEN_HINT}") from e
-        except RevisionNotFoundError as e:
-            raise CheckpointNotFoundError(f"{self.repo_id}: no revision {self.revision!r} (branch, tag or commit)",
-                                          hint="check the @revision or --revision") from e
-        except LocalEntryNotFoundError as e:  # hf_hub_download gave up: no connection, or offline
-            raise HubError(f"{what}: cannot download from {endpoint} ({e.__cause__ or e})".splitlines()[0],
-                           hint=NETWORK_HINT) from e
-        except EntryNotFoundError as e:
-            raise CheckpointNotFoundError(f"{what}: no such file in the repo") from e
-        except OfflineModeIsEnabled as e:
-            raise HubError(f"{what}: HF_HUB_OFFLINE=1 forbids requests", hint=OFFLINE_HINT) from e
-        except HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else "?"
-            hint = f"the token may be invalid or lack permission; {TOKEN_HINT}" if status in (401, 403) else None
-            raise HubError(f"{what}: {endpoint} answered HTTP {status}", hint=hint) from e
-        except httpx2.TimeoutException as e:
-            raise HubError(f"{what}: {endpoint} did not answer within HF_HUB_DOWNLOAD_TIMEOUT="
-                           f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s", hint=NETWORK_HINT) from e
-        except httpx2.HTTPError as e:
-            raise HubError(f"{what}: cannot reach {endpoint} ({e})", hint=NETWORK_HINT) from e
-        except HFValidationError as e:
-            raise CheckpointNotFoundError(f"{self.repo_id}: not a valid Hub repo id ({e})".splitlines()[0]) from e
+            refs = HfApi().list_repo_refs(repo_id, token=token or None)
+            names = [r.name for r in (*refs.branches, *refs.tags)]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise HubError(f"{repo_id}: {constants.ENDPOINT} answered the refs request with a reply that is not "
+                           f"the Hub's ({type(e).__name__}: {e})") from e
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def matching_folders(repo_id: str, revision: str | None, pattern: str, token: str | bool | None = None) -> list[str]:
+    """The repo's folders whose path matches the glob `pattern` segment by segment (`*` never crosses a
+    `/`) and that hold a safetensors checkpoint (`*.safetensors`, or an index) directly."""
+    revision = revision or constants.DEFAULT_REVISION
+    segments = pattern.strip("/").split("/")
+    with hub_errors(repo_id, revision, f"{repo_id}@{revision}:{pattern}", bool(token)):
+        try:
+            entries = list(HfApi().list_repo_tree(repo_id, revision=revision, recursive=True, token=token or None))
+            files = [e.path for e in entries if isinstance(e, RepoFile)]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise HubError(f"{repo_id}@{revision}: {constants.ENDPOINT} answered the tree request with a reply "
+                           f"that is not the Hub's ({type(e).__name__}: {e})") from e
+    folders = {f.rpartition("/")[0] for f in files if f.endswith((".safetensors", ".safetensors.index.json"))}
+    return [f for f in folders if _match_segments(f.split("/"), segments)]
+
+
+def _match_segments(parts: list[str], segments: list[str]) -> bool:
+    return len(parts) == len(segments) and all(fnmatch.fnmatchcase(p, s) for p, s in zip(parts, segments))
 
 
 class _RemoteFile:

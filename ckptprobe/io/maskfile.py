@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ckptprobe.errors import InvalidCheckpointError, MaskFileError
+from ckptprobe.errors import DeviceError, InvalidCheckpointError, MaskFileError, UsageError
 from ckptprobe.io._safetensors import SafetensorsFile
 from ckptprobe.io.writer import write_safetensors
 
@@ -174,6 +174,14 @@ def load_masks(path: str | os.PathLike, device="cpu") -> MaskSet:
     """Load a mask file as boolean torch tensors on `device`, shaped like their parameters."""
     import torch
 
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"load_masks: device {device!r} is not a torch device ({e})") from None
+    if kind == "cuda" and not torch.cuda.is_available():  # else torch fails with an AssertionError
+        raise DeviceError(f"load_masks: device {str(device)!r} asked for, but torch sees no CUDA device "
+                          f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)",
+                          hint='load onto device="cpu"')
     mf = read_masks(path)
     out = MaskSet({name: torch.from_numpy(mf.mask(name).copy()).to(device) for name in mf.keys()})
     out.recipe = mf.recipe

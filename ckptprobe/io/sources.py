@@ -11,64 +11,40 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
+from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
+from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource, TensorSource  # noqa: F401 (re-exported)
+from ckptprobe.io._safetensors import SafetensorsFile
 
-from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError
-from ckptprobe.io._safetensors import SafetensorsFile, TensorInfo
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; convert the checkpoint with "
-               "transformers' `model.save_pretrained(dir, safe_serialization=True)` and point ckptprobe at that")
-HUB_REF = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^\s]+))?$")
+# org/name[@revision][:sub/folder]; git forbids ':' in ref names, so it cannot be part of a revision.
+HUB_REF = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^\s:]+))?(?::(?P<sub>\S*))?$")
+PATTERN = re.compile(r"[*?\[]|\{[^{}]*(?:,|\.\.)[^{}]*\}")  # a glob, or a brace list / range
 
 
-class TensorSource(Protocol):
-    ref: str
-    forkable: bool  # a forked worker process may read it (local files; not an HTTP session)
+@dataclass(frozen=True)
+class HubRef:
+    """A Hub checkpoint reference: repo, revision (None: the caller's default) and subfolder ("": root)."""
 
-    def keys(self) -> list[str]: ...
-    def info(self, name: str) -> TensorInfo: ...
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray: ...
-    def get_array(self, name: str) -> np.ndarray: ...
+    repo: str
+    revision: str | None = None
+    subfolder: str = ""
+
+    def __str__(self) -> str:
+        return self.repo + (f"@{self.revision}" if self.revision else "") + (f":{self.subfolder}" if self.subfolder else "")
 
 
-class MultiFileSource:
-    """Several safetensors files seen as one checkpoint (a sharded folder, a Hub repo).
-
-    `files` maps each file's name (as an index names it) to the opened file, local or
-    remote: anything with `keys()`, `info(name)` and `read(name, start, stop)`. Headers
-    are parsed at open (cheap), data is read on demand.
-    """
-
-    def __init__(self, ref: str, files: dict, weight_map: dict[str, str] | None = None):
-        self.ref = ref
-        self.metadata: dict[str, str] = {}
-        self.forkable = all(getattr(f, "forkable", False) for f in files.values())
-        self._where: dict = {}
-        file_of: dict[str, str] = {}
-        for filename, f in files.items():
-            for name in f.keys():
-                if name in self._where:
-                    raise InvalidCheckpointError(f"{ref}: tensor {name!r} appears in both {file_of[name]} and {filename}")
-                self._where[name], file_of[name] = f, filename
-        for name, shard in (weight_map or {}).items():
-            if file_of.get(name) != shard:
-                raise InvalidCheckpointError(f"{ref}: the index puts {name!r} in {shard}, which does not hold it")
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._where[name].info(name)
-
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._where[name].read(name, start, stop)
-
-    def get_array(self, name: str) -> np.ndarray:
-        return self.read(name).reshape(self.info(name).shape)
+def parse_hub_ref(ref: str) -> HubRef | None:
+    """`org/name[@revision][:sub/folder]` (optionally `hf://`) -> HubRef; None when `ref` is not of that form."""
+    match = HUB_REF.match(ref)
+    if match is None or ref.startswith((".", "/", "~")):
+        return None
+    sub = (match["sub"] or "").strip("/")
+    if sub and any(part in ("", ".", "..") for part in sub.split("/")):
+        raise CheckpointNotFoundError(f"{ref}: subfolder {sub!r} is not a path inside the repo",
+                                      hint="write it as org/name@revision:folder/inside/the/repo")
+    return HubRef(match["repo"], match["rev"], sub)
 
 
 def _open_files(paths) -> dict[str, SafetensorsFile]:
@@ -109,14 +85,17 @@ def open_folder(folder: Path) -> MultiFileSource:
     raise CheckpointNotFoundError(f"{folder}: folder holds no *.safetensors files")
 
 
-def open_source(ref: str, revision: str | None = None, token: str | bool | None = None,
+def open_source(ref: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
                 download: bool = False) -> TensorSource:
-    """Resolve a checkpoint reference: a file, a folder, or a Hub repo.
+    """Resolve a checkpoint reference: a file, a folder, or a Hub repo (or a folder in one).
 
     An existing local path always wins over a Hub name. Hub references are
-    `org/name`, `org/name@revision` or `hf://org/name@revision`; `revision` applies
-    to Hub references that do not name one with `@`.
+    `org/name`, `org/name@revision`, `org/name@revision:sub/folder` (or `org/name:sub/folder`),
+    optionally prefixed `hf://`; `revision` applies to Hub references that do not name one
+    with `@`. A pattern naming many checkpoints (`org/name@step-*`) is refused here: expand it
+    with `ckptprobe.io.series.expand_refs` first.
     """
+    ref = os.fspath(ref)
     path = Path(ref).expanduser()
     if path.is_dir():
         return open_folder(path)
@@ -126,10 +105,14 @@ def open_source(ref: str, revision: str | None = None, token: str | bool | None 
         if path.name.endswith(".index.json"):
             return open_folder(path.parent)
         return MultiFileSource(ref, _open_files([path]))
-    match = HUB_REF.match(ref)
-    if match and not ref.startswith((".", "/", "~")):
+    hub = parse_hub_ref(ref)
+    if PATTERN.search(ref):
+        raise UsageError(f"{ref}: a pattern names many checkpoints, and one is expected here",
+                         hint="drift, profile and consensus take patterns; elsewhere name one checkpoint")
+    if hub is not None:
         from ckptprobe.io.hub import HubSource  # only Hub users pay for importing huggingface_hub
 
-        return HubSource(match["repo"], match["rev"] or revision, token=token, download=download, ref=ref)
+        return HubSource(hub.repo, hub.revision or revision, token=token, download=download, ref=ref,
+                         subfolder=hub.subfolder)
     raise CheckpointNotFoundError(
-        f"{ref}: no such file or folder, and not a Hub reference (org/name[@revision])")
+        f"{ref}: no such file or folder, and not a Hub reference (org/name[@revision][:folder])")

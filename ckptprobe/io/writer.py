@@ -1,15 +1,25 @@
-"""Writing files atomically, and writing safetensors from raw numpy storage arrays.
+"""Writing output files without ever destroying what a path names, and writing safetensors from raw
+numpy storage arrays.
 
-Every file ckptprobe writes goes through `atomic_write`: the data lands in a
-temporary file beside the target and is renamed over it only once complete, so a
-failed or interrupted run never leaves a half-written file behind.
+Every file ckptprobe writes goes through `atomic_write`, which looks at what the path is first:
+
+- a regular file, or nothing yet: the data lands in a temporary file beside it and is renamed over
+  it only once complete, so a failed or interrupted run never leaves a half-written file behind
+  (a replaced file keeps its permission bits);
+- a symlink: followed; its target is written as above and the link stays a link;
+- a character or block device, a named pipe or a Unix socket (`-o /dev/null`, `-o /dev/stdout`,
+  `-o >(gzip > x.gz)`): written to directly; renaming over it would replace the device with a file;
+- a directory: `IsADirectoryError`, before anything is written (`check_writable` says so up front).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Mapping
@@ -19,25 +29,82 @@ import numpy as np
 from ckptprobe.io._safetensors import STORAGE_DTYPES
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise OSError (naming `path`) when `atomic_write(path)` cannot succeed: a directory, a parent that
+    is a file, a folder we may not write into. Cheap: call it before the work whose result goes there."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        st = os.stat(path)  # follows symlinks: what counts is what the link points to
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            return path  # a device, pipe or socket is written in place
+    folder = Path(os.path.realpath(path)).parent
+    while not folder.exists():  # atomic_write creates missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder", str(path))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot create files in {folder}", str(path))
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to `path`; rename it to `path` on success, delete it on error."""
+    """A file object for `path` in `mode` ("w" or "wb"): a temporary file renamed over `path` on success
+    (deleted on error) when `path` is a regular file or new; the target itself when it is a device, a
+    pipe or a socket. Symlinks are followed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with _open_special(path, st, mode) as f:
+            yield f
+        return
+    target = Path(os.path.realpath(path))  # a symlink (even a dangling one) is followed to its target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        if st is not None:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))  # a replaced file keeps its permissions
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give a new file the usual permissions
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _open_special(path: Path, st: os.stat_result, mode: str) -> Iterator[IO]:
+    """Write into a device, a named pipe or a Unix socket in place."""
+    if stat.S_ISSOCK(st.st_mode):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            with s.makefile(mode) as f:
+                yield f
+        return
+    flags = os.O_WRONLY | (os.O_NONBLOCK if stat.S_ISFIFO(st.st_mode) else 0)
+    try:
+        fd = os.open(path, flags)  # no O_TRUNC, no O_CREAT: the node stays what it is
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a pipe that nobody reads would block forever
+            raise OSError(errno.ENXIO, "no process is reading this named pipe", str(path)) from None
+        raise
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, mode) as f:
+        yield f
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[str, np.ndarray]],

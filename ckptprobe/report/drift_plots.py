@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptprobe.report.figures import pyplot, save_figure
+from ckptprobe.report.labels import label, labels
 
 
 def plot_drift(result, path: Path) -> Path:
@@ -22,8 +23,8 @@ def plot_drift(result, path: Path) -> Path:
         axes[1].text(s.index + 1, 0.98, f" lm_head surge z={s.z:.1f}", transform=axes[1].get_xaxis_transform(),
                      color="red", fontsize=8, va="top")
     axes[0].legend(fontsize=8)
-    names = [Path(c).name or c for c in result.checkpoints]
+    names = labels(result.checkpoints)
     for ax in axes:
         ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
-    fig.suptitle(f"Drift from {Path(result.base).name or result.base}")
+    fig.suptitle(f"Drift from {label(result.base)}")
     return save_figure(fig, path)

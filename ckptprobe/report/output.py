@@ -20,8 +20,20 @@ from rich.table import Table
 
 from ckptprobe.io.writer import atomic_write
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)  # one warning per line, even in a log file
+UNBOUNDED = 100_000  # console width for pipes and files: a table is as wide as its content
+
+
+def _console(**kwargs) -> Console:
+    """A console that caps tables at the terminal's width, and at nothing when not on a terminal."""
+    c = Console(soft_wrap=True, **kwargs)
+    if not c.is_terminal:
+        c = Console(soft_wrap=True, width=UNBOUNDED, **kwargs)
+    return c
+
+
+out = _console()
+err = _console(stderr=True)  # one warning per line, even in a log file
+TEXT_COLUMNS = ("name", "module", "group", "reason", "finding", "checkpoint", "run", "finetuned", "error")
 
 
 class Format(str, Enum):
@@ -41,7 +53,11 @@ def fmt_num(x, digits: int = 4) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
-        return f"{x:.{digits}g}"
+        text = f"{x:.{digits}g}"
+        while float(text) in (0.0, 1.0, -1.0) and float(text) != x and digits < 12:
+            digits += 1  # 0.99999 is not "1", nor is 1e-9 "0": keep digits until it shows
+            text = f"{x:.{digits}g}"
+        return text
     if isinstance(x, (list, tuple)):
         return "x".join(map(str, x))
     return str(x)
@@ -49,12 +65,39 @@ def fmt_num(x, digits: int = 4) -> str:
 
 def table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None, caption: str | None = None) -> Table:
     columns = list(columns or (rows[0].keys() if rows else []))
-    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-    for c in columns:
-        t.add_column(c, justify="left" if c in ("name", "module", "group", "reason", "finding", "checkpoint") else "right")
-    for r in rows:
-        t.add_row(*(fmt_num(r.get(c)) for c in columns))
+    """A table of `rows` (dicts) with `columns` (default: the first row's keys).
+
+    Numbers are never cut: a number column is as wide as its widest cell. On a narrow terminal, text
+    columns (names, reasons) wrap instead; off a terminal there is no width limit at all.
+    """
+    cells = [[fmt_num(r.get(c)) for c in columns] for r in rows]
+    widths = []  # the narrowest each column may get: numbers whole, text wrapped at 24 characters
+    for i, c in enumerate(columns):
+        longest = max([len(c), *(len(row[i]) for row in cells)])
+        widths.append(min(longest, 24) if c in TEXT_COLUMNS else longest)
+    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
+              min_width=sum(widths) + 3 * len(widths) + 1)  # + padding and borders
+    for c, w in zip(columns, widths):
+        if c in TEXT_COLUMNS:
+            t.add_column(c, justify="left", overflow="fold", min_width=w)
+        else:
+            t.add_column(c, justify="right", no_wrap=True, min_width=w)
+    for row in cells:
+        t.add_row(*row)
     return t
+
+
+def show(t: Table, console: Console | None = None) -> None:
+    """Print a table: on a narrow terminal text columns wrap, but numbers are never cut: a table that
+    cannot fit is printed wider than the terminal (which then wraps its lines)."""
+    console = console or out
+    width = console.width
+    if t.min_width and t.min_width > width:
+        console.width = t.min_width
+    try:
+        console.print(t, crop=False)
+    finally:
+        console.width = width
 
 
 def _jsonable(x):
@@ -87,12 +130,12 @@ def emit(fmt: Format, data: dict, rows: Sequence[dict], tables: Sequence[Table],
     if fmt == Format.table:
         if output:
             with atomic_write(output, "w") as f:
-                c = Console(file=f, width=160, soft_wrap=True)
+                c = Console(file=f, width=UNBOUNDED, soft_wrap=True)
                 for t in tables:
                     c.print(t)
         else:
             for t in tables:
-                out.print(t)
+                show(t)
         return
     text = to_json(data) if fmt == Format.json else to_csv(rows)
     if output:

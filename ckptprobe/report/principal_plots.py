@@ -8,12 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ckptprobe.report.figures import block_average, pyplot, save_figure
+from ckptprobe.report.labels import label as short_label
 
 MAX_PANELS = 4  # update-mask panels drawn for --matrix (one per fine-tune)
-
-
-def _short(ref: str) -> str:
-    return Path(ref).name or ref
 
 
 def plot_principal(result, path: Path, matrix: str | None = None, masks: dict | None = None) -> Path:
@@ -34,7 +31,7 @@ def plot_principal(result, path: Path, matrix: str | None = None, masks: dict | 
                                                      ("low", "low-magnitude weights"))):
         for ft in result.finetuned:
             layers = {k: c for k, c in result.by("layer", ft).items() if k is not None}
-            ax.plot(list(layers), [_nan(c.overlap(mask)) for c in layers.values()], marker="o", label=_short(ft))
+            ax.plot(list(layers), [_nan(c.overlap(mask)) for c in layers.values()], marker="o", label=short_label(ft))
         if result.finetuned and layers:
             ax.plot(list(layers), [_nan(c.baseline(mask)) for c in layers.values()], ls="--", color="gray",
                     label="random")
@@ -45,7 +42,7 @@ def plot_principal(result, path: Path, matrix: str | None = None, masks: dict | 
         ax.legend(fontsize=8)
     if masks:
         panels = [("principal", f"principal mask (k={_rank(result, matrix)}, alpha={result.alpha:g})")] + \
-            [(ft, f"update mask: {_short(ft)}") for ft in fts]
+            [(ft, f"update mask: {short_label(ft)}") for ft in fts]
         for ax, (key, title) in zip(bottom.subplots(1, len(panels), squeeze=False)[0], panels):
             im = ax.imshow(block_average(masks[key]), cmap="viridis", vmin=0, vmax=1, aspect="auto",
                            interpolation="nearest")
@@ -53,7 +50,7 @@ def plot_principal(result, path: Path, matrix: str | None = None, masks: dict | 
             ax.set_xlabel("column")
             ax.set_ylabel("row")
         bottom.colorbar(im, ax=ax, fraction=0.046, label="fraction True per cell")
-    fig.suptitle(f"Update overlap with masks of {_short(result.base)}" + (f"; masks of {matrix}" if masks else ""))
+    fig.suptitle(f"Update overlap with masks of {short_label(result.base)}" + (f"; masks of {matrix}" if masks else ""))
     return save_figure(fig, path)
 
 

@@ -16,18 +16,13 @@ from ckptprobe.analysis.spectrum import SpectrumResult
 from ckptprobe.errors import UsageError
 from ckptprobe.io.names import MODULE_ORDER
 from ckptprobe.report.figures import pyplot, save_figure
+from ckptprobe.report.labels import label as short_label
 
 
 def middle_layer(layers: list[int]) -> int:
     """The middle one of the (sorted, distinct) layer indices."""
     layers = sorted(set(layers))
     return layers[len(layers) // 2]
-
-
-def _short(ref: str) -> str:
-    """A legend label for a checkpoint reference: its last path component (without .safetensors)."""
-    name = Path(ref.rstrip("/")).name or ref
-    return name[:-len(".safetensors")] if name.endswith(".safetensors") else name
 
 
 def _modules(matrices) -> list[str]:
@@ -62,11 +57,11 @@ def plot_spectrum(result: SpectrumResult, path: str | os.PathLike, layer: int | 
             color = colors[j % len(colors)]
             if c.values is not None:
                 ax_s.plot(np.arange(1, len(c.values) + 1), c.values, color=color, lw=1, ls="--",
-                          label=_short(c.finetuned))
+                          label=short_label(c.finetuned))
             if c.angles_u:
                 i = np.arange(1, len(c.angles_u) + 1)
-                ax_a.plot(i, c.angles_u, color=color, lw=1, label=f"{_short(c.finetuned)} U")
-                ax_a.plot(i, c.angles_v, color=color, lw=1, ls="--", label=f"{_short(c.finetuned)} V")
+                ax_a.plot(i, c.angles_u, color=color, lw=1, label=f"{short_label(c.finetuned)} U")
+                ax_a.plot(i, c.angles_v, color=color, lw=1, ls="--", label=f"{short_label(c.finetuned)} V")
         ax_s.set_yscale("log")
         ax_s.set_title(f"layer {layer} {module} {m.shape[0]}x{m.shape[1]}", fontsize=9)
         ax_s.set_xlabel("index i")
@@ -101,6 +96,6 @@ def plot_spectrum(result: SpectrumResult, path: str | os.PathLike, layer: int | 
             step = max(1, len(layers) // 14)
             ax.set_yticks(range(0, len(layers), step), layers[::step], fontsize=8)
             ax.set_ylabel("layer")
-            ax.set_title(f"{label}: {_short(ft)} vs {_short(result.base)}", fontsize=9)
+            ax.set_title(f"{label}: {short_label(ft)} vs {short_label(result.base)}", fontsize=9)
             fig.colorbar(im, ax=ax)
     return save_figure(fig, path)

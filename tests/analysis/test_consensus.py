@@ -18,7 +18,7 @@ from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, poisson_binomi
 from ckptprobe.analysis.update import CompareMode, update_mask
 from ckptprobe.cli import main
 from ckptprobe.cli._app import app
-from ckptprobe.cli.consensus import head_dim_of
+from ckptprobe.cli._common import head_dim_of
 from ckptprobe.errors import UsageError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
@@ -196,7 +196,8 @@ def test_missing_layer_is_a_one_line_error(family, capsys):
     with pytest.raises(UsageError, match=r"layer 7 does not exist; valid layers: 0\.\.1"):
         consensus(*sources(base, runs), layer=7)
     assert main(["consensus", str(base), *map(str, runs[:2]), "--layer", "7"]) == 2
-    assert capsys.readouterr().err.splitlines()[0] == "Error: layer 7 does not exist; valid layers: 0..1"
+    assert capsys.readouterr().err.splitlines()[0].endswith("--layer 7: no selected tensor of "
+                                                         f"{base} is in that layer (layers 0..1)")
 
 
 def test_mismatched_runs_are_left_out_per_tensor(family, tmp_path, capsys):
@@ -231,8 +232,10 @@ def test_mismatched_runs_are_left_out_per_tensor(family, tmp_path, capsys):
     assert result.total.jaccard[0, 2] == pytest.approx(brute_jaccard(a, b))
     assert main(["consensus", str(base), *map(str, paths), "--format", "json"]) == 0
     out = capsys.readouterr()
-    assert "skipped model.layers.0.self_attn.q_proj.weight: missing in run 2" in out.err
+    assert out.err == "skipped 3 tensors: 2 in one checkpoint only, 1 shape differs; --verbose lists them\n"
     assert len(json.loads(out.out)["skipped"]) == 3
+    assert main(["consensus", str(base), *map(str, paths), "--format", "json", "--verbose"]) == 0
+    assert "skipped model.layers.0.self_attn.q_proj.weight: missing in run 2" in capsys.readouterr().err
 
 
 def test_update_rule_special_values_and_other_dtypes(tmp_path):
@@ -299,9 +302,9 @@ def test_cli_outputs_and_plots(family, tmp_path):
         res = runner.invoke(app, args + ["--by", by])
         assert res.exit_code == 0 and "Pairwise Jaccard" in res.stdout
     plots = tmp_path / "plots"
-    res = runner.invoke(app, args + ["--plot", str(plots), "--head-dim", "8", "-o", str(tmp_path / "t.txt")])
+    res = runner.invoke(app, args + ["--plot", str(plots / "c.png"), "--head-dim", "8", "-o", str(tmp_path / "t.txt")])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in plots.iterdir()) == ["heatmaps_layer1.png", "jaccard.png", "ratios_layer1.png"]
+    assert sorted(p.name for p in plots.iterdir()) == ["c-heatmaps.png", "c-jaccard.png", "c-ratios.png"]
     assert all(p.stat().st_size > 10_000 for p in plots.iterdir())
     assert "Consensus of 4 runs" in (tmp_path / "t.txt").read_text()
 
@@ -338,7 +341,7 @@ def test_example_family(tmp_path):
         pytest.skip("example family not built")
     folders = [str(examples.path(n)) for n in ("base", "rl-1", "rl-2", "rl-3")]
     assert head_dim_of(folders[0]) is not None
-    res = CliRunner().invoke(app, ["consensus", *folders, "--format", "json", "--plot", str(tmp_path)])
+    res = CliRunner().invoke(app, ["consensus", *folders, "--format", "json", "--plot", str(tmp_path / "c.pdf")])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["labels"] == ["rl-1", "rl-2", "rl-3"] and 0 < d["jaccard_mean"] <= 1

@@ -339,7 +339,7 @@ def test_cli_build_and_info_round_trip(runs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, code, match", [
-    (["--kind", "safe", "--alpha", "1.5", "--vectors", "train"], 2, "outside"),
+    (["--kind", "safe", "--alpha", "1.5", "--vectors", "train"], 2, r"--alpha: must be a fraction in \(0, 1\], got 1.5"),
     (["--expr", "low | princpal", "--vectors", "train"], 2, "unknown name 'princpal'"),
     (["--kind", "low", "--expr", "low", "--vectors", "train"], 2, "exactly one of --kind and --expr"),
     (["--kind", "low"], 2, "--vectors"),

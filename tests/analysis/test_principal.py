@@ -128,8 +128,8 @@ def test_cli_json_csv_plot(tiny_pair, tmp_path, capsys):
     (["--matrix", "model.layers.1.mlp.up_proj.weight"], "only chooses what --plot draws"),
     (["--plot", "{tmp}/f.png", "--matrix", "nope"], "no such tensor"),
     (["--plot", "{tmp}/f.png", "--matrix", "model.norm.weight"], "not a 2-D float matrix"),
-    (["-k", "0"], "-k 0: the rank must be at least 1"),
-    (["--alpha", "2"], "outside"),
+    (["-k", "0"], "--rank: must be >= 1, got 0"),
+    (["--alpha", "2"], "--alpha: must be a fraction in (0, 1], got 2"),
 ])
 def test_cli_errors_exit_2(tiny_pair, tmp_path, capsys, args, match):
     args = [a.format(tmp=tmp_path) for a in args]

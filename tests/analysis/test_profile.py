@@ -103,7 +103,8 @@ def test_bad_arguments(run, capsys):
     with pytest.raises(UsageError, match="smooth"):
         profile(open_source(str(base)), [open_source(str(paths[0]))], layer=1, smooth=0)
     assert main(["profile", str(base), str(paths[0]), "--layer", "5"]) == 2
-    assert capsys.readouterr().err.strip() == "Error: layer 5 does not exist; valid layers: 0..1"
+    assert capsys.readouterr().err.strip() == f"Error: --layer 5: no selected tensor of {base} is in that layer " \
+                                              "(layers 0..1)"
     assert main(["profile", str(base), str(paths[0]), "--smooth", "0"]) == 2
 
 

@@ -311,7 +311,8 @@ def test_cli_errors_are_one_line(ckpts, capsys, monkeypatch):
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--max-memory", "lots"]) == 2
     assert "--max-memory 'lots'" in capsys.readouterr().err
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--plot", "x.png", "--layer", "9"]) == 2
-    assert "Error: --layer 9: no selected matrix in that layer (layers 0..2)" in capsys.readouterr().err
+    assert f"Error: --layer 9: no selected tensor of {ckpts['base']} is in that layer (layers 0..2)" in \
+        capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--device", "cuda"]) == 1
     err = capsys.readouterr().err

@@ -43,13 +43,13 @@ def test_rl_barely_moves_the_spectrum(found):
 
 def test_demo_json_and_plots(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert main(["demo", "-f", "json", "-o", str(out), "--plot", str(tmp_path / "fig")]) == 0
+    assert main(["demo", "-f", "json", "-o", str(out), "--plot", str(tmp_path / "fig" / "demo.png")]) == 0
     data = json.loads(out.read_text())
     assert {f["key"] for f in data["findings"]} >= {"sparsity", "jaccard", "overlap_principal", "overlap_low",
                                                    "nss", "max_angle", "drift"}
     figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
-    assert figs == ["consensus_heatmaps.png", "consensus_ratios.png", "drift.png", "jaccard.png",
-                    "principal.png", "spectrum.png"]
+    assert figs == ["demo-consensus-heatmaps.png", "demo-consensus-ratios.png", "demo-drift.png", "demo-jaccard.png",
+                    "demo-principal.png", "demo-spectrum.png"]
 
 
 def test_demo_path_prints_a_folder(capsys):
@@ -57,3 +57,65 @@ def test_demo_path_prints_a_folder(capsys):
     assert capsys.readouterr().out.strip().endswith("rl-1")
     assert main(["demo", "--path", "nope"]) == 2
     assert "rl-1" in capsys.readouterr().err
+
+
+# -- the readings follow the numbers: each threshold, from both sides ----------------------------
+
+def read(key, sft, rl, baseline, **detail):
+    from ckptprobe.examples._findings import _finding
+
+    return _finding(key, key, sft, rl, {}, baseline, **detail).reading
+
+
+@pytest.mark.parametrize("rl, words", [(0.049, "avoid the principal"), (0.051, "at chance rate"),
+                                       (0.199, "at chance rate"), (0.201, "prefer the principal")])
+def test_overlap_reading_thresholds(rl, words):
+    # baseline 0.1: avoid below 0.5x, prefer above 2x, at chance between
+    assert words in read("overlap_principal", 0.1, rl, 0.1, mask="principal")
+
+
+@pytest.mark.parametrize("sft, words", [(0.049, "avoids them"), (0.1, "at chance"), (0.3, "prefers them")])
+def test_overlap_reading_of_sft(sft, words):
+    assert f"{sft / 0.1:.2f}x, {words})" in read("overlap_low", sft, 0.1, 0.1, mask="low")
+
+
+@pytest.mark.parametrize("rl, words", [(0.2 / 1.5 * 0.99, "change different weights"),
+                                       (0.2 / 1.5 * 1.01, "as much as independent masks"),
+                                       (0.2 * 1.49, "as much as independent masks"),
+                                       (0.2 * 1.51, "change the same weights")])
+def test_agreement_reading_thresholds(rl, words):
+    assert words in read("jaccard", None, rl, 0.2)
+
+
+@pytest.mark.parametrize("rl, words", [(1e-3 / 9.9, "RL moves the spectrum"), (1e-3 / 10.1, "RL barely moves"),
+                                       (0.0, "RL does not move")])
+def test_spectrum_reading_thresholds(rl, words):
+    assert words in read("nss", 1e-3, rl, 0.0)
+
+
+@pytest.mark.parametrize("rl, sft, words", [(4.9, 60, "RL keeps the top-8 singular subspaces"),
+                                            (5.1, 60, "RL rotates the top-8"), (1, 4.9, "(SFT keeps them)")])
+def test_angle_reading_thresholds(rl, sft, words):
+    assert words in read("max_angle", sft, rl, 0.0, rank=8)
+
+
+@pytest.mark.parametrize("series, words", [([1, 2, 3], "drifts steadily"), ([1, 3, 2], "does not drift steadily"),
+                                           ([1, 1, 2], "does not drift steadily")])
+def test_drift_reading_is_steady_only_when_monotone(series, words):
+    assert words in read("drift", None, series[-1], None, series=series, surges=0)
+
+
+def test_missing_numbers_are_not_read():
+    assert "not measured" in read("nss", None, None, 0.0)
+
+
+def test_shipped_readings_match_their_numbers(found):
+    """The words printed for the shipped family are the ones its own numbers give."""
+    from ckptprobe.examples._findings import verdict
+
+    p, low = found["overlap_principal"], found["overlap_low"]
+    assert verdict("overlap", p.rl / p.baseline) == "avoid" and "avoid the principal" in p.reading
+    assert verdict("overlap", low.rl / low.baseline) == "prefer" and "prefer the low" in low.reading
+    assert verdict("spectrum", found["nss"].sft / found["nss"].rl) == "barely moves"
+    assert "barely moves" in found["nss"].reading and "RL keeps" in found["max_angle"].reading
+    assert "drifts steadily" in found["drift"].reading

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factory import bump, one_line_error
-from hubserver import FakeHub, commit_of
+from hubserver import FakeHub, commit_of, files_of, use_fake_hub
 
 from ckptprobe.analysis.sparsity import sparsity
 from ckptprobe.cli import main
@@ -27,13 +27,6 @@ from ckptprobe.io.writer import write_safetensors
 
 TOKEN = "hf_FakeSecretToken0123456789"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def files_of(path: Path) -> dict[str, bytes]:
-    """A checkpoint as repo files: a single file becomes model.safetensors, a folder keeps its names."""
-    if path.is_file():
-        return {"model.safetensors": path.read_bytes()}
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +62,7 @@ def hub(tiny_pair, pr_mask, tmp_path_factory):
 @pytest.fixture
 def hf(hub, tmp_path, monkeypatch):
     """Point the in-process client at the fake Hub, with an empty cache and no token anywhere."""
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "token"))
-    monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
-    monkeypatch.setattr(c, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    hub.reset()
-    return hub
+    return use_fake_hub(hub, tmp_path, monkeypatch)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

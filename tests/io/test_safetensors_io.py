@@ -189,7 +189,7 @@ def bad_files(tmp_path):
                        ["'a'", "do not hold 4 F32 values (16 bytes)"]),
         "bad dtype": (raw_file(tmp_path / "dtype.safetensors",
                                {"a": {"dtype": "F17", "shape": [4], "data_offsets": [0, 16]}}, four),
-                      ["'a'", "malformed header entry"]),
+                      ["'a'", "dtype 'F17'"]),
         "negative dim": (raw_file(tmp_path / "neg.safetensors",
                                   {"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, four),
                          ["'a'", "malformed"]),

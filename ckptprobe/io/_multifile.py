@@ -1,0 +1,67 @@
+"""The tensor-source interface, and several safetensors files seen as one checkpoint.
+
+Every source has the same small interface (the `TensorSource` protocol):
+`ref` (what the user typed), `keys()`, `info(name)` (dtype and shape, no data read),
+`read(name, start, stop)` (a flat element range in the storage dtype) and
+`get_array(name)` (the whole tensor, shaped). Local folders and Hub repos are both a
+`MultiFileSource` over their files.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ckptprobe.errors import InvalidCheckpointError
+from ckptprobe.io._safetensors import TensorInfo
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; convert the checkpoint with "
+               "transformers' `model.save_pretrained(dir, safe_serialization=True)` and point ckptprobe at that")
+
+
+class TensorSource(Protocol):
+    ref: str
+    forkable: bool  # a forked worker process may read it (local files; not an HTTP session)
+
+    def keys(self) -> list[str]: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+    def get_array(self, name: str) -> np.ndarray: ...
+
+
+class MultiFileSource:
+    """Several safetensors files seen as one checkpoint (a sharded folder, a Hub repo).
+
+    `files` maps each file's name (as an index names it) to the opened file, local or
+    remote: anything with `keys()`, `info(name)` and `read(name, start, stop)`. Headers
+    are parsed at open (cheap), data is read on demand.
+    """
+
+    def __init__(self, ref: str, files: dict, weight_map: dict[str, str] | None = None):
+        self.ref = ref
+        self.metadata: dict[str, str] = {}
+        self.forkable = all(getattr(f, "forkable", False) for f in files.values())
+        self._where: dict = {}
+        file_of: dict[str, str] = {}
+        for filename, f in files.items():
+            for name in f.keys():
+                if name in self._where:
+                    raise InvalidCheckpointError(f"{ref}: tensor {name!r} appears in both {file_of[name]} and {filename}")
+                self._where[name], file_of[name] = f, filename
+        for name, shard in (weight_map or {}).items():
+            if file_of.get(name) != shard:
+                raise InvalidCheckpointError(f"{ref}: the index puts {name!r} in {shard}, which does not hold it")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._where[name].info(name)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._where[name].read(name, start, stop)
+
+    def get_array(self, name: str) -> np.ndarray:
+        return self.read(name).reshape(self.info(name).shape)

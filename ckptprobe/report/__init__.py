@@ -1,0 +1,1 @@
+"""Presentation: tables, JSON and CSV output, figures."""

@@ -1,0 +1,118 @@
+"""Coarse exports (axolotl, Spectrum, PEFT): what each selects, checked by re-reading it the way the
+trainer does (axolotl's regex and range rules written out, PEFT's own LoraConfig on a real model)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from ckptprobe.analysis.coarse import Target, coarse_export
+from ckptprobe.errors import UsageError
+from ckptprobe.io.maskfile import read_masks, write_masks
+
+
+def axolotl_unfrozen(patterns: list[str], shapes: dict) -> dict[str, np.ndarray]:
+    """Entries axolotl unfreezes: a pattern (dots literal, matched from the start) with an optional
+    [start:end] row range after it; without a range the whole tensor."""
+    out = {n: np.zeros(s, bool) for n, s in shapes.items()}
+    for p in patterns:
+        m = re.fullmatch(r"(.*?)(?:\[(\d*):(\d*)\])?", p)
+        regex = re.compile(m.group(1).replace(".", "\\."))
+        for n in shapes:
+            if regex.match(n):
+                if m.group(2) is None:
+                    out[n][...] = True
+                else:
+                    out[n][int(m.group(2) or 0):int(m.group(3)) if m.group(3) else None] = True
+    return out
+
+
+def check_coverage(result, mf, unfrozen):
+    kept = sum(int((mf.mask(n) & unfrozen[n]).sum()) for n in unfrozen)
+    total = sum(u.size for u in unfrozen.values())
+    c = result.coverage
+    assert c.unfrozen == sum(int(u.sum()) for u in unfrozen.values())
+    assert c.kept == kept and c.extra == c.unfrozen - kept
+    assert c.params == total and c.trainable == sum(mf.count(n) for n in unfrozen)
+    assert c.unfrozen <= c.budget * total
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    """Three 8x8 matrices: all trainable, none trainable, rows 2-4 and 6 trainable; a 1-D norm, trainable."""
+    part = np.zeros((8, 8), bool)
+    part[2:5], part[6] = True, True
+    masks = {"layers.0.mlp.up_proj.weight": np.ones((8, 8), bool), "layers.0.mlp.down_proj.weight": np.zeros((8, 8), bool),
+             "layers.1.mlp.up_proj.weight": part, "layers.1.input_layernorm.weight": np.ones(8, bool)}
+    write_masks(tmp_path / "m.safetensors", masks, {"kind": "test"}, {n: f"BF16:{i}" for i, n in enumerate(masks)})
+    return read_masks(tmp_path / "m.safetensors")
+
+
+def test_axolotl_row_ranges_known_answer(rows_file, monkeypatch):
+    import ckptprobe.analysis.coarse as coarse
+
+    monkeypatch.setattr(coarse, "ROW_BLOCKS", 8)  # one row per block
+    total = 3 * 64 + 8
+    result = coarse_export(rows_file, Target.axolotl, budget=(64 + 8 + 32) / total)
+    patterns = yaml.safe_load(result.text)["unfrozen_parameters"]
+    # densest first: the norm and the all-trainable matrix (density 1), then the four trainable rows
+    assert patterns == ["^layers.0.mlp.up_proj.weight$", "^layers.1.mlp.up_proj.weight$[2:5]",
+                        "^layers.1.mlp.up_proj.weight$[6:7]", "^layers.1.input_layernorm.weight$"]
+    unfrozen = axolotl_unfrozen(patterns, {n: rows_file.shape(n) for n in rows_file.keys()})
+    check_coverage(result, rows_file, unfrozen)
+    assert result.coverage.kept_fraction == 1.0 and result.coverage.extra == 0
+
+
+def test_spectrum_whole_tensors(rows_file):
+    result = coarse_export(rows_file, Target.spectrum, budget=0.7)  # 136 of 200 entries fit, 200 do not
+    doc = yaml.safe_load(result.text)
+    assert doc["unfrozen_parameters"] == ["^layers.0.mlp.up_proj.weight$", "^layers.1.mlp.up_proj.weight$",
+                                          "^layers.1.input_layernorm.weight$"]
+    assert "# up layers" in result.text  # grouped by module type in comments, as Spectrum writes
+    check_coverage(result, rows_file, axolotl_unfrozen(doc["unfrozen_parameters"],
+                                                       {n: rows_file.shape(n) for n in rows_file.keys()}))
+    assert result.coverage.extra == 64 - 32
+
+
+def test_budget_is_respected_and_checked(rows_file):
+    for target in Target:
+        for budget in (0.35, 0.6, 1.0):
+            c = coarse_export(rows_file, target, budget).coverage
+            assert c.unfrozen <= budget * c.params
+        with pytest.raises(UsageError, match="nothing trainable fits"):  # never an empty (= freeze nothing) list
+            coarse_export(rows_file, target, 0.01)
+    with pytest.raises(UsageError, match="budget"):
+        coarse_export(rows_file, Target.axolotl, 0)
+
+
+# peft 0.x calls transformers' deprecated alias; a warning of theirs, not of ours
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_selection_read_by_peft(tmp_path):
+    """The exported target_modules / layers_to_transform, given to PEFT's LoraConfig on the real model,
+    adapt exactly the matrices the coverage counts."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    rng = np.random.default_rng(0)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    density = {n: (0.9 if ".mlp." in n and ".layers.1." in n else 0.2) for n in shapes}  # a dense cell block
+    masks = {n: rng.random(s) < density[n] for n, s in shapes.items()}
+    write_masks(tmp_path / "m.safetensors", masks, {"kind": "test"}, {n: "F32:x" for n in masks})
+    mf = read_masks(tmp_path / "m.safetensors")
+    result = coarse_export(mf, Target.peft, budget=0.2)
+    chosen = json.loads(result.text)
+    assert chosen["layers_to_transform"] == [1] and set(chosen["target_modules"]) <= {"gate_proj", "up_proj", "down_proj"}
+    peft_model = get_peft_model(model, LoraConfig(r=2, **chosen))
+    adapted = {n.replace("base_model.model.", "").replace(".base_layer", "")
+               for n, _ in peft_model.named_parameters() if ".base_layer." in n}
+    unfrozen = {n: np.full(s, n in adapted) for n, s in shapes.items()}
+    check_coverage(result, mf, unfrozen)

@@ -1,0 +1,73 @@
+"""report/output and report/labels: numbers shown whole, tables that widen rather than cut, JSON without NaN,
+one rule for a checkpoint's short name."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+from rich.console import Console
+
+from ckptprobe.report.labels import label, labels
+from ckptprobe.report.output import Format, emit, fmt_num, show, table, to_csv, to_json
+
+
+@pytest.mark.parametrize("x, text", [
+    (0.99999, "0.99999"), (1 - 1e-9, "0.999999999"), (1e-9, "1e-09"), (9.225e-05, "9.225e-05"), (1.0, "1"),
+    (0.0, "0"), (0.123456, "0.1235"), (1234567, "1,234,567"), (None, "-"), (math.nan, "-"), ([4, 8], "4x8"),
+])
+def test_fmt_num(x, text):
+    assert fmt_num(x) == text
+
+
+ROWS = [{"name": "model.layers.10.self_attn.q_proj.weight", "numel": 16_777_216, "sparsity": 9.225e-05},
+        {"name": "model.layers.10.self_attn.k_proj.weight", "numel": 4_194_304, "sparsity": 0.99999}]
+
+
+def render(width: int) -> str:
+    buf = io.StringIO()
+    show(table("T", ROWS), Console(file=buf, width=width, force_terminal=False, color_system=None))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("width", [30, 60, 200])
+def test_numbers_are_never_cut_and_names_wrap(width):
+    text = render(width)
+    assert "…" not in text
+    for needle in ("16,777,216", "4,194,304", "9.225e-05", "0.99999"):
+        assert needle in text, (width, text)
+    joined = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    assert "model.layers.10.self_attn.q_proj.weight" in joined  # wrapped, never shortened
+    if width == 200:  # room enough: one line per row
+        assert sum(line.startswith("│") for line in text.splitlines()) == 2
+
+
+def test_json_has_no_nan_and_csv_flattens_lists():
+    data = json.loads(to_json({"a": math.nan, "b": [1.0, math.inf], "c": {1: -math.inf}}))
+    assert data == {"a": None, "b": [1.0, None], "c": {"1": None}}
+    assert to_csv([{"shape": [2, 3], "x": 1}, {"shape": [4], "y": 2}]) == 'shape,x,y\n"[2, 3]",1,\n[4],,2\n'
+
+
+def test_emit_writes_the_chosen_format(tmp_path, capsys):
+    rows = [{"module": "q", "changed": 3}]
+    emit(Format.csv, {"rows": rows}, rows, [table("T", rows)], None)
+    assert capsys.readouterr().out == "module,changed\nq,3\n"
+    emit(Format.json, {"rows": rows}, rows, [table("T", rows)], tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": rows}
+    emit(Format.table, {}, rows, [table("T", ROWS)], tmp_path / "t.txt")
+    assert "model.layers.10.self_attn.q_proj.weight" in (tmp_path / "t.txt").read_text()  # a file has no width cap
+
+
+@pytest.mark.parametrize("ref, short", [
+    ("runs/rl-1/", "rl-1"), ("ckpts/base.safetensors", "base"), ("ckpts/sft/model.safetensors", "sft"),
+    ("ckpts/sft/model.safetensors.index.json", "sft"), ("org/model@v2", "model@v2"), ("/", "/"),
+])
+def test_label(ref, short):
+    assert label(ref) == short
+
+
+def test_labels_fall_back_to_references_when_short_names_collide():
+    assert labels(["a/rl", "b/rl/"]) == ["a/rl", "b/rl/"]
+    assert labels(["a/rl-1", "a/rl-2"]) == ["rl-1", "rl-2"]
