@@ -8,15 +8,22 @@ ULP; each is saved both as one file and as a folder sharded over two files with 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
-from corpus import Corpus
-from factory import bump, save, tiny_weights
+# One torch/BLAS thread in the tests and the processes they start, set before numpy and torch
+# load: on a busy machine a second thread makes the LAPACK-heavy references 10-40x slower, and
+# no result depends on it (tests/test_threads.py checks the thread policy itself).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from corpus import Corpus  # noqa: E402
+from factory import bump, save, tiny_weights  # noqa: E402
+
+from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits  # noqa: E402
 
 
 @dataclass

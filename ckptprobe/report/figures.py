@@ -27,8 +27,10 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
     """Save `fig` atomically; the format follows the suffix (.png, .pdf, .svg). Closes the figure."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
+    # A figure with a layout engine (constrained) is already fitted; "tight" would draw it once more.
+    tight = None if fig.get_layout_engine() else "tight"
     with atomic_write(path) as f:
-        fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
+        fig.savefig(f, format=fmt, dpi=dpi, bbox_inches=tight)
     pyplot().close(fig)
     return path
 

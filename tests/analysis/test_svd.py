@@ -1,9 +1,10 @@
 """The batched SVD engine against numpy/scipy references and known answers.
 
-Tolerances: fp32 singular values agree with float64 numpy to 1e-5 * sigma_max (fp32's
-unit roundoff is 6e-8; LAPACK's backward error is a small multiple of it times ||W||_2).
-Subspace angles of exact fp32 top-k vs float64 are below 0.01 degrees where the spectrum
-has a gap at k. Randomized top-k is checked against exact on decaying spectra.
+Tolerances: singular values agree with float64 numpy to 1e-5 * sigma_max (what an fp32
+SVD achieves: fp32's unit roundoff is 6e-8, LAPACK's backward error a small multiple of it
+times ||W||_2); the CPU route, from float64 Gram matrices, is held to 1e-7 * sigma_max, the
+rounding of its fp32 output. Subspace angles of exact top-k vs float64 are below 0.01 degrees
+where the spectrum has a gap at k. Randomized top-k is checked against exact on decaying spectra.
 """
 
 from __future__ import annotations
@@ -14,20 +15,27 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
+from ckptprobe import examples
+from ckptprobe.analysis import svd
+from ckptprobe.analysis.bf16 import to_float32
+from ckptprobe.analysis.spectrum import default_k
 from ckptprobe.analysis.svd import (RANDOMIZED_MIN_SIDE, SVDRequest, TopkMethod, check_k, decompose,
                                     rank_k, resolve_device, shape_batches, svd_bytes, svdvals, topk,
                                     use_randomized)
 from ckptprobe.errors import DeviceError, UsageError
+from ckptprobe.io.sources import open_source
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One torch thread: on this shared, oversubscribed 2-core machine a second OpenMP thread makes
-    LAPACK's many small synchronisations 10x slower (QR of 8192x32: 1.4 ms vs 110 ms)."""
+    """One torch and BLAS thread: on a busy machine a second thread makes LAPACK's many small
+    synchronisations 10x slower (QR of 8192x32: 1.4 ms vs 110 ms), numpy's references included."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1, user_api="blas"):
+        yield
     torch.set_num_threads(before)
 
 
@@ -149,7 +157,7 @@ def test_nonfinite_matrix_gets_nan_and_the_others_are_computed():
 
 
 def test_k_errors_name_the_matrix():
-    with pytest.raises(UsageError, match=r"-k 10 .*q_proj.*\(4, 8\).*between 1 and 4"):
+    with pytest.raises(UsageError, match=r"k=10 .*q_proj.*\(4, 8\).*between 1 and 4"):
         check_k("model.layers.0.q_proj.weight", (4, 8), 10)
     with pytest.raises(UsageError, match="between 1 and 3"):
         topk(torch.zeros(1, 3, 5), 4)
@@ -196,3 +204,65 @@ def test_qr_first_route_matches_numpy(shape):
     big = (RANDOMIZED_MIN_SIDE, 512)
     assert not use_randomized(big, 64, values=True) and use_randomized(big, 64, values=False)
     assert use_randomized((RANDOMIZED_MIN_SIDE, RANDOMIZED_MIN_SIDE // 2 + 1), 64, values=True)
+
+
+def test_cpu_route_on_a_wide_spectrum_beats_fp32_lapack():
+    """Values from 1 down to 1e-4 and 40 exact zeros: the float64 Gram route stays within fp32's
+    rounding of the largest value, where an fp32 SVD errs by ~1e-6 of it."""
+    s = np.concatenate([np.logspace(0, -4, 200), np.zeros(40)])
+    w, u, v = with_spectrum(1500, 240, s, seed=10)
+    w32 = torch.from_numpy(w).float()
+    ref_u, ref, ref_vh = np.linalg.svd(w32.double().numpy(), full_matrices=False)  # of the stored fp32 values
+    out = decompose(w32, SVDRequest(k=16))
+    np.testing.assert_allclose(out.values[0].numpy(), ref, rtol=0, atol=1e-7 * ref[0])
+    assert np.abs(torch.linalg.svdvals(w32).numpy() - ref).max() > 10 * np.abs(out.values[0].numpy() - ref).max()
+    assert max_angle(out.U[0].numpy(), ref_u[:, :16]) < 1e-3 and max_angle(out.V[0].numpy(), ref_vh[:16].T) < 1e-3
+
+
+@pytest.mark.parametrize("shape, k", [((5, 1), 1), ((1, 5), 1), ((2, 2), 2), ((7, 3), 3), ((3, 7), 2)])
+def test_tiny_shapes_and_k_equal_to_the_rank(shape, k):
+    w = torch.randn(2, *shape, generator=torch.Generator().manual_seed(11))
+    out = decompose(w, SVDRequest(k=k, reconstruct=True))
+    ref = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(out.values.numpy(), ref, rtol=0, atol=1e-6 * ref.max())
+    if k == min(shape):
+        torch.testing.assert_close(out.reconstruction, w, atol=1e-5, rtol=0)
+
+
+def test_zero_and_rank_deficient_matrices_keep_orthonormal_factors():
+    """Where s_i = 0 the singular vectors are any orthonormal completion; W V = U S still holds."""
+    low = torch.randn(30, 2, generator=torch.Generator().manual_seed(12)) @ torch.randn(2, 8)
+    for w in (torch.zeros(9, 4), low, low.T):
+        out = decompose(w, SVDRequest(k=4, reconstruct=True))
+        U, S, V = out.U[0], out.S[0], out.V[0]
+        torch.testing.assert_close(U.mT @ U, torch.eye(4), atol=1e-6, rtol=0)
+        torch.testing.assert_close(V.mT @ V, torch.eye(4), atol=1e-6, rtol=0)
+        torch.testing.assert_close(w @ V, U * S, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.reconstruction[0], w, atol=1e-5, rtol=0)
+        assert (out.values[0, 2:] < 1e-5).all()
+
+
+def test_blocks_and_worker_processes_do_not_change_results(monkeypatch):
+    w = torch.randn(3, 70, 40, generator=torch.Generator().manual_seed(13))
+    one = decompose(w, SVDRequest(k=5))
+    monkeypatch.setattr(svd, "GRAM_BLOCK_BYTES", 8 * 40 * 9)  # 9 rows at a time, a ragged last block
+    monkeypatch.setattr(svd, "PARALLEL_MIN_FLOPS", 0)  # every batch to forked workers ...
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # ... two of them
+    many = decompose(w, SVDRequest(k=5))
+    torch.testing.assert_close(many.values, one.values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(many.U * many.S[:, None], one.U * one.S[:, None], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["base", "sft", "rl-1"])
+def test_trained_weights_of_the_example_family_match_float64_numpy(name):
+    src = open_source(str(examples.path(name)))
+    for key in src.keys():
+        if len(src.info(key).shape) != 2:
+            continue
+        w = to_float32(src.get_array(key), src.info(key).dtype)
+        k = default_k(w.shape)
+        u, s, vh = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        out = decompose(torch.from_numpy(w), SVDRequest(k=k))
+        np.testing.assert_allclose(out.values[0].numpy(), s, rtol=0, atol=1e-7 * s[0], err_msg=key)
+        assert max_angle(out.U[0].numpy(), u[:, :k]) < 1e-3, key
+        assert max_angle(out.V[0].numpy(), vh[:k].T) < 1e-3, key
