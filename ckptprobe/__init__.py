@@ -16,23 +16,54 @@ _API = {
     "open_source": "ckptprobe.io.sources",
     "TensorInfo": "ckptprobe.io._safetensors",
     "parse_name": "ckptprobe.io.names",
-    # the update rule and the analyses
+    "renamed": "ckptprobe.analysis.pairing",
+    # what is analysed, and what is skipped
+    "plan_tensors": "ckptprobe.analysis.plan",
+    "Want": "ckptprobe.analysis.plan",
+    "Skipped": "ckptprobe.analysis.plan",
+    "SkipCategory": "ckptprobe.analysis.plan",
+    "skip_summary": "ckptprobe.analysis.plan",
+    # the update rule and the analyses, with their results
     "CompareMode": "ckptprobe.analysis.update",
     "update_mask": "ckptprobe.analysis.update",
     "sparsity": "ckptprobe.analysis.sparsity",
+    "SparsityResult": "ckptprobe.analysis.sparsity",
     "spectrum": "ckptprobe.analysis.spectrum",
+    "SpectrumResult": "ckptprobe.analysis.spectrum",
+    "TopkMethod": "ckptprobe.analysis.svd",
     "principal_overlap": "ckptprobe.analysis.principal",
+    "PrincipalResult": "ckptprobe.analysis.principal",
     "consensus": "ckptprobe.analysis.consensus",
+    "ConsensusResult": "ckptprobe.analysis.consensus_results",
     "profile": "ckptprobe.analysis.profile",
+    "ProfileResult": "ckptprobe.analysis.profile",
     "drift": "ckptprobe.analysis.drift",
+    "DriftResult": "ckptprobe.analysis.drift",
+    "mask_overlap": "ckptprobe.analysis.overlap",
+    # the same model in other coordinates
+    "scramble_checkpoint": "ckptprobe.analysis.scramble",
     # masks for training
     "build_masks": "ckptprobe.analysis.masks",
+    "MaskSpec": "ckptprobe.analysis.masks",
+    "MaskBuild": "ckptprobe.analysis.masks",
+    "Vectors": "ckptprobe.analysis.masks",
+    "Kind": "ckptprobe.analysis.mask_expr",
+    "LowThreshold": "ckptprobe.analysis.mask_select",
     "principal_mask": "ckptprobe.analysis.mask_select",
     "low_mask": "ckptprobe.analysis.mask_select",
+    "write_masks": "ckptprobe.io.maskfile",
     "load_masks": "ckptprobe.io.maskfile",
     "read_masks": "ckptprobe.io.maskfile",
-    # errors
+    # errors: each also subclasses a builtin (FileNotFoundError, ValueError, ...)
     "CkptprobeError": "ckptprobe.errors",
+    "UsageError": "ckptprobe.errors",
+    "CheckpointNotFoundError": "ckptprobe.errors",
+    "InvalidCheckpointError": "ckptprobe.errors",
+    "TensorMismatchError": "ckptprobe.errors",
+    "NoMatchingTensorsError": "ckptprobe.errors",
+    "MaskFileError": "ckptprobe.errors",
+    "HubError": "ckptprobe.errors",
+    "DeviceError": "ckptprobe.errors",
 }
 __all__ = sorted(_API) + ["examples", "train"]
 

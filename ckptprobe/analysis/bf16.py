@@ -72,3 +72,20 @@ def to_torch(raw: np.ndarray, dtype: str):
     if dtype in _F8_TABLES:
         return torch.from_numpy(raw).view(torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2)
     return torch.from_numpy(raw)
+
+
+def float64_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float64, any shape -> uint16 bf16 bits, correctly rounded (to nearest, ties to even).
+
+    Going through float32 with numpy's (or torch's) rounding would round twice, which is
+    off by one ULP when the first rounding lands on a bf16 tie. Instead the value is first
+    rounded to float32 *to odd* (truncate, then set the last bit if anything was lost):
+    with 16 spare bits that keeps every tie visible, so the second rounding is exact.
+    """
+    x = np.asarray(x, np.float64)
+    with np.errstate(over="ignore"):
+        f = x.astype(np.float32)  # nearest; fix it to truncation, toward zero
+    f = np.where(np.abs(f.astype(np.float64)) > np.abs(x), np.nextafter(f, np.float32(0)), f)
+    u = np.ascontiguousarray(f).view(np.uint32)
+    inexact = (f.astype(np.float64) != x) & np.isfinite(x)
+    return float32_to_bf16_bits((u | inexact.astype(np.uint32)).view(np.float32))

@@ -12,16 +12,9 @@ import numpy as np
 
 from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
 from ckptprobe.analysis.plan import Skipped
-from ckptprobe.io.names import MODULE_ORDER
+from ckptprobe.analysis.grouping import grouped
 
-def _listed(a: np.ndarray | None) -> list | None:
-    """float array -> nested list with None for NaN (JSON has no NaN)."""
-    if a is None:
-        return None
-    return np.where(np.isnan(a), None, a).tolist() if a.dtype.kind == "f" else a.tolist()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class TensorConsensus:
     """One tensor across the R runs. Arrays are indexed by run over all R runs.
 
@@ -85,7 +78,7 @@ class TensorConsensus:
         return {
             "name": self.name, "layer": self.layer, "module": self.module, "group": self.group,
             "shape": list(self.shape), "numel": self.numel, "runs": list(self.runs),
-            "density": _listed(d), "density_mean": float(np.nanmean(d)) if np.isfinite(d).any() else None,
+            "density": d.tolist(), "density_mean": float(np.nanmean(d)) if np.isfinite(d).any() else None,
             "changed": [int(c) if v else None for c, v in zip(self.changed, self.valid)],
             "nonfinite": int(self.nonfinite.sum()),
             "jaccard_mean": j, "bernoulli_mean": b, "lift": j / b if j is not None and b else None,
@@ -96,10 +89,10 @@ class TensorConsensus:
         }
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "jaccard": _listed(self.jaccard), "bernoulli": _listed(self.bernoulli)}
+        return {**self.summary(), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class GroupConsensus:
     """Tensors pooled (a module type, a layer, the whole model).
 
@@ -140,7 +133,7 @@ class GroupConsensus:
         total = self.hist.sum()
         finite = np.isfinite(self.density).any()
         return {
-            key_name: self.key, "tensors": self.tensors, "numel": self.numel, "density": _listed(self.density),
+            key_name: self.key, "tensors": self.tensors, "numel": self.numel, "density": self.density.tolist(),
             "density_mean": float(np.nanmean(self.density)) if finite else None,
             "jaccard_mean": self.jaccard_mean, "bernoulli_mean": self.bernoulli_mean, "lift": self.lift,
             "all_runs": float(self.hist[-1] / total) if total else None,
@@ -150,7 +143,7 @@ class GroupConsensus:
         }
 
     def to_dict(self, key_name: str = "key") -> dict:
-        return {**self.summary(key_name), "jaccard": _listed(self.jaccard), "bernoulli": _listed(self.bernoulli)}
+        return {**self.summary(key_name), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
 
 
 def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus:
@@ -205,17 +198,13 @@ class ConsensusResult:
 
     def by(self, key: str) -> dict:
         """GroupConsensus per "module", "layer" or "group", in a stable order (layers ascending, None last)."""
-        groups: dict = {}
-        for t in self.tensors:
-            groups.setdefault(getattr(t, key), []).append(t)
-        if key == "module":
-            order = {m: i for i, m in enumerate(MODULE_ORDER)}
-            keys = sorted(groups, key=lambda k: (order.get(k, len(order)), k))
-        elif key == "layer":
-            keys = sorted(groups, key=lambda k: (k is None, k or 0))
-        else:
-            keys = list(groups)
-        return {k: pool(k, groups[k], len(self.runs)) for k in keys}
+        return {k: pool(k, ts, len(self.runs)) for k, ts in grouped(self.tensors, key).items()}
+
+    def rows(self, by: str = "tensor") -> list[dict]:
+        """Flat records for a table or CSV (no R x R matrices): one per tensor or per module, layer or group."""
+        if by == "tensor":
+            return [t.summary() for t in self.tensors]
+        return [g.summary(by) for g in self.by(by).values()]
 
     def layer_tensors(self) -> list[TensorConsensus]:
         """The chosen layer's 2-D tensors (those with ratio profiles), in checkpoint order."""

@@ -37,7 +37,8 @@ class LowThreshold(str, Enum):
 
 def check_alpha(alpha: float) -> None:
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise UsageError(f"--alpha {alpha} is outside [0, 1]", hint="alpha is a fraction, e.g. 0.05 for 5%")
+        raise UsageError(f"alpha={alpha} is outside [0, 1]", hint="alpha is a fraction, e.g. 0.05 for 5%",
+                         param="alpha")
 
 
 def keep_count(alpha: float, n: int) -> int:

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits, to_float32
+from ckptprobe.analysis.grouping import grouped
 from ckptprobe.analysis.mask_expr import Expr, Kind, parse_expression
 from ckptprobe.analysis.mask_select import (DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank, low_mask,
                                             principal_mask, random_mask)
@@ -29,7 +30,7 @@ from ckptprobe.analysis.weights import not_a_weight, read_matrix, read_raw
 from ckptprobe.errors import InvalidCheckpointError, TensorMismatchError, UsageError
 from ckptprobe.io._safetensors import FLOAT_DTYPES
 from ckptprobe.io.maskfile import PackedMask, fingerprint
-from ckptprobe.io.names import MODULE_ORDER, parse_name
+from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
 
 __all__ = ["DEFAULT_ALPHA", "Kind", "LowThreshold", "MaskBuild", "MaskSpec", "MatrixMasks", "TensorMask", "Vectors",
@@ -173,19 +174,12 @@ class TensorMask:
 
 
 def group_densities(tensors: Sequence[TensorMask], key: str) -> list[dict]:
-    """Trainable counts summed per "module" or "layer" (layers ascending, None last), with densities."""
-    sums: dict = {}
-    for t in tensors:
-        k = getattr(t, key)
-        n, c, nt = sums.get(k, (0, 0, 0))
-        sums[k] = (n + t.numel, c + t.count, nt + 1)
-    if key == "module":
-        order = {m: i for i, m in enumerate(MODULE_ORDER)}
-        items = sorted(sums.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
-    else:
-        items = sorted(sums.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-    return [{key: k, "tensors": nt, "numel": n, "trainable": c, "density": c / n if n else None}
-            for k, (n, c, nt) in items]
+    """Trainable counts summed per "module" or "layer" (in the order of `grouping.order`), with densities."""
+    out = []
+    for k, ts in grouped(tensors, key).items():
+        n, c = sum(t.numel for t in ts), sum(t.count for t in ts)
+        out.append({key: k, "tensors": len(ts), "numel": n, "trainable": c, "density": c / n if n else None})
+    return out
 
 
 @dataclass(frozen=True)
@@ -201,6 +195,10 @@ class MaskBuild:
         return {t.name: PackedMask(t.shape, t.bits, t.count, {"computed": t.computed, "rank": t.rank})
                 for t in self.tensors}
 
+    def rows(self, by: str = "tensor") -> list[dict]:
+        """Flat records: one per tensor, or trainable counts per module or layer."""
+        return [t.to_dict() for t in self.tensors] if by == "tensor" else group_densities(self.tensors, by)
+
     @property
     def total(self) -> dict:
         n, c = sum(t.numel for t in self.tensors), sum(t.count for t in self.tensors)
@@ -208,7 +206,7 @@ class MaskBuild:
 
     def to_dict(self) -> dict:
         return {"command": "masks", **self.recipe, "tensors": [t.to_dict() for t in self.tensors],
-                "groups": {k: group_densities(self.tensors, k) for k in ("module", "layer")}, "total": self.total,
+                "groups": {k: self.rows(k) for k in ("module", "layer")}, "total": self.total,
                 "skipped": [s.to_dict() for s in self.skipped]}
 
 
@@ -269,12 +267,12 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
         if not spec.like:
             raise UsageError("the random kind needs --like KIND: the kind whose per-matrix density it copies")
         if "random" in parse_expression(spec.like).atoms():
-            raise UsageError("--like cannot itself be random")
+            raise UsageError(f"like={spec.like}: it cannot itself be random", param="like")
         atoms = atoms | parse_expression(spec.like).atoms()
     if spec.rank is not None and spec.rank < 1:
-        raise UsageError(f"-k {spec.rank}: the rank must be at least 1")
+        raise UsageError(f"k={spec.rank}: the rank must be at least 1", param="k")
     if not 0 < spec.min_agree <= 1:
-        raise UsageError(f"--min-agree {spec.min_agree} is outside (0, 1]")
+        raise UsageError(f"min_agree={spec.min_agree} is outside (0, 1]", param="min_agree")
     if "update" in atoms and "consensus" in atoms:
         raise UsageError("update and consensus cannot be combined: update reads one --from run, consensus several")
     if "update" in atoms and len(runs) != 1:
@@ -284,7 +282,7 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
         raise UsageError(f"the consensus kind needs at least two --from runs, got {len(runs)}",
                          hint="for one run use --kind update")
     if runs and not atoms & {"update", "consensus"}:
-        raise UsageError("--from runs are only read by the update and consensus kinds")
+        raise UsageError("runs are only read by the update and consensus kinds", param="runs")
 
     plan = plan_tensors(base, (), Want.matrices, include, exclude, k=spec.rank if "principal" in atoms else None,
                         default_k=default_rank if "principal" in atoms else None)
@@ -294,8 +292,9 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
     others = [n for n in names if n not in set(computed)]
     small = [s for s in plan.skipped if s.category == SkipCategory.small]
     if not computed and small:
-        raise UsageError(f"-k {spec.rank} is larger than the smaller side of every selected matrix "
-                         f"({len(small)} skipped, e.g. {small[0].name}: {small[0].reason})", hint="use a smaller -k")
+        raise UsageError(f"k={spec.rank} is larger than the smaller side of every selected matrix "
+                         f"({len(small)} skipped, e.g. {small[0].name}: {small[0].reason})", hint="use a smaller k",
+                         param="k")
     if not computed:
         raise UsageError("no weight matrix of the base is selected: there is nothing to compute a mask for",
                          hint="check --include/--exclude and -k")

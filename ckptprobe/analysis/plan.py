@@ -56,14 +56,14 @@ class SkipCategory(str, Enum):
 class Skipped:
     """A tensor left out of an analysis (or one run left out of a tensor), and why.
 
-    `label` is the short phrase the one-line summary counts ("1-D (norms, biases)", "int64
+    `kind` is the short phrase the one-line summary counts ("1-D (norms, biases)", "int64
     buffer"); `reason` the full sentence for this tensor.
     """
 
     name: str
     reason: str
     category: SkipCategory
-    label: str
+    kind: str
 
     def to_dict(self) -> dict:
         return {"name": self.name, "category": self.category.value, "reason": self.reason}
@@ -72,13 +72,13 @@ class Skipped:
 def skip_summary(skipped: Sequence[Skipped]) -> str | None:
     """One line for a run's skips: "skipped 57 tensors: 56 1-D (norms, biases), 1 int64 buffer"; None if none.
 
-    Counts skips by label, most frequent first. A tensor left out for several runs (consensus)
+    Counts skips by kind, most frequent first. A tensor left out for several runs (consensus)
     counts once per run.
     """
     if not skipped:
         return None
-    counts = Counter(s.label for s in skipped)
-    parts = ", ".join(f"{n} {label}" for label, n in counts.most_common())
+    counts = Counter(s.kind for s in skipped)
+    parts = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
     n = len(skipped)
     return f"skipped {n} tensor{'s' if n != 1 else ''}: {parts}"
 
@@ -154,8 +154,8 @@ class Plan:
         return sum(t.info.nbytes + sum(r.info.nbytes for r in t.runs) for t in self.tensors)
 
 
-def _skip(name: str, category: SkipCategory, reason: str, label: str) -> Skipped:
-    return Skipped(name, reason, category, label)
+def _skip(name: str, category: SkipCategory, reason: str, kind: str) -> Skipped:
+    return Skipped(name, reason, category, kind)
 
 
 def _not_matrix(name: str, info: TensorInfo) -> Skipped | None:
@@ -198,14 +198,20 @@ def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = 
     Raises NoMatchingTensorsError, TensorMismatchError (no name in common) or UsageError.
     """
     if k is not None and k < 1:
-        raise UsageError(f"-k {k}: the rank must be at least 1")
+        raise UsageError(f"k={k}: the rank must be at least 1", param="k")
     _check_filters(base, include, exclude)
     names = [n for n in base.keys() if selected(n, include, exclude)]
     run_keys = [set(r.keys()) for r in runs]
     for run, keys in zip(runs, run_keys):
-        if not any(n in keys for n in base.keys()):
+        common = sum(n in keys for n in base.keys())
+        if not common:
             guess, hint = why_disjoint(base, run)
             raise TensorMismatchError(f"{base.ref} and {run.ref} have no tensor name in common: {guess}", hint=hint)
+        if 2 * common < len(base.keys()):  # mostly disjoint: a constant prefix may explain it
+            guess, hint = why_disjoint(base, run)
+            if hint:
+                raise TensorMismatchError(f"{base.ref} and {run.ref} have only {common} of {len(base.keys())} "
+                                          f"tensor names in common: {guess}", hint=hint)
 
     plans, skipped = [], []
     for name in names:
@@ -255,7 +261,7 @@ def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = 
         if not partial:
             left_out = left_out[:1]  # the tensor is skipped: one reason is enough
         elif left_out:
-            left_out = [Skipped(s.name, s.reason + "; run left out of this tensor", s.category, s.label)
+            left_out = [Skipped(s.name, s.reason + "; run left out of this tensor", s.category, s.kind)
                         for s in left_out]
         skipped += left_out
         if (sides or not runs) and (partial or not left_out):

@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis.grouping import grouped
 from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank
 from ckptprobe.analysis.masks import MaskSpec, MatrixMasks
 from ckptprobe.analysis.plan import Skipped, SkipCategory, Want, plan_tensors
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
 from ckptprobe.analysis.weights import not_a_weight, read_matrix, read_raw
 from ckptprobe.errors import InvalidCheckpointError, UsageError
-from ckptprobe.io.names import MODULE_ORDER, parse_name
+from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
 
 MASKS = ("principal", "low", "principal_not_low")
@@ -108,16 +109,17 @@ class PrincipalResult:
     skipped: tuple[Skipped, ...]
 
     def by(self, key: str, finetuned: str) -> dict:
-        """Counts of one fine-tune summed per "module" or "layer" (layers ascending, None last)."""
-        out: dict = {}
-        for m in self.matrices:
-            if m.finetuned == finetuned:
-                k = getattr(m, key)
-                out[k] = out.get(k, OverlapCounts()) + m.counts
-        if key == "module":
-            order = {m: i for i, m in enumerate(MODULE_ORDER)}
-            return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-        return dict(sorted(out.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+        """Counts of one fine-tune summed per "module", "layer" or "group", in the order of `grouping.order`."""
+        mine = [m for m in self.matrices if m.finetuned == finetuned]
+        return {k: sum((m.counts for m in ms), OverlapCounts())
+                for k, ms in grouped(mine, key, lambda m: getattr(m, key) if key != "group" else
+                                     parse_name(m.name).group).items()}
+
+    def rows(self, by: str = "tensor") -> list[dict]:
+        """Flat records: one per matrix and fine-tune, or per module/layer and fine-tune."""
+        if by == "tensor":
+            return [m.to_dict() for m in self.matrices]
+        return [{"finetuned": ft, by: k, **c.to_dict()} for ft in self.finetuned for k, c in self.by(by, ft).items()]
 
     def total(self, finetuned: str) -> OverlapCounts:
         return sum((m.counts for m in self.matrices if m.finetuned == finetuned), OverlapCounts())
@@ -129,8 +131,7 @@ class PrincipalResult:
             "low_threshold": self.low_threshold,
             "mode": self.mode, "eta": self.eta, "atol": self.atol, "topk_method": self.method,
             "matrices": [m.to_dict() for m in self.matrices],
-            "groups": {key: [{"finetuned": ft, key: k, **c.to_dict()} for ft in self.finetuned
-                             for k, c in self.by(key, ft).items()] for key in ("module", "layer")},
+            "groups": {key: self.rows(key) for key in ("module", "layer")},
             "total": [{"finetuned": ft, **self.total(ft).to_dict()} for ft in self.finetuned],
             "skipped": [s.to_dict() for s in self.skipped],
         }
@@ -204,14 +205,14 @@ def principal_overlap(base: TensorSource, finetuned: Sequence[TensorSource], ran
 def check_matrix(base: TensorSource, finetuned: Sequence[TensorSource], name: str) -> None:
     """UsageError unless `name` is a weight matrix of the base held with its shape by every fine-tune."""
     if name not in base.keys():
-        raise UsageError(f"--matrix {name}: {base.ref} has no such tensor",
-                         hint="tensor names are listed by --by tensor")
+        raise UsageError(f"matrix={name}: {base.ref} has no such tensor",
+                         hint="tensor names are listed by --by tensor", param="matrix")
     info = base.info(name)
     if len(info.shape) != 2 or min(info.shape) == 0 or not_a_weight(base, name):
-        raise UsageError(f"--matrix {name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})")
+        raise UsageError(f"matrix={name}: not a 2-D float matrix ({info.dtype} {tuple(info.shape)})", param="matrix")
     for ft in finetuned:
         if name not in ft.keys() or ft.info(name).shape != info.shape:
-            raise UsageError(f"--matrix {name}: {ft.ref} has no tensor of that name and shape")
+            raise UsageError(f"matrix={name}: {ft.ref} has no tensor of that name and shape", param="matrix")
 
 
 def matrix_masks(base: TensorSource, finetuned: Sequence[TensorSource], name: str, rank: int | None = None,

@@ -43,11 +43,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _nones(a: np.ndarray) -> list:
-    return np.where(np.isnan(a), None, a).tolist()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class TensorProfile:
     """One matrix of the chosen layer over S checkpoints (NaN where a checkpoint lacks it).
 
@@ -68,9 +64,9 @@ class TensorProfile:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "shape": list(self.shape),
-                "density": _nones(self.density), "row_corr": list(self.row_corr), "col_corr": list(self.col_corr),
+                "density": self.density.tolist(), "row_corr": list(self.row_corr), "col_corr": list(self.col_corr),
                 "row_stripe_index": list(self.row_stripe_index), "col_stripe_index": list(self.col_stripe_index),
-                "row_ratio": [_nones(r) for r in self.row], "col_ratio": [_nones(c) for c in self.col]}
+                "row_ratio": self.row.tolist(), "col_ratio": self.col.tolist()}
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,7 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
     if not checkpoints:
         raise UsageError("profile needs at least one checkpoint besides the base")
     if smooth < 1:
-        raise UsageError(f"--smooth must be at least 1 (1 = no smoothing), got {smooth}")
+        raise UsageError(f"smooth={smooth}: must be at least 1 (1 = no smoothing)", param="smooth")
     check_layer(layer, layers_of(base, include, exclude))
     S = len(checkpoints)
     changed, numel, skipped = [], [], []
@@ -118,7 +114,7 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
         sp = sparsity(base, ckpt, mode, eta, atol, include, exclude, progress, workers)
         changed.append(sp.total.changed)
         numel.append(sp.total.numel)
-        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}", k.category, k.label) for k in sp.skipped]
+        skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}", k.category, k.kind) for k in sp.skipped]
         plan = plan_tensors(base, [ckpt], Want.floating, include, exclude, compare=True, mode=mode)
         # the layer's matrices (the rest was counted above)
         plans = [p for p in plan.tensors if p.layer == layer and len(p.info.shape) == 2 and p.info.numel]

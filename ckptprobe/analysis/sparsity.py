@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import run_windows
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
-from ckptprobe.io.names import MODULE_ORDER
 from ckptprobe.io.sources import TensorSource
 
 WINDOW = 8 << 20  # elements per read: 16 MiB of bf16 per side
@@ -68,17 +68,14 @@ class SparsityResult:
     skipped: tuple[Skipped, ...]
 
     def by(self, key: str) -> dict:
-        """Counts summed per "module", "layer" or "group", in a stable order (layers ascending, None last)."""
-        out: dict = {}
-        for t in self.tensors:
-            k = getattr(t, key)
-            out[k] = out.get(k, Counts(0, 0)) + t.counts
-        if key == "module":
-            order = {m: i for i, m in enumerate(MODULE_ORDER)}
-            return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-        if key == "layer":
-            return dict(sorted(out.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
-        return out
+        """Counts summed per "module", "layer" or "group", in the order of `grouping.order`."""
+        return {k: sum((t.counts for t in ts), Counts(0, 0)) for k, ts in grouped(self.tensors, key).items()}
+
+    def rows(self, by: str = "tensor") -> list[dict]:
+        """Flat records: one per tensor (`by="tensor"`) or per module, layer or group."""
+        if by == "tensor":
+            return [t.to_dict() for t in self.tensors]
+        return [{by: k, **c.to_dict()} for k, c in self.by(by).items()]
 
     @property
     def total(self) -> Counts:
@@ -89,8 +86,7 @@ class SparsityResult:
             "command": "sparsity", "base": self.base, "finetuned": self.finetuned, "mode": self.mode,
             "eta": self.eta, "atol": self.atol,
             "tensors": [t.to_dict() for t in self.tensors],
-            "groups": {key: [{key: k, **c.to_dict()} for k, c in self.by(key).items()]
-                       for key in ("module", "layer", "group")},
+            "groups": {key: self.rows(key) for key in KEYS},
             "total": self.total.to_dict(),
             "skipped": [s.to_dict() for s in self.skipped],
         }

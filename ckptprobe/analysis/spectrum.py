@@ -27,11 +27,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ckptprobe.analysis.grouping import order
 from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
 from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, decompose, resolve_device, shape_batches,
                                     svd_bytes, use_randomized)
 from ckptprobe.analysis.weights import read_matrix
-from ckptprobe.io.names import MODULE_ORDER, parse_name
+from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
 
 DEFAULT_K = 64
@@ -161,18 +162,16 @@ class SpectrumResult:
 
     def by(self, key: str) -> list[dict]:
         """Means of the per-matrix metrics per "module" or "layer" and fine-tune (matrices with an
-        error left out; `matrices` counts those averaged), modules in MODULE_ORDER, layers ascending."""
+        error left out; `matrices` counts those averaged), in the order of `grouping.order`."""
         groups: dict = {}
         for r in self.rows():
             if r["error"] is None:
                 groups.setdefault((r[key], r["finetuned"]), []).append(r)
-        order = {m: i for i, m in enumerate(MODULE_ORDER)}
         ft_order = {f: i for i, f in enumerate(self.finetuned)}
 
         def sort_key(item):
             g, ft = item[0]
-            first = (order.get(g, len(order)), g) if key == "module" else (g is None, g or 0)
-            return (first, ft_order[ft])
+            return (order(key, g), ft_order[ft])
 
         out = []
         for (g, ft), rows in sorted(groups.items(), key=sort_key):

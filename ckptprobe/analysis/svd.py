@@ -129,9 +129,9 @@ def _qr_first(shape: tuple[int, int]) -> bool:
 def check_k(name: str, shape: tuple[int, ...], k: int) -> None:
     """UsageError naming the matrix when k is not in 1..min(m, n)."""
     if not 1 <= k <= min(shape):
-        raise UsageError(f"-k {k} is out of range for {name} of shape {tuple(shape)}: "
+        raise UsageError(f"k={k} is out of range for {name} of shape {tuple(shape)}: "
                          f"k must be between 1 and {min(shape)}",
-                         hint=f"use -k {min(shape)} or less, or --exclude that matrix")
+                         hint=f"use k={min(shape)} or less, or exclude that matrix", param="k")
 
 
 def decompose(batch: torch.Tensor, request: SVDRequest = SVDRequest(),
@@ -227,13 +227,14 @@ def _gram_batch(a: torch.Tensor, k: int, values: bool):
     import torch
     from threadpoolctl import threadpool_limits
 
-    from ckptprobe.analysis._parallel import parallel_map
+    from ckptprobe.analysis.runner import parallel_map
 
     B, M, N = a.shape
     workers = min(B, torch.get_num_threads()) if M * N * N + N ** 3 >= PARALLEL_MIN_FLOPS else 1
     if workers > 1:  # the workers inherit one BLAS thread each
         with threadpool_limits(1, user_api="blas"):
-            outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values), range(B), workers))
+            outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values), [(i,) for i in range(B)], workers,
+                                     fork=True))
     else:
         outs = [_gram(x.numpy(), k, values) for x in a]
     finite = torch.tensor([o is not None for o in outs])

@@ -32,6 +32,8 @@ COMMANDS = {
               "Drift over a checkpoint series: how far each module group moved from the base, step by step"),
     "masks": ("ckptprobe.cli.masks:masks_app",
               "Training masks from a base model: build one"),
+    "scramble": ("ckptprobe.cli.scramble:scramble",
+                 "Write a checkpoint that computes the same function as BASE with its weights in other coordinates."),
     "demo": ("ckptprobe.cli.demo:demo",
              "Run every analysis on the built-in example family and say what each finding means."),
 }

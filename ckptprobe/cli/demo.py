@@ -32,7 +32,9 @@ def demo(
     fine-tuned with SFT on subtraction (`sft`) and with GRPO from three seeds (`rl-1`, `rl-2`, `rl-3`;
     `rl-1` also at steps 50, 100, 150), all stored in bf16. The report compares SFT with RL on update
     sparsity, agreement between RL runs, overlap with principal and low-magnitude weights, spectrum
-    shift and principal angles, and rl-1's drift. k (-k) defaults to 8 here, the rule of `principal`
+    shift and principal angles, and rl-1's drift; then whether rl-1's recipe and seed, run from the base
+    with layer 1 scrambled (`ckptprobe scramble`: same function, other coordinates), still update the
+    same coordinates as rl-1 (`base-scrambled`, `rl-1-scrambled`). k (-k) defaults to 8 here, the rule of `principal`
     for these 128-wide matrices. --plot FILE.png writes FILE-spectrum.png, FILE-principal.png,
     FILE-jaccard.png, FILE-consensus-heatmaps.png, FILE-consensus-ratios.png and FILE-drift.png.
 
@@ -61,11 +63,18 @@ def demo(
             examples.rebuild(rebuild, progress=lambda line: status.update(line))
     with err.status("measuring") as status:
         result = findings(rebuild, rank or 8, alpha, progress=lambda step: status.update(f"measuring: {step}"))
-    rows = [{"finding": f.title, "SFT": f.sft, "RL (mean of 3)": f.rl, "chance / none": f.baseline}
-            for f in result.items]
-    readings = "\n".join(f"- {f.reading}" for f in result.items)
+    main = [f for f in result.items if not f.key.startswith("scramble_")]
+    rows = [{"finding": f.title, "SFT": f.sft, "RL (mean of 3)": f.rl, "chance / none": f.baseline} for f in main]
+    readings = "\n".join(f"- {f.reading}" for f in main)
     tables = [table(f"SFT vs RL on the example family ({result.root})", rows,
                     ["finding", "SFT", "RL (mean of 3)", "chance / none"], readings)]
+    scr = [f for f in result.items if f.key.startswith("scramble_")]
+    scr_rows = [{"layer": f.title.rsplit("layer ", 1)[1], "overlap": f.rl, "chance": f.baseline,
+                 "Jaccard": f.rl_runs["jaccard"], "Bernoulli": f.rl_runs["bernoulli"],
+                 "rl-2 overlap": f.rl_runs["rl-2"]} for f in scr]
+    tables.append(table("Scrambled base: rl-1-scrambled's update mask vs rl-1's, same coordinates", scr_rows,
+                        ["layer", "overlap", "chance", "Jaccard", "Bernoulli", "rl-2 overlap"],
+                        "\n".join(f"- {f.reading}" for f in scr)))
     if figures:
         _plots(result, dict(zip(FIGURES, figures)))
         wrote(figures)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt, PlotOpt,
-                                    RevisionOpt, SeriesArg, ThreadsOpt, TokenOpt, VerboseOpt)
+                                    RevisionOpt, SeriesArg, ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
 
 
 def drift(
@@ -21,6 +21,7 @@ def drift(
     fmt: FormatOpt = None,
     output: OutputOpt = None,
     verbose: VerboseOpt = False,
+    workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
@@ -52,7 +53,7 @@ def drift(
     src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download)
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))
     with progress_bar("reading", total) as advance:
-        result = run(src, series, include or (), exclude or (), z, progress=advance)
+        result = run(src, series, include or (), exclude or (), z, progress=advance, workers=workers)
     report_skipped(result.skipped, verbose)
     groups = list(result.groups)
     names = labels(result.checkpoints)

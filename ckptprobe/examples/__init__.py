@@ -25,7 +25,8 @@ from ckptprobe.errors import UsageError
 __all__ = ["NAMES", "path", "rebuild"]
 
 # In training order; `_train.names()` derives the same tuple from the recipe (a test checks).
-NAMES = ("base", "sft", "rl-1-step050", "rl-1-step100", "rl-1-step150", "rl-1", "rl-2", "rl-3")
+NAMES = ("base", "sft", "rl-1-step050", "rl-1-step100", "rl-1-step150", "rl-1", "rl-2", "rl-3",
+         "base-scrambled", "rl-1-scrambled")
 
 _DATA = Path(__file__).parent / "data"
 
@@ -64,12 +65,26 @@ def rebuild(out_dir: str | os.PathLike, progress: Callable[[str], None] | None =
     try:
         for name, state in _train.family(progress or (lambda line: None)):
             folder = out_dir / name
-            folder.mkdir(parents=True, exist_ok=True)
-            # One metadata key only: safetensors writes metadata from a hash map, whose order
-            # (and so the file's bytes) would change from run to run with two.
-            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-            (folder / "config.json").write_text(json.dumps(_train.config(), indent=2) + "\n")
+            if name == "base-scrambled":  # written as `ckptprobe scramble` writes it, with its record
+                _write_scrambled(out_dir, folder)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                # One metadata key only: safetensors writes metadata from a hash map, whose order
+                # (and so the file's bytes) would change from run to run with two.
+                save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+                (folder / "config.json").write_text(json.dumps(_train.config(), indent=2) + "\n")
             if name == stop_after:
                 break
     finally:
         torch.set_num_threads(threads)
+
+
+def _write_scrambled(out_dir: Path, folder: Path) -> None:
+    from ckptprobe.analysis.scramble import RECORD_FILE, scramble_checkpoint
+    from ckptprobe.examples import _train
+
+    for file in ("model.safetensors", "config.json", RECORD_FILE):  # a rebuild replaces its own earlier files
+        if (folder / file).is_file() and not (folder / file).is_symlink():
+            (folder / file).unlink()
+    scramble_checkpoint(out_dir / "base", folder, _train.SCRAMBLE["seed"], _train.SCRAMBLE["layers"],
+                        base_ref="base")

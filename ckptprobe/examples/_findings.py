@@ -13,6 +13,7 @@ needs one) and its sentence to `READINGS`.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from ckptprobe.errors import CheckpointNotFoundError
 
 RL_RUNS = ("rl-1", "rl-2", "rl-3")
 RL_SERIES = ("rl-1-step050", "rl-1-step100", "rl-1-step150", "rl-1")
+SCRAMBLED = ("base-scrambled", "rl-1-scrambled")  # rl-1's recipe and seed from a scrambled base
 
 # scale -> ((upper bound, word), ...): a value takes the word of the first row whose bound it is below.
 THRESHOLDS = {
@@ -35,6 +37,9 @@ THRESHOLDS = {
     "spectrum": ((10.0, "moves"), (math.inf, "barely moves")),
     # largest principal angle between the base's and the fine-tune's top-k subspaces, degrees.
     "angle": ((5.0, "keeps"), (math.inf, "rotates")),
+    # overlap of two runs' update masks at the same coordinates / its chance level.
+    "coordinates": ((1.1, "at chance"), (1.5, "close to chance"), (2.0, "above chance"),
+                    (math.inf, "far above chance")),
 }
 
 
@@ -95,21 +100,33 @@ def _read_drift(f: "Finding", detail: dict) -> str:
             f"lm_head surges: {surges or 'none'}.")
 
 
+def _read_scramble(f: "Finding", detail: dict) -> str:
+    ratio, jratio = _ratio(f.rl, f.baseline), _ratio(detail["jaccard"], detail["bernoulli"])
+    what = " (same function, other coordinates)" if detail["scrambled"] else ""
+    return (f"Layer {detail['layer']}, {'scrambled' if detail['scrambled'] else 'untouched'}{what}: rl-1's recipe "
+            f"and seed from the scrambled base update the same coordinates as rl-1 {verdict('coordinates', ratio)}: "
+            f"overlap {f.rl:.2f} vs {f.baseline:.2f} by chance ({ratio:.2f}x), Jaccard {detail['jaccard']:.2f} vs "
+            f"{detail['bernoulli']:.2f} ({jratio:.2f}x); rl-2 (another seed, unscrambled base) overlaps rl-1 "
+            f"{detail['seed_overlap']:.2f} there.")
+
+
 # finding key -> its sentence, from the finding's numbers and `detail` (what else the sentence needs).
 READINGS: dict[str, Callable[["Finding", dict], str]] = {
     "sparsity": _read_sparsity, "jaccard": _read_jaccard, "overlap_principal": _read_overlap,
     "overlap_low": _read_overlap, "nss": _read_nss, "max_angle": _read_angle, "drift": _read_drift,
+    "scramble_layer": _read_scramble,  # keys ending in a layer index share the reading of their stem
 }
 
 
-NO_SFT = {"jaccard", "drift"}  # findings about the RL runs only
+NO_SFT = {"jaccard", "drift", "scramble_layer"}  # findings about the RL runs only
 
 
 def _finding(key: str, title: str, sft, rl, rl_runs: dict, baseline, **detail) -> "Finding":
     """A Finding read by `READINGS[key]`, or "not measured" when a number it needs is missing."""
     f = Finding(key, title, sft, rl, rl_runs, baseline, "")
-    missing = rl is None or (sft is None and key not in NO_SFT) or None in detail.get("series", ())
-    reading = f"{title}: not measured (no tensor to measure it on)." if missing else READINGS[key](f, detail)
+    stem = key.rstrip("0123456789")
+    missing = rl is None or (sft is None and stem not in NO_SFT) or None in detail.get("series", ())
+    reading = f"{title}: not measured (no tensor to measure it on)." if missing else READINGS[stem](f, detail)
     return Finding(key, title, sft, rl, rl_runs, baseline, reading)
 
 
@@ -212,5 +229,24 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
     series = [_mean(g[t] for g in growth) for t in range(len(RL_SERIES))]
     items.append(_finding("drift", "relative weight change of rl-1 from base (attention+mlp, last checkpoint)",
                           None, series[-1], {}, None, series=series, surges=len(dr.surges)))
+
+    say("scramble")
+    from ckptprobe.analysis.overlap import mask_overlap
+    from ckptprobe.analysis.scramble import RECORD_FILE
+
+    scr_base, scr_run = (src(n) for n in SCRAMBLED)
+    scrambled = json.loads((Path(scr_base.ref) / RECORD_FILE).read_text())["layers"]
+    ov = mask_overlap(base, rl[0], scr_base, scr_run)
+    seeds = mask_overlap(base, rl[0], base, rl[1]).by_layer()  # what another seed gives, unscrambled
+    for layer, g in ov.by_layer().items():
+        if layer is None:
+            continue
+        state = "scrambled" if layer in scrambled else "untouched"
+        items.append(_finding(
+            f"scramble_layer{layer}", f"rl-1-scrambled vs rl-1: overlap of update masks, layer {layer} ({state})",
+            None, g.overlap, {"rl-1-scrambled": g.overlap, "jaccard": g.jaccard, "bernoulli": g.bernoulli,
+                              "rl-2": seeds[layer].overlap}, g.chance,
+            layer=layer, scrambled=layer in scrambled, jaccard=g.jaccard, bernoulli=g.bernoulli,
+            seed_overlap=seeds[layer].overlap))
     return Findings(str(root or path("base").parent), rank, alpha, tuple(items),
-                    {"consensus": cons, "principal": pr, "spectrum": spec, "drift": dr})
+                    {"consensus": cons, "principal": pr, "spectrum": spec, "drift": dr, "scramble": ov})

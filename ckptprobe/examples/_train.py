@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +49,10 @@ SFT = dict(seed=1, steps=400, batch=64, lr=3e-4)  # enough to learn subtraction 
 GRPO = dict(steps=200, prompts=32, group=8, lr=5e-7, save_every=50)
 RL_SEEDS = {"rl-1": 11, "rl-2": 12, "rl-3": 13}  # each seed draws its own prompts and samples
 ADAMW = dict(betas=(0.9, 0.95), weight_decay=0.0)  # for SFT and RL
+# The geometry intervention ("The Path Not Taken", Sec. 4.3): the base with layer 1 scrambled
+# (V/O rotations, head and MLP permutations; same function), then GRPO from it with rl-1's seed.
+SCRAMBLE = dict(layers=(1,), seed=0)
+SCRAMBLED_RUN = ("rl-1-scrambled", "rl-1")  # (name, the run whose seed and recipe it repeats)
 
 Progress = Callable[[str], None]
 
@@ -290,14 +295,17 @@ def sft(base: dict[str, torch.Tensor], progress: Progress) -> TinyLlama:
     return model
 
 
-def grpo(base: dict[str, torch.Tensor], name: str, progress: Progress) -> Iterator[tuple[int, TinyLlama]]:
+def grpo(base: dict[str, torch.Tensor], name: str, progress: Progress,
+         seed: int | None = None) -> Iterator[tuple[int, TinyLlama]]:
     """GRPO on addition from the bf16 base; yields (step, model) every `save_every` steps.
+
+    The prompts and samples come from `seed`, by default the run's own (`RL_SEEDS[name]`).
 
     One policy-gradient step per batch (fully on-policy, so the clipped ratio is 1 and
     drops out) and no KL term, as in most RLVR recipes since DAPO (Yu et al. 2025).
     """
     cfg = GRPO
-    gen = torch.Generator().manual_seed(RL_SEEDS[name])
+    gen = torch.Generator().manual_seed(RL_SEEDS[name] if seed is None else seed)
     model = _from_bf16(base)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], **ADAMW)
     P, G = cfg["prompts"], cfg["group"]
@@ -340,9 +348,27 @@ def family(progress: Progress) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
             final = step == GRPO["steps"]
             if name == "rl-1" or final:
                 yield (name if final else f"{name}-step{step:03d}"), _bf16(model)
+    scrambled = scramble(base)
+    yield "base-scrambled", scrambled
+    name, like = SCRAMBLED_RUN
+    for step, model in grpo(scrambled, name, progress, seed=RL_SEEDS[like]):
+        if step == GRPO["steps"]:
+            yield name, _bf16(model)
+
+
+def scramble(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bf16 state with `SCRAMBLE` applied, exactly as `ckptprobe scramble` writes it."""
+    from ckptprobe.analysis.scramble import Arch, Kind, Scramble
+
+    plan = Scramble(Arch.from_config(config()), SCRAMBLE["layers"], SCRAMBLE["seed"], list(Kind))
+    out = {}
+    for k, v in state.items():
+        bits = plan.apply_stored(k, v.view(torch.int16).numpy().view(np.uint16), "BF16")  # bf16 as uint16 bits
+        out[k] = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+    return out
 
 
 def names() -> tuple[str, ...]:
     """The names `family` yields, in order (computed without training)."""
     steps = range(GRPO["save_every"], GRPO["steps"], GRPO["save_every"])
-    return ("base", "sft", *(f"rl-1-step{s:03d}" for s in steps), *RL_SEEDS)
+    return ("base", "sft", *(f"rl-1-step{s:03d}" for s in steps), *RL_SEEDS, "base-scrambled", SCRAMBLED_RUN[0])

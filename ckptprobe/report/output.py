@@ -121,6 +121,7 @@ def to_csv(rows: Sequence[dict]) -> str:
         w = csv.DictWriter(buf, keys, lineterminator="\n")
         w.writeheader()
         for r in rows:
+            r = _jsonable(r)  # NaN/inf -> empty cell, or null inside a list
             w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
     return buf.getvalue()
 

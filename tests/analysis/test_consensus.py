@@ -12,7 +12,7 @@ from factory import tiny_weights
 from typer.testing import CliRunner
 
 import ckptprobe.analysis.mask_scan as cons
-from ckptprobe.analysis.bf16 import float32_to_bf16_bits
+from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from ckptprobe.analysis.consensus import consensus
 from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, poisson_binomial, stripe_index
 from ckptprobe.analysis.update import CompareMode, update_mask
@@ -346,3 +346,31 @@ def test_example_family(tmp_path):
     d = json.loads(res.stdout)
     assert d["labels"] == ["rl-1", "rl-2", "rl-3"] and 0 < d["jaccard_mean"] <= 1
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_base_with_exact_zeros_stays_on_the_fast_path(tmp_path, monkeypatch):
+    """Exact zeros in the base (one in 64 entries) cost nothing: the pair proof looks at both sides,
+    and only a chunk holding a +0/-0 pair is compared value by value."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0x3000, 0x3F00, (64, 64), dtype=np.uint16)
+    base.reshape(-1)[::64] = 0
+    runs = [np.where(rng.random(base.shape) < 0.3, base + 1, base).astype(np.uint16) for _ in range(3)]
+    assert base[63, 0] == 0
+    runs[2][63, 0] = 0x8000  # -0 against the base's +0: unchanged
+    name = "model.layers.0.mlp.up_proj.weight"
+    paths = []
+    for i, bits in enumerate([base, *runs]):
+        write_safetensors(tmp_path / f"{i}.safetensors", {name: ("BF16", bits)})
+        paths.append(str(tmp_path / f"{i}.safetensors"))
+    calls = []
+    real = cons.update_mask
+    monkeypatch.setattr(cons, "CHUNK", 1024)
+    monkeypatch.setattr(cons, "update_mask", lambda *a, **k: calls.append(a[0].size) or real(*a, **k))
+    r = consensus(open_source(paths[0]), [open_source(p) for p in paths[1:]])
+    vals = [bf16_bits_to_float32(b) for b in (base, *runs)]
+    masks = [v != vals[0] for v in vals[1:]]
+    t = r.tensors[0]
+    assert t.changed.tolist() == [int(m.sum()) for m in masks]
+    assert t.inter[0, 1] == int((masks[0] & masks[1]).sum()) and t.inter[1, 2] == int((masks[1] & masks[2]).sum())
+    assert t.hist.tolist() == np.bincount(sum(m.astype(int) for m in masks).ravel(), minlength=4).tolist()
+    assert calls == [1024]  # the last chunk of run 2 only

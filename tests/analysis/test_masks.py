@@ -269,7 +269,7 @@ def test_build_errors(runs):
         (UsageError, "say whether they train", dict(spec=MaskSpec("low"))),
         (UsageError, "outside", dict(spec=MaskSpec("low", alpha=1.5), vectors=Vectors.train)),
         (UsageError, "at least 1", dict(spec=MaskSpec("principal", rank=0), vectors=Vectors.train)),
-        (UsageError, "-k 33 is larger than the smaller side of every selected matrix", dict(spec=MaskSpec("principal", rank=33), vectors=Vectors.train)),
+        (UsageError, "k=33 is larger than the smaller side of every selected matrix", dict(spec=MaskSpec("principal", rank=33), vectors=Vectors.train)),
         (UsageError, "exactly one --from", dict(spec=MaskSpec("update"), runs=ft, vectors=Vectors.train)),
         (UsageError, "at least two", dict(spec=MaskSpec("consensus"), runs=ft[:1], vectors=Vectors.train)),
         (UsageError, "needs --like", dict(spec=MaskSpec("random"), vectors=Vectors.train)),

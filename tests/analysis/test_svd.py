@@ -164,7 +164,7 @@ def test_nonfinite_matrix_gets_nan_and_the_others_are_computed(route):
 
 
 def test_k_errors_name_the_matrix():
-    with pytest.raises(UsageError, match=r"-k 10 .*q_proj.*\(4, 8\).*between 1 and 4"):
+    with pytest.raises(UsageError, match=r"k=10 .*q_proj.*\(4, 8\).*between 1 and 4"):
         check_k("model.layers.0.q_proj.weight", (4, 8), 10)
     with pytest.raises(UsageError, match="between 1 and 3"):
         topk(torch.zeros(1, 3, 5), 4)

@@ -310,6 +310,38 @@ def test_fast_path_only_where_it_is_safe(dtype, monkeypatch):
     assert expected == int(np.count_nonzero(a != b)) - 1  # the +-0 pair is not a change
 
 
+@SETTINGS
+@given(dtype=st.sampled_from(["BF16", "F16"]), n=st.integers(0, 70),
+       codes=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=70), seed=st.integers(0, 2 ** 32 - 1))
+def test_pair_proof_against_brute_force(dtype, n, codes, seed):
+    """`surely_finite16` and `plain_bits16` against their definitions, on any bits (large finite values,
+    +-0, inf, NaN) and lengths that are not a multiple of the 4 values in a 64-bit word."""
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.array(codes, np.uint16), n)
+    y = np.where(rng.random(n) < 0.5, x, rng.choice(np.array(codes, np.uint16), n)).astype(np.uint16)
+    exp = update.EXPONENT16[dtype]
+    finite = lambda b: bool(((b & exp) != exp).all())  # noqa: E731
+    assert update.surely_finite16(x, exp) == finite(x)
+    values = lambda b: bf16_bits_to_float32(b) if dtype == "BF16" else b.view(np.float16).astype(np.float32)  # noqa: E731
+    proof = update.plain_bits16(x, y, x ^ y, exp)
+    assert proof == (finite(x) and finite(y) and not ((x ^ y) == 0x8000).any())
+    if proof:  # and what it proves: bits differ exactly where values do
+        assert ((x != y) == (values(x) != values(y))).all()
+
+
+def test_pair_proof_takes_large_finite_values_and_zeros_on_the_fast_path():
+    """Values of magnitude >= 2 only make the cheap test ask the exact one; exact zeros on either side
+    (not paired with the other zero) never leave the fast path."""
+    x = float32_to_bf16_bits(np.array([0.0, 3.5, -1e30, 0.0, 1.0, -0.0, 2.0, 0.5], np.float32))
+    y = float32_to_bf16_bits(np.array([0.0, 3.5, -1e30, 1e-3, 0.0, -0.0, -2.5, 0.5], np.float32))
+    assert update.plain_bits16(x, y, x ^ y, 0x7F80)
+    assert count_changes(x, y, "BF16", "BF16", CompareMode.bitwise) == (3, 0)
+    z = y.copy()
+    z[0] = 0x8000  # +0 vs -0: the same weight
+    assert not update.plain_bits16(x, z, x ^ z, 0x7F80)
+    assert count_changes(x, z, "BF16", "BF16", CompareMode.bitwise) == (3, 0)
+
+
 # ---- conversions against torch --------------------------------------------------------------
 
 def check_bf16_rounding(x: np.ndarray) -> None:

@@ -47,7 +47,8 @@ def test_root_help_imports_neither_typer_nor_the_commands():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("command", [c if c != "masks" else "masks build" for c in COMMANDS] + ["masks info"])
+@pytest.mark.parametrize("command", [c if c != "masks" else "masks build" for c in COMMANDS]
+                         + ["masks info", "masks export"])
 def test_help_has_no_type_noise(capsys, command):
     assert main([*command.split(), "--help"]) == 0
     text = capsys.readouterr().out
@@ -93,7 +94,8 @@ def test_the_same_option_is_spelled_the_same_in_every_command():
             if p.param_type_name != "option":
                 continue
             key = p.name
-            spec = (tuple(sorted(p.opts)), p.help if key not in ("by", "output", "layer") else None)
+            # --seed seeds different draws (mask positions, scramble rotations): one flag, its own help.
+            spec = (tuple(sorted(p.opts)), p.help if key not in ("by", "output", "layer", "seed") else None)
             if key in seen and key not in ("output",):  # masks build -o is the mask file itself
                 assert seen[key][1] == spec, (name, key, seen[key])
             seen.setdefault(key, (name, spec))
@@ -165,3 +167,18 @@ def test_a_command_alone_shows_its_help(capsys, command):
     assert main([command]) == 0
     captured = capsys.readouterr()
     assert f"Usage: ckptprobe {command}" in captured.out and captured.err == ""
+
+
+def test_consensus_says_what_it_covers(three_runs, capsys):
+    base, runs, _ = three_runs
+    args = ["consensus", str(base), *map(str, runs)]
+    assert main(args) == 0
+    whole = capsys.readouterr().out
+    assert "whole model, 3 runs" in whole and "Pairwise Jaccard, whole model" in whole
+    assert main([*args, "--include", "*.layers.1.*"]) == 0
+    part = capsys.readouterr().out
+    assert "whole model" not in part and "selected tensors, 3 runs" in part
+
+
+def test_demo_alpha_zero_is_a_usage_error(capsys):
+    run_error(capsys, ["demo", "--alpha", "0"], "--alpha: must be a fraction in (0, 1], got 0", code=2)

@@ -150,5 +150,26 @@ def test_rebuild_writes_the_first_checkpoint_and_stops(tmp_path, monkeypatch):
         assert (tmp_path / "base" / file).read_bytes() == (examples.path("base") / file).read_bytes()
 
 
+
+def test_rebuild_writes_the_scrambled_base_as_shipped(tmp_path, monkeypatch):
+    # No training: the scrambled base is a function of the base alone, so its files rebuild bit for bit
+    # on any machine, through the same code as `ckptprobe scramble`; the state `family` trains from is it.
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(examples.path("base") / "model.safetensors"))
+    scrambled = _train.scramble(shipped)
+    monkeypatch.setattr(_train, "family", lambda progress: iter([("base", shipped), ("base-scrambled", scrambled)]))
+    examples.rebuild(tmp_path, stop_after="base-scrambled")
+    for file in ("model.safetensors", "config.json", "scramble.json"):
+        rebuilt, shipped_file = tmp_path / "base-scrambled" / file, examples.path("base-scrambled") / file
+        assert rebuilt.read_bytes() == shipped_file.read_bytes()
+    on_disk = load_file(str(tmp_path / "base-scrambled" / "model.safetensors"))
+    assert all(torch.equal(on_disk[k].view(torch.int16), v.view(torch.int16)) for k, v in scrambled.items())
+    changed = {k for k in shipped if not torch.equal(shipped[k].view(torch.int16), scrambled[k].view(torch.int16))}
+    assert changed == {f"model.layers.1.{m}.weight" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
 if __name__ == "__main__":
     print(subprocess.run([sys.executable, "-c", _FINGERPRINT], capture_output=True, text=True, check=True).stdout)

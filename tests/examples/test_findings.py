@@ -41,12 +41,25 @@ def test_rl_barely_moves_the_spectrum(found):
     assert max(angle.rl_runs.values()) * 20 < angle.sft and max(angle.rl_runs.values()) < 1.0
 
 
+def test_scrambling_a_layer_moves_rl_updates_to_chance_there_only(found):
+    # "The Path Not Taken" Fig. 6: the same function in other coordinates (layer 1) and RL from it with
+    # rl-1's seed; at the same coordinates the update masks agree in layer 0 and fall to chance in layer 1.
+    untouched, scrambled = found["scramble_layer0"], found["scramble_layer1"]
+    assert untouched.rl > 2.5 * untouched.baseline  # shipped: 1.00 vs 0.34 (2.96x)
+    assert untouched.rl_runs["jaccard"] > 4 * untouched.rl_runs["bernoulli"]  # 1.00 vs 0.20 (4.9x)
+    assert scrambled.rl < 1.3 * scrambled.baseline  # 0.32 vs 0.28 (1.15x)
+    assert scrambled.rl_runs["jaccard"] < 1.3 * scrambled.rl_runs["bernoulli"]  # 0.19 vs 0.16 (1.18x)
+    assert "far above chance" in untouched.reading and "close to chance" in scrambled.reading
+    assert scrambled.rl_runs["rl-2"] > 2 * scrambled.rl  # not seed noise: another seed, unscrambled, 0.90
+
+
 def test_demo_json_and_plots(tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert main(["demo", "-f", "json", "-o", str(out), "--plot", str(tmp_path / "fig" / "demo.png")]) == 0
     data = json.loads(out.read_text())
     assert {f["key"] for f in data["findings"]} >= {"sparsity", "jaccard", "overlap_principal", "overlap_low",
-                                                   "nss", "max_angle", "drift"}
+                                                   "nss", "max_angle", "drift", "scramble_layer0",
+                                                   "scramble_layer1"}
     figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert figs == ["demo-consensus-heatmaps.png", "demo-consensus-ratios.png", "demo-drift.png", "demo-jaccard.png",
                     "demo-principal.png", "demo-spectrum.png"]

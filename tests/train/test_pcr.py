@@ -68,7 +68,10 @@ def test_non_conflicting_pairs_untouched():
     assert torch.equal(pcr_combine(orth, torch.tensor([0.0, 2.0]), 1.0, 0.0), orth)
 
 
-finite = st.floats(-10, 10, allow_nan=False, width=32)
+# Entries of magnitude 0 or >= 2^-20: pcr_combine works in float32, where |g_sta|^2 of entries
+# below ~1e-19 underflows to 0 and no projection is possible (hypothesis found 1 vs -2.4e-29).
+magnitude = st.one_of(st.just(0.0), st.floats(2.0 ** -20, 10, width=32))
+finite = st.builds(lambda m, neg: -m if neg else m, magnitude, st.booleans())
 
 
 @settings(max_examples=60, deadline=None)
