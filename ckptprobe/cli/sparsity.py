@@ -71,5 +71,7 @@ def sparsity(
         [by.value, "numel", "changed", "nonfinite", "sparsity"]
     caption = (f"total: {total.changed:,} of {total.numel:,} entries changed; sparsity {total.sparsity:.4f} "
                f"({100 * total.sparsity:.1f}% unchanged), mode {mode_text}" if total.sparsity is not None else None)
+    if caption and any(t.dtype.startswith("F8_") for t in result.tensors):
+        caption += "; FP8 weights compared on their stored bits (block scales are not weights)"
     emit(out, data, rows, [table(f"Update sparsity of {result.finetuned} vs {result.base}, by {by.value}", rows,
                                  cols, caption)])
