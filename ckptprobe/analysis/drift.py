@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.bf16 import to_float32
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import run_windows
+from ckptprobe.analysis.weights import read_values
 from ckptprobe.errors import UsageError
 from ckptprobe.io.sources import TensorSource
 
@@ -86,11 +86,11 @@ def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[float, np.ndarra
     ||W_t - W_{t-1}||^2, ||W_{t-1}||^2 (t = 1..T), in float64."""
     T = len(plan.runs)
     to_base, step, prev_sq = np.zeros(T), np.zeros(T), np.zeros(T)
-    w0 = to_float32(plan.base.read(plan.name, start, stop), plan.info.dtype).astype(np.float64)
+    w0 = read_values(plan.base, plan.name, start, stop).astype(np.float64)
     w0_sq = float(w0 @ w0)
     prev = w0
     for t, r in enumerate(plan.runs):
-        wt = to_float32(r.source.read(plan.name, start, stop), r.info.dtype).astype(np.float64)
+        wt = read_values(r.source, plan.name, start, stop).astype(np.float64)
         d0, d1 = wt - w0, wt - prev
         to_base[t] = d0 @ d0
         step[t] = d1 @ d1

@@ -267,6 +267,13 @@ class Scramble:
             x = x[:, _head_rows(plan.q_perm, D)]
         return x
 
+    def check(self, name: str, info) -> None:
+        """Raise now (one line) what `apply_stored` would raise for this tensor (a TensorInfo), from the header."""
+        self.changes(name, tuple(info.shape))
+        if self.rotates(name) and info.dtype not in ("BF16", "F16", "F32", "F64"):
+            raise InvalidCheckpointError(
+                f"{name}: cannot rotate a {info.dtype} tensor exactly (only F32, F64, F16, BF16)")
+
     def apply_stored(self, name: str, raw: np.ndarray, dtype: str) -> np.ndarray:
         """The same on a storage array of safetensors dtype `dtype` (BF16 as uint16 bits), returning one
         in the same dtype: permuted as is, rotated in float64 and rounded once (bf16 to nearest even)."""
@@ -333,6 +340,11 @@ def scramble_checkpoint(base: str | os.PathLike, out: str | os.PathLike, seed: i
             record["base_record"] = json.loads(previous.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidCheckpointError(f"{previous}: not valid JSON ({e})") from None
+    from ckptprobe.io.sources import open_folder
+
+    source = open_folder(folder)
+    for name in source.keys():  # refuse before writing anything
+        plan.check(name, source.info(name))
     changed = rewrite_folder(folder, out, lambda name, info, raw: plan.apply_stored(name, raw, info.dtype),
                              {RECORD_KEY: json.dumps(record, sort_keys=True)},
                              {RECORD_FILE: json.dumps(record, indent=2, sort_keys=True) + "\n"}, progress)

@@ -102,6 +102,10 @@ OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", metavar="FILE",
     help="Write the result to this file instead of stdout (a regular file is replaced atomically; a "
          "device or pipe is written in place). Its extension .json or .csv sets the format.")]
+ExportOpt = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", metavar="FILE",
+    help="Write the export to this file instead of stdout (a regular file is replaced atomically; a device "
+         "or pipe is written in place).")]
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", metavar="FILE", show_default=False,
     help="Draw the figures into FILE, whose extension (.png, .pdf or .svg) gives the format. A command "

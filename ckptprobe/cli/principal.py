@@ -70,12 +70,11 @@ def principal(
     """
     from ckptprobe.analysis.principal import MASKS, check_matrix, matrix_masks, principal_overlap
     from ckptprobe.analysis.svd import resolve_device
-    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, emit, open_sources,
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, open_sources,
                                        report_skipped, tolerances, wrote)
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import progress_bar, table, warn
 
-    check_by(by, ("tensor", "module", "layer"), "principal")
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
@@ -94,7 +93,7 @@ def principal(
     if not result.matrices:
         warn("no matrix was measured (check --include/--exclude and the checkpoints' names)")
     data = result.to_dict()
-    rows = data["matrices"] if by == By.tensor else data["groups"][by.value]
+    rows = result.rows(by.value)
     labels = {"principal": "principal", "low": "low", "principal_not_low": "principal & ~low"}
     tables = []
     for ft in result.finetuned:

@@ -67,12 +67,14 @@ def sparsity(
     if not result.tensors:
         warn("no tensor was compared (check --include/--exclude and the two checkpoints' names)")
     data = result.to_dict()
-    rows = data["tensors"] if by == By.tensor else data["groups"][by.value]
+    rows = result.rows(by.value)
     total = result.total
     mode_text = result.mode if result.mode != "auto" else "auto: " + ", ".join(sorted({t.mode for t in result.tensors}))
     cols = ["name", "shape", "dtype", "numel", "changed", "nonfinite", "sparsity"] if by == By.tensor else \
         [by.value, "numel", "changed", "nonfinite", "sparsity"]
     caption = (f"total: {total.changed:,} of {total.numel:,} entries changed; sparsity {total.sparsity:.4f} "
                f"({100 * total.sparsity:.1f}% unchanged), mode {mode_text}" if total.sparsity is not None else None)
+    if caption and any(t.dtype.startswith("F8_") for t in result.tensors):
+        caption += "; FP8 weights compared on their stored bits (block scales are not weights)"
     emit(out, data, rows, [table(f"Update sparsity of {result.finetuned} vs {result.base}, by {by.value}", rows,
                                  cols, caption)])

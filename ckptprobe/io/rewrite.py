@@ -3,8 +3,8 @@
 `rewrite_folder` reads the base one tensor at a time, lets a function replace it, and
 writes each shard (with the base's metadata plus the caller's) into a new folder, with
 the index and every other top-level file (config.json, tokenizer files, ...) copied.
-Each file is written atomically; the output folder must be new or empty, so nothing is
-ever replaced and a stale shard can never mix with new ones.
+Each file is written atomically, one tensor in memory at a time; the output folder must
+be new or empty, so nothing is ever replaced and a stale shard can never mix with new ones.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
-from ckptprobe.io._safetensors import SafetensorsFile, TensorInfo
+from ckptprobe.io._safetensors import STORAGE_DTYPES, SafetensorsFile, TensorInfo
 from ckptprobe.io.sources import open_folder
 from ckptprobe.io.writer import atomic_write, write_safetensors
 
@@ -48,6 +48,27 @@ def check_output_folder(base: Path, out: Path) -> None:
                              hint="choose a new folder, or empty this one")
 
 
+class _Deferred:
+    """A tensor to write, read and transformed only when the writer asks for its bytes (`__array__`), so
+    memory holds one tensor at a time. Shape, dtype and size come from the header; `transform` must keep
+    them. The names of the tensors it changed are appended to `changed`."""
+
+    def __init__(self, file: SafetensorsFile, name: str, transform: Transform, changed: list[str]):
+        self.file, self.name, self.transform, self.changed = file, name, transform, changed
+        info = file.info(name)
+        self.dtype, self.shape, self.nbytes = np.dtype(STORAGE_DTYPES[info.dtype]), info.shape, info.nbytes
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        raw = self.file.get_array(self.name)
+        new = self.transform(self.name, self.file.info(self.name), raw)
+        if new.dtype != raw.dtype or new.shape != raw.shape:
+            raise InvalidCheckpointError(f"{self.name}: transform returned {new.dtype} {new.shape} "
+                                         f"for {raw.dtype} {raw.shape}")
+        if new is not raw and not np.array_equal(new, raw):
+            self.changed.append(self.name)
+        return new
+
+
 def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: Transform,
                    metadata: Mapping[str, str] | None = None, extra_files: Mapping[str, str] | None = None,
                    progress: Callable[[str], None] | None = None) -> list[str]:
@@ -68,20 +89,10 @@ def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: T
     for name, text in (extra_files or {}).items():
         with atomic_write(out / name, "w") as f:
             f.write(text)
-    changed = []
+    changed: list[str] = []
     for path in shards:
         f = SafetensorsFile(path)
-        tensors = {}
-        for name in f.keys():
-            info = f.info(name)
-            raw = f.get_array(name)
-            new = transform(name, info, raw)
-            if new.dtype != raw.dtype or new.shape != raw.shape:
-                raise InvalidCheckpointError(f"{name}: transform returned {new.dtype} {new.shape} "
-                                             f"for {raw.dtype} {raw.shape}")
-            if new is not raw and not np.array_equal(new, raw):
-                changed.append(name)
-            tensors[name] = (info.dtype, new)
+        tensors = {name: (f.info(name).dtype, _Deferred(f, name, transform, changed)) for name in f.keys()}
         write_safetensors(out / path.name, tensors, {**f.metadata, **(metadata or {})})
         if progress:
             progress(f"wrote {path.name}")

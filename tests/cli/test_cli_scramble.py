@@ -79,6 +79,7 @@ def _add_tensor(folder: Path, name: str, array: np.ndarray, dtype: str = "F32") 
 def test_unknown_tensors_in_a_scrambled_layer_are_refused(tiny_llama, tmp_path, capsys, name, array, dtype, needle):
     _add_tensor(tiny_llama, name, array, dtype)
     run_error(capsys, ["scramble", str(tiny_llama), "-o", str(tmp_path / "out"), "--seed", "0"], name, needle)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
     # The same tensor in a layer left alone is copied as is.
     assert main(["scramble", str(tiny_llama), "-o", str(tmp_path / "ok"), "--seed", "0", "--layers", "0"]) == 0
 
