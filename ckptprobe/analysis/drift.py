@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.bf16 import to_float32
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import run_windows
+from ckptprobe.analysis.weights import read_values
 from ckptprobe.errors import UsageError
 from ckptprobe.io.sources import TensorSource
 
@@ -86,11 +86,11 @@ def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[float, np.ndarra
     ||W_t - W_{t-1}||^2, ||W_{t-1}||^2 (t = 1..T), in float64."""
     T = len(plan.runs)
     to_base, step, prev_sq = np.zeros(T), np.zeros(T), np.zeros(T)
-    w0 = to_float32(plan.base.read(plan.name, start, stop), plan.info.dtype).astype(np.float64)
+    w0 = read_values(plan.base, plan.name, start, stop).astype(np.float64)
     w0_sq = float(w0 @ w0)
     prev = w0
     for t, r in enumerate(plan.runs):
-        wt = to_float32(r.source.read(plan.name, start, stop), r.info.dtype).astype(np.float64)
+        wt = read_values(r.source, plan.name, start, stop).astype(np.float64)
         d0, d1 = wt - w0, wt - prev
         to_base[t] = d0 @ d0
         step[t] = d1 @ d1
@@ -138,7 +138,8 @@ def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[
     body = [pooled[g] for g in ("attention", "mlp") if g in pooled]
     ratio = np.asarray(by_name[head].rel_step) if head else None
     if head and body:
-        ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
+        with np.errstate(divide="ignore", invalid="ignore"):  # a body that did not move: no ratio (NaN)
+            ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
     found = surges(ratio.tolist(), [s.ref for s in series], z_threshold) if head else []
     return DriftResult(base.ref, tuple(s.ref for s in series), tuple(tensors), groups, head, tuple(found),
                        z_threshold, plan.skipped)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 RANDOMIZED_MIN_SIDE = 8192  # `auto` uses randomized top-k when the longer side reaches this
 QR_FIRST_RATIO = 2  # CUDA: exact values + top-k of matrices at least this tall go through QR first
 GRAM_BLOCK_BYTES = 64 << 20  # CPU: rows of W are converted to float64 this many bytes at a time
+CPU_GRAM = True  # False: CPU runs the torch routes CUDA runs (the tests check those this way)
 PARALLEL_MIN_FLOPS = 1 << 30  # CPU: matrices costing this much (m n^2 + n^3) go to worker processes
 DEFAULT_NITER = 4  # power iterations: each multiplies the gap ratio sigma_{l+1}/sigma_k by itself twice more
 
@@ -137,7 +138,7 @@ def decompose(batch: torch.Tensor, request: SVDRequest = SVDRequest(),
               device: str | torch.device | None = None) -> SVDOutput:
     """Run `request` on a (B, m, n) stack (or one (m, n) matrix, treated as B=1) of any float dtype.
 
-    Computes on `device` (default: the batch's own) in fp32 and returns tensors there.
+    Computes on `device` (default: the batch's own) and returns fp32 tensors there.
     """
     import torch
 
@@ -151,27 +152,31 @@ def decompose(batch: torch.Tensor, request: SVDRequest = SVDRequest(),
         check_k("the matrix", (m, n), k)
     if request.reconstruct and not k:
         raise UsageError("a rank-k reconstruction needs k >= 1")
-    # Upcast to fp32 before anything else: LAPACK and cuSOLVER have no bf16/fp16 SVD, and bf16's
-    # 8-bit mantissa (relative spacing 2^-8) would swamp the small singular values and the
-    # degree-level principal angles we measure (Sec. 4.1 of "The Path Not Taken").
-    a = batch.to(device=device or batch.device, dtype=torch.float32)
+    randomized = use_randomized((m, n), k, request.method, request.oversample, request.values)
+    a = batch.to(device=device or batch.device)
+    cpu_exact = a.device.type == "cpu" and not randomized and CPU_GRAM
+    if not (cpu_exact and a.dtype in (torch.float32, torch.float64)):
+        # fp32: LAPACK and cuSOLVER have no bf16/fp16 SVD (and numpy no bf16), and bf16's 8-bit
+        # mantissa (relative spacing 2^-8) would swamp the small singular values and the degree-level
+        # principal angles we measure (Sec. 4.1 of "The Path Not Taken"). The upcast is exact.
+        a = a.float()
     wide = m < n
     if wide:
-        a = a.mT  # (B, n, m): torch's SVD is much faster on tall matrices
-    finite = torch.isfinite(a).all(dim=(-2, -1))  # (B,)
-    ok = bool(finite.all())
-    if not ok:
-        a = a[finite]  # LAPACK refuses NaN/inf: compute the finite ones, NaN-fill the others
-    randomized = use_randomized((m, n), k, request.method, request.oversample, request.values)
+        a = a.mT  # (B, n, m): the tall orientation (torch's SVD is much faster on tall matrices)
     values = U = S = V = None
-    if a.shape[0] == 0:
+    if cpu_exact:
+        finite, values, U, S, V = _gram_batch(a, k, request.values)  # NaN rows for non-finite matrices
+    else:
+        finite = torch.isfinite(a).all(dim=(-2, -1))  # (B,)
+        if not bool(finite.all()):
+            a = a[finite]  # LAPACK refuses NaN/inf: compute the finite ones, NaN-fill the others
+    if cpu_exact or a.shape[0] == 0:
         pass
-    elif a.device.type == "cpu":
-        values, U, S, V = _gram_batch(a, 0 if randomized else k, request.values)
-        if randomized:
-            U, S, V = _randomized_topk(a, k, max(k, 10) if request.oversample is None else request.oversample,
-                                       request.niter, request.seed)
-    elif k and not randomized and request.values and _qr_first((m, n)):
+    elif a.device.type == "cpu" and CPU_GRAM:  # randomized top-k; all values, if wanted, from the Gram route
+        values = _gram_batch(a, 0, request.values)[1]
+        U, S, V = _randomized_topk(a, k, max(k, 10) if request.oversample is None else request.oversample,
+                                   request.niter, request.seed)
+    elif k and not randomized and request.values and _qr_first((m, n)):  # CUDA from here on
         values, U, V = _qr_svd(a, k)
         S = values[..., :k]
     elif k and not randomized:
@@ -209,8 +214,9 @@ def _fill(x: torch.Tensor | None, finite: torch.Tensor, shape: tuple, device) ->
 
 
 def _gram_batch(a: torch.Tensor, k: int, values: bool):
-    """Values (B, N) if `values`, and top-k U (B, M, k), S (B, k), V (B, N, k) if k, of a tall
-    (B, M, N) CPU stack, from float64 Gram matrices (see the module docstring); fp32 tensors.
+    """finite (B,) bool, values (B, N) if `values`, and top-k U (B, M, k), S (B, k), V (B, N, k) if k,
+    of a tall (B, M, N) fp32 or float64 CPU stack, from float64 Gram matrices (see the module
+    docstring); fp32 tensors, NaN rows for matrices holding NaN/inf.
 
     The thread budget (`torch.get_num_threads()`, set by `ckptprobe._threads`) is spent on forked
     processes, one matrix each on one thread, rather than on LAPACK's threads: the tridiagonal
@@ -219,35 +225,45 @@ def _gram_batch(a: torch.Tensor, k: int, values: bool):
     """
     import numpy as np
     import torch
+    from threadpoolctl import threadpool_limits
 
     from ckptprobe.analysis.runner import parallel_map
 
     B, M, N = a.shape
     workers = min(B, torch.get_num_threads()) if M * N * N + N ** 3 >= PARALLEL_MIN_FLOPS else 1
-    outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values, workers > 1), [(i,) for i in range(B)], workers,
-                             fork=True))
-    stack = lambda i: torch.from_numpy(np.stack([o[i] for o in outs]).astype(np.float32))  # noqa: E731
-    return (stack(0) if values else None, *((stack(1), stack(2), stack(3)) if k else (None, None, None)))
-
-
-def _gram(w, k: int, values: bool, one_thread: bool = False):
-    """One tall (M, N) float array -> (all N singular values descending | None, U (M, k), S (k,),
-    V (N, k)), float64, through the eigen-decomposition of G = W^T W. `one_thread`: limit BLAS
-    and LAPACK to one thread (in a worker process)."""
-    if one_thread:
-        from threadpoolctl import threadpool_limits
-
+    if workers > 1:  # the workers inherit one BLAS thread each
         with threadpool_limits(1, user_api="blas"):
-            return _gram(w, k, values)
+            outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values), [(i,) for i in range(B)], workers,
+                                     fork=True))
+    else:
+        outs = [_gram(x.numpy(), k, values) for x in a]
+    finite = torch.tensor([o is not None for o in outs])
+    shapes = ((N,), (M, k), (k,), (N, k))
+
+    def stack(i: int) -> torch.Tensor:
+        nan = np.full(shapes[i], np.nan)
+        return torch.from_numpy(np.stack([nan if o is None else o[i] for o in outs]).astype(np.float32))
+
+    return (finite, stack(0) if values else None, *((stack(1), stack(2), stack(3)) if k else (None, None, None)))
+
+
+def _gram(w, k: int, values: bool):
+    """One tall (M, N) float array -> (all N singular values descending | None, U (M, k), S (k,),
+    V (N, k)), float64, through the eigen-decomposition of G = W^T W; None if W holds NaN/inf."""
     import numpy as np
     from scipy.linalg import lapack
 
     M, N = w.shape
     rows = max(1, GRAM_BLOCK_BYTES // (8 * N))
+    # float64 row blocks of W, converted once when W fits in four blocks, else again for W V below
+    blocks = (w[lo:lo + rows].astype(np.float64) for lo in range(0, M, rows))
+    if M <= 4 * rows:
+        blocks = list(blocks)
     g = np.zeros((N, N))
-    for lo in range(0, M, rows):  # G += B^T B, B a block of rows in float64 (numpy calls dsyrk)
-        blk = w[lo:lo + rows].astype(np.float64)
+    for blk in blocks:  # G += B^T B (numpy calls dsyrk)
         g += blk.T @ blk
+    if not np.isfinite(np.diagonal(g)).all():  # G_jj = sum of squares of column j: NaN/inf iff W has any
+        return None
     if N == 1:  # G is its own eigenvalue (LAPACK's tridiagonal routines want N >= 2)
         lam = lam_k = g[0]
         z = np.ones((1, 1))
@@ -273,7 +289,9 @@ def _gram(w, k: int, values: bool, one_thread: bool = False):
         return vals, None, None, None
     v = z[:, ::-1]  # descending
     s = np.sqrt(np.maximum(lam_k[:k][::-1], 0))
-    y = np.concatenate([w[lo:lo + rows].astype(np.float64) @ v for lo in range(0, M, rows)])  # W V = U S, (M, k)
+    if not isinstance(blocks, list):
+        blocks = (w[lo:lo + rows].astype(np.float64) for lo in range(0, M, rows))
+    y = np.concatenate([blk @ v for blk in blocks])  # W V = U S, (M, k)
     # Orthonormalizing W V (rather than dividing by S) keeps U orthonormal where s_i is 0 or tiny;
     # R's diagonal is +-S, and flipping by its sign keeps W v_i = s_i u_i.
     u, r = np.linalg.qr(y)

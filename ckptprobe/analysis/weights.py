@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from ckptprobe.analysis.bf16 import to_float32
+from ckptprobe.io import fp8
 from ckptprobe.io._safetensors import FLOAT_DTYPES
+from ckptprobe.io.names import is_scale
 from ckptprobe.io.sources import TensorSource
 
 # safetensors dtype -> the name users know (for "1 int64 buffer")
@@ -29,6 +31,8 @@ DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I1
 def not_a_weight(source: TensorSource, name: str) -> str | None:
     """None for a weight (a floating-point tensor), else a short label of what it is ("int64 buffer")."""
     dtype = source.info(name).dtype
+    if is_scale(name):  # FP8 block scales and the like: read with their weight, never analysed alone
+        return "quantization scale"
     if dtype in FLOAT_DTYPES:
         return None
     return f"{DTYPE_NAMES.get(dtype, dtype)} buffer"
@@ -51,5 +55,15 @@ def read_matrix(source: TensorSource, name: str, index: int | None = None) -> np
     """One weight matrix as float32 `(out, in)` values (as stored: GPT-2 Conv1D weights stay `(in, out)`).
 
     `index` picks the matrix of a 3-D expert stack `(E, out, in)`; None reads a 2-D tensor whole.
+    FP8 weights with block scales are dequantized (`io.fp8`).
     """
+    if fp8.block_scaled(source, name):
+        return fp8.read_dequantized(source, name, index)
     return to_float32(read_raw(source, name, index), source.info(name).dtype)
+
+
+def read_values(source: TensorSource, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Elements [start, stop) of a flattened weight as float32 values (FP8 with block scales: dequantized)."""
+    if fp8.block_scaled(source, name):
+        return fp8.read_dequantized_range(source, name, start, stop)
+    return to_float32(source.read(name, start, stop), source.info(name).dtype)

@@ -80,6 +80,13 @@ TokenOpt = Annotated[Optional[str], typer.Option(
 DownloadOpt = Annotated[bool, typer.Option(
     "--download", help="Hub: download whole shards into the Hub cache (one at a time) instead of reading "
                        "only the needed byte ranges; faster for repeated runs.")]
+StripPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--strip-prefix", metavar="PREFIX",
+    help="Remove PREFIX from the tensor names of every checkpoint after BASE, e.g. `model.` to compare a "
+         "bare model with its ...ForCausalLM checkpoint.")]
+AddPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--add-prefix", metavar="PREFIX",
+    help="Put PREFIX before the tensor names of every checkpoint after BASE (after --strip-prefix).")]
 IncludeOpt = Annotated[Optional[List[str]], typer.Option(
     "--include", "-i", metavar="GLOB",
     help="Only tensors whose name matches this glob (repeatable), e.g. `*.layers.13.*`.")]
@@ -95,6 +102,10 @@ OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", metavar="FILE",
     help="Write the result to this file instead of stdout (a regular file is replaced atomically; a "
          "device or pipe is written in place). Its extension .json or .csv sets the format.")]
+ExportOpt = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", metavar="FILE",
+    help="Write the export to this file instead of stdout (a regular file is replaced atomically; a device "
+         "or pipe is written in place).")]
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", metavar="FILE", show_default=False,
     help="Draw the figures into FILE, whose extension (.png, .pdf or .svg) gives the format. A command "

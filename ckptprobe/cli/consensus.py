@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt, HeadDimOpt,
                                     IncludeOpt, LayerOpt, ModeOpt, OutputOpt, PlotOpt, RevisionOpt, RunsArg,
                                     ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
@@ -36,6 +37,8 @@ def consensus(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Cross-run consensus: do independent runs from one base change the same weights?
 
@@ -69,7 +72,7 @@ def consensus(
     `ckptprobe consensus base/ rl-1/ rl-2/ --by tensor --include '*.layers.13.*'`
     """
     from ckptprobe.analysis.consensus import consensus as run
-    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, expand_series,
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, expand_series,
                                        head_dim_of, labels, open_sources, pick_layer, report_skipped, tolerances, wrote)
     from ckptprobe.cli._common import emit as emit_result
     from ckptprobe.errors import UsageError
@@ -79,12 +82,11 @@ def consensus(
     if len(runs) < 2:
         raise UsageError(f"consensus needs at least two runs, got {len(runs)}",
                          hint="give the base and two or more fine-tunes of it: ckptprobe consensus BASE RUN1 RUN2 ...")
-    check_by(by, ("tensor", "module", "layer"), "consensus")
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot, ("jaccard", "heatmaps", "ratios"))
     configure_threads(threads)
-    a, *sources = open_sources([base, *runs], revision, token, download)
+    a, *sources = open_sources([base, *runs], revision, token, download, strip_prefix, add_prefix)
     if layer is not None or figures:
         layer = pick_layer(a, include or (), exclude or (), layer)
     total_bytes = sum(a.info(n).nbytes for n in a.keys()) * (1 + len(sources))
@@ -103,12 +105,8 @@ def consensus(
     data = result.to_dict()
     data["labels"] = names
     total = result.total
-    if by == By.tensor:
-        rows = [t.summary() for t in result.tensors]
-        cols = ["name", "shape"]
-    else:
-        rows = [g.summary(by.value) for g in result.by(by.value).values()]
-        cols = [by.value]
+    rows = result.rows(by.value)
+    cols = ["name", "shape"] if by == By.tensor else [by.value]
     shown = [{**{c: r[c] for c in cols}, **{short: r[key] for key, short in SHORT.items()}} for r in rows]
     caption = "SI: stripe index (1 = no structure); E(.): for independent runs of the same densities"
     if total.jaccard_mean is not None:

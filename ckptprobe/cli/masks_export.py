@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptprobe.analysis.coarse import Target
-from ckptprobe.cli._options import OutputOpt
+from ckptprobe.cli._options import ExportOpt
 
 
 def export(
@@ -19,8 +19,8 @@ def export(
         help="axolotl: unfrozen_parameters regexes with [start:end] row ranges. spectrum: Spectrum's YAML "
              "(whole tensors by module type). peft: target_modules and layers_to_transform (JSON).")],
     budget: Annotated[float, typer.Option(
-        "--budget", help="At most this fraction of all parameters is unfrozen.")] = 0.25,
-    output: OutputOpt = None,
+        "--budget", metavar="X", help="At most this fraction of all parameters is unfrozen.")] = 0.25,
+    output: ExportOpt = None,
 ) -> None:
     """Export a mask for trainers that only freeze whole tensors, row ranges or modules.
 
@@ -35,10 +35,13 @@ def export(
     `ckptprobe masks export safe.safetensors --to peft --budget 0.5 -o lora_targets.json`
     """
     from ckptprobe.analysis.coarse import coarse_export
+    from ckptprobe.cli._common import writable
     from ckptprobe.io.maskfile import read_masks
     from ckptprobe.io.writer import atomic_write
     from ckptprobe.report.output import err
 
+    if output is not None:
+        writable("-o", output)
     result = coarse_export(read_masks(file), to, budget)
     if output is None:
         print(result.text, end="")

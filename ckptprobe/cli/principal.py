@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt, EtaOpt,
                                     ExcludeOpt, FinetunedArg, FormatOpt, IncludeOpt, LowOpt, LowThreshold, ModeOpt,
                                     OutputOpt, PlotOpt, RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod,
@@ -45,6 +46,8 @@ def principal(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Where a fine-tune's updates land: overlap of its update mask M with the base's principal mask
     (largest entries of the rank-k reconstruction |W0^(k)|), low-magnitude mask and principal-but-not-low
@@ -67,12 +70,11 @@ def principal(
     """
     from ckptprobe.analysis.principal import MASKS, check_matrix, matrix_masks, principal_overlap
     from ckptprobe.analysis.svd import resolve_device
-    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, emit, open_sources,
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, open_sources,
                                        report_skipped, tolerances, wrote)
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import progress_bar, table, warn
 
-    check_by(by, ("tensor", "module", "layer"), "principal")
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
@@ -80,7 +82,7 @@ def principal(
         raise UsageError("--matrix only chooses what --plot draws", hint="add --plot FILE.png")
     dev = resolve_device(device)
     configure_threads(threads)
-    src, *fts = open_sources([base, *finetuned], revision, token, download)
+    src, *fts = open_sources([base, *finetuned], revision, token, download, strip_prefix, add_prefix)
     if matrix:
         check_matrix(src, fts, matrix)
     total_bytes = sum(s.info(n).nbytes for s in (src, *fts) for n in s.keys())
@@ -91,7 +93,7 @@ def principal(
     if not result.matrices:
         warn("no matrix was measured (check --include/--exclude and the checkpoints' names)")
     data = result.to_dict()
-    rows = data["matrices"] if by == By.tensor else data["groups"][by.value]
+    rows = result.rows(by.value)
     labels = {"principal": "principal", "low": "low", "principal_not_low": "principal & ~low"}
     tables = []
     for ft in result.finetuned:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt,
                                     ExcludeOpt, FormatOpt, IncludeOpt, ModeOpt, OutputOpt, RevisionOpt, ThreadsOpt,
                                     TokenOpt, VerboseOpt, WorkersOpt)
@@ -29,6 +30,8 @@ def sparsity(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Update sparsity: the fraction of weights a fine-tune left unchanged, per tensor, module type, layer
     and in total.
@@ -54,7 +57,7 @@ def sparsity(
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     configure_threads(threads)
-    a, b = open_sources([base, finetuned], revision, token, download)
+    a, b = open_sources([base, finetuned], revision, token, download, strip_prefix, add_prefix)
     b_keys = set(b.keys())
     names_bytes = sum(a.info(n).nbytes + b.info(n).nbytes for n in a.keys() if n in b_keys)
     with progress_bar("comparing", names_bytes) as advance:
@@ -64,12 +67,14 @@ def sparsity(
     if not result.tensors:
         warn("no tensor was compared (check --include/--exclude and the two checkpoints' names)")
     data = result.to_dict()
-    rows = data["tensors"] if by == By.tensor else data["groups"][by.value]
+    rows = result.rows(by.value)
     total = result.total
     mode_text = result.mode if result.mode != "auto" else "auto: " + ", ".join(sorted({t.mode for t in result.tensors}))
     cols = ["name", "shape", "dtype", "numel", "changed", "nonfinite", "sparsity"] if by == By.tensor else \
         [by.value, "numel", "changed", "nonfinite", "sparsity"]
     caption = (f"total: {total.changed:,} of {total.numel:,} entries changed; sparsity {total.sparsity:.4f} "
                f"({100 * total.sparsity:.1f}% unchanged), mode {mode_text}" if total.sparsity is not None else None)
+    if caption and any(t.dtype.startswith("F8_") for t in result.tensors):
+        caption += "; FP8 weights compared on their stored bits (block scales are not weights)"
     emit(out, data, rows, [table(f"Update sparsity of {result.finetuned} vs {result.base}, by {by.value}", rows,
                                  cols, caption)])

@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ STORAGE_DTYPES = {
     "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in STORAGE_DTYPES.items()}
+_NP_DTYPES = {k: np.dtype(v) for k, v in STORAGE_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,15 @@ class TensorInfo:
     dtype: str  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
 
-    @property
+    @cached_property  # computed once: analyses ask for it per read
     def numel(self) -> int:
         return math.prod(self.shape)  # Python ints: no int64 wrap-around
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
+        return _NP_DTYPES[self.dtype].itemsize
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
 
@@ -62,7 +63,7 @@ def byte_span(info: TensorInfo, data_offset: int, start: int, stop: int | None) 
     (storage dtype, first byte, end byte) in the file; stop is clipped to the tensor, and an
     empty range has end <= first."""
     stop = info.numel if stop is None else min(stop, info.numel)
-    dtype = np.dtype(STORAGE_DTYPES[info.dtype])
+    dtype = _NP_DTYPES[info.dtype]
     return dtype, data_offset + start * dtype.itemsize, data_offset + stop * dtype.itemsize
 
 

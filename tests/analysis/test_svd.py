@@ -39,6 +39,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["gram", "torch"])
+def route(request, monkeypatch):
+    """Both CPU routes: float64 Gram matrices (the CPU default), and the torch routes CUDA takes."""
+    monkeypatch.setattr(svd, "CPU_GRAM", request.param == "gram")
+    return request.param
+
+
 def with_spectrum(m: int, n: int, s: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 (m, n) matrix U diag(s) V^T with random orthonormal U, V; returns (W, U, V)."""
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +63,7 @@ def max_angle(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_svdvals_matches_numpy(shape, dtype):
+def test_svdvals_matches_numpy(shape, dtype, route):
     w = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = svdvals(w)
     assert got.dtype == torch.float32 and got.shape == (3, min(shape))
@@ -67,7 +74,7 @@ def test_svdvals_matches_numpy(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48)])
-def test_exact_topk_against_numpy(shape):
+def test_exact_topk_against_numpy(shape, route):
     m, n = shape
     s = np.linspace(10, 1, min(shape))
     w, u, v = with_spectrum(m, n, s, seed=2)
@@ -83,7 +90,7 @@ def test_exact_topk_against_numpy(shape):
 
 
 @pytest.mark.parametrize("shape", [(30, 18), (18, 30)])
-def test_rank_k_is_eckart_young(shape):
+def test_rank_k_is_eckart_young(shape, route):
     w = np.random.default_rng(3).standard_normal(shape)
     k = 5
     got = rank_k(torch.from_numpy(w).float()[None], k)[0].double().numpy()
@@ -102,7 +109,7 @@ def test_rank_k_recovers_a_rank_k_matrix_exactly_and_accepts_2d():
     np.testing.assert_allclose(svdvals(torch.from_numpy(w))[0, 3:].numpy(), 0, atol=1e-5)
 
 
-def test_batch_equals_one_at_a_time():
+def test_batch_equals_one_at_a_time(route):
     w = torch.randn(4, 30, 20, generator=torch.Generator().manual_seed(5))
     out = decompose(w, SVDRequest(k=3))
     for b in range(4):
@@ -112,7 +119,7 @@ def test_batch_equals_one_at_a_time():
 
 
 @pytest.mark.parametrize("shape", [(RANDOMIZED_MIN_SIDE, 96), (96, RANDOMIZED_MIN_SIDE)])
-def test_randomized_topk_vs_exact_on_decaying_spectrum(shape):
+def test_randomized_topk_vs_exact_on_decaying_spectrum(shape, route):
     """Large side -> randomized; on a spectrum decaying like trained weights' it matches exact SVD."""
     k = 16
     s = 0.85 ** np.arange(96) + 1e-3  # geometric decay with a floor
@@ -142,7 +149,7 @@ def test_randomized_on_a_flat_spectrum_is_worse_and_that_is_why_auto_keeps_exact
     assert not use_randomized((600, 200), 8)
 
 
-def test_nonfinite_matrix_gets_nan_and_the_others_are_computed():
+def test_nonfinite_matrix_gets_nan_and_the_others_are_computed(route):
     w = torch.randn(3, 12, 9, generator=torch.Generator().manual_seed(8))
     w[1, 2, 3] = float("nan")
     w[2, 0, 0] = float("inf")
@@ -192,7 +199,7 @@ def test_shape_batches_groups_by_shape_and_respects_the_budget():
 
 
 @pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
-def test_qr_first_route_matches_numpy(shape):
+def test_qr_first_route_matches_numpy(shape, route):
     """Tall (or wide) with all values + top-k: QR first, exact; no randomization even when large."""
     w = np.random.default_rng(9).standard_normal(shape)
     out = decompose(torch.from_numpy(w).float(), SVDRequest(k=7))

@@ -47,7 +47,8 @@ def test_root_help_imports_neither_typer_nor_the_commands():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("command", [c if c != "masks" else "masks build" for c in COMMANDS] + ["masks info"])
+@pytest.mark.parametrize("command", [c if c != "masks" else "masks build" for c in COMMANDS]
+                         + ["masks info", "masks export"])
 def test_help_has_no_type_noise(capsys, command):
     assert main([*command.split(), "--help"]) == 0
     text = capsys.readouterr().out

@@ -17,6 +17,7 @@ import torch
 from factory import run_error
 from safetensors import safe_open
 
+from ckptprobe.cli import main
 from ckptprobe.errors import InvalidCheckpointError
 from ckptprobe.io._safetensors import SafetensorsFile
 from ckptprobe.io.sources import open_source
@@ -109,7 +110,9 @@ def test_like_the_library(tmp_path, capsys, case):
     assert lib is None, "the library refuses this file too"
     with pytest.raises(InvalidCheckpointError):
         SafetensorsFile(path)
-    run_error(capsys, ["sparsity", str(path), str(path)], str(path), *words)
+    out = tmp_path / "out.json"
+    run_error(capsys, ["sparsity", str(path), str(path), "-o", str(out)], str(path), *words)
+    assert not out.exists()  # nothing written, nothing left behind
 
 
 @pytest.mark.parametrize("case", sorted(STRICTER))
@@ -160,3 +163,30 @@ def test_thirty_thousand_tiny_tensors_open_fast(tmp_path):
     assert len(infos) == n and total == library_total == sum(range(n))
     # Measured 3-6x on a 2-core machine under load 10; 15x leaves room, a per-tensor regression does not.
     assert ours < 15 * library, (ours, library)
+
+
+def degenerate(path, seed: int) -> None:
+    """A checkpoint with a 0-d tensor, zero-element tensors and two ordinary matrices."""
+    rng = np.random.default_rng(seed)
+    write_safetensors(path, {
+        "model.layers.0.mlp.up_proj.weight": ("F32", rng.standard_normal((16, 8)).astype(np.float32)),
+        "model.layers.0.self_attn.q_proj.weight": ("F32", rng.standard_normal((8, 8)).astype(np.float32)),
+        "model.layers.0.mlp.down_proj.weight": ("F32", np.zeros((0, 8), np.float32)),
+        "model.layers.0.scale": ("F32", np.array(1.0, np.float32)),
+        "model.layers.0.bias": ("F32", np.zeros(0, np.float32))})
+
+
+@pytest.mark.parametrize("command", [["sparsity"], ["consensus"], ["drift"], ["profile", "--layer", "0"],
+                                     ["spectrum", "-k", "2"], ["principal", "-k", "2"]])
+def test_zero_element_and_0d_tensors_in_every_command(tmp_path, capsys, command):
+    paths = [tmp_path / f"c{i}.safetensors" for i in range(3)]
+    for i, p in enumerate(paths):
+        degenerate(p, i)
+    n_args = 2 if command[0] in ("sparsity", "spectrum", "principal") else 3
+    code = main([command[0], *map(str, paths[:n_args]), *command[1:], "-f", "json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err
+    data = json.loads(captured.out)
+    if command[0] == "sparsity":  # against a count by hand: the 0-d scale is equal, every matrix entry moved
+        assert data["total"]["numel"] == 16 * 8 + 8 * 8 + 1 and data["total"]["changed"] == 16 * 8 + 8 * 8

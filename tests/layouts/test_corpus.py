@@ -47,18 +47,22 @@ def test_layout_is_sharded_and_variants_share_it(corpus, name):
     if layout.experts:
         last = f".experts.{layout.experts - 1}."
         assert not any(k for n, k in layout.rl_changed.items() if last in n)
-        assert any(k for n, k in layout.rl_changed.items() if ".experts.0." in n)
+        stacks = [n for n in base if ".experts." in n and not any(f".experts.{e}." in n for e in range(layout.experts))]
+        assert any(k for n, k in layout.rl_changed.items() if ".experts.0." in n) or stacks
+        for n in (n for n in stacks if base[n].ndim == 3):  # fused (E, out, in) stacks: the last slice is untouched
+            assert changed_bits(base[n][-1], rl[n][-1]) == 0 and changed_bits(base[n][:-1], rl[n][:-1]) > 0, n
 
 
 def test_family_quirks(corpus):
     names = {n: set(load(corpus[n].base)) for n in ("qwen2", "gemma", "llama", "phi3", "qwen3_moe", "mixtral",
-                                                     "qwen3_vl")}
+                                                     "qwen3_vl", "gpt_oss")}
     assert "lm_head.weight" not in names["qwen2"] | names["gemma"] and "lm_head.weight" in names["llama"]
     assert "model.layers.1.self_attn.qkv_proj.weight" in names["phi3"]
     assert "model.layers.1.mlp.gate_up_proj.weight" in names["phi3"]
     # transformers >= 5 holds experts fused in memory but saves them per expert
     assert "model.layers.1.mlp.experts.3.up_proj.weight" in names["qwen3_moe"]
     assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in names["mixtral"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in names["gpt_oss"]  # fused: (E, hidden, 2 * intermediate)
     assert "model.language_model.layers.1.self_attn.q_proj.weight" in names["qwen3_vl"]
     assert "model.visual.blocks.1.attn.qkv.weight" in names["qwen3_vl"]
     gpt2 = load(corpus["gpt2"].base)
