@@ -3,15 +3,14 @@ a guess of why two checkpoints share no name at all."""
 
 from __future__ import annotations
 
-import json
 from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import TensorInfo
+from ckptprobe.io.config import local_config
 from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
 
@@ -101,14 +100,7 @@ def prefix_fix(a: Sequence[str], b: Sequence[str]) -> tuple[str, str] | None:
 
 def architecture(source: TensorSource) -> str | None:
     """The `model_type` (else the first of `architectures`) in the config.json beside a local checkpoint."""
-    path = Path(source.ref)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
+    data = local_config(source.ref) or {}
     archs = data.get("architectures")
     kind = data.get("model_type") or (archs[0] if isinstance(archs, list) and archs else None)
     return kind if isinstance(kind, str) else None

@@ -3,7 +3,6 @@ open the checkpoints, label them, report what was skipped, and write the result.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -159,13 +158,10 @@ def emit(out: Output, data: dict, rows: Sequence[dict], tables: Sequence) -> Non
 
 def head_dim_of(base: str) -> int | None:
     """Head size from config.json beside a local base checkpoint (key head_dim, or hidden_size/num_attention_heads)."""
-    p = Path(base).expanduser()
-    config = (p if p.is_dir() else p.parent) / "config.json"
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict):
+    from ckptprobe.io.config import local_config
+
+    cfg = local_config(base)
+    if cfg is None:
         return None
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg  # multimodal configs nest it
     hd = cfg.get("head_dim")
