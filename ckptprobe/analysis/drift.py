@@ -138,7 +138,8 @@ def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[
     body = [pooled[g] for g in ("attention", "mlp") if g in pooled]
     ratio = np.asarray(by_name[head].rel_step) if head else None
     if head and body:
-        ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
+        with np.errstate(divide="ignore", invalid="ignore"):  # a body that did not move: no ratio (NaN)
+            ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
     found = surges(ratio.tolist(), [s.ref for s in series], z_threshold) if head else []
     return DriftResult(base.ref, tuple(s.ref for s in series), tuple(tensors), groups, head, tuple(found),
                        z_threshold, plan.skipped)

@@ -110,11 +110,15 @@ def expand_series(refs: Sequence[str], revision: str | None, token: str | None) 
     return expand_refs(refs, revision, token)
 
 
-def open_sources(refs: Sequence[str], revision: str | None, token: str | None, download: bool) -> list:
-    """Open every reference (file, folder or Hub repo) with the same Hub options."""
+def open_sources(refs: Sequence[str], revision: str | None, token: str | None, download: bool,
+                 strip_prefix: str | None = None, add_prefix: str | None = None) -> list:
+    """Open every reference (file, folder or Hub repo) with the same Hub options; the names of every
+    checkpoint after the first (the base) lose `strip_prefix` and gain `add_prefix`."""
+    from ckptprobe.analysis.pairing import renamed
     from ckptprobe.io.sources import open_source
 
-    return [open_source(r, revision, token, download) for r in refs]
+    sources = [open_source(r, revision, token, download) for r in refs]
+    return sources[:1] + [renamed(s, strip_prefix, add_prefix) for s in sources[1:]]
 
 
 def configure_threads(threads: int | None) -> int:

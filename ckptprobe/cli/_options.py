@@ -80,6 +80,13 @@ TokenOpt = Annotated[Optional[str], typer.Option(
 DownloadOpt = Annotated[bool, typer.Option(
     "--download", help="Hub: download whole shards into the Hub cache (one at a time) instead of reading "
                        "only the needed byte ranges; faster for repeated runs.")]
+StripPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--strip-prefix", metavar="PREFIX",
+    help="Remove PREFIX from the tensor names of every checkpoint after BASE, e.g. `model.` to compare a "
+         "bare model with its ...ForCausalLM checkpoint.")]
+AddPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--add-prefix", metavar="PREFIX",
+    help="Put PREFIX before the tensor names of every checkpoint after BASE (after --strip-prefix).")]
 IncludeOpt = Annotated[Optional[List[str]], typer.Option(
     "--include", "-i", metavar="GLOB",
     help="Only tensors whose name matches this glob (repeatable), e.g. `*.layers.13.*`.")]

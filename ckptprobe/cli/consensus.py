@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt, HeadDimOpt,
                                     IncludeOpt, LayerOpt, ModeOpt, OutputOpt, PlotOpt, RevisionOpt, RunsArg,
                                     ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
@@ -36,6 +37,8 @@ def consensus(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Cross-run consensus: do independent runs from one base change the same weights?
 
@@ -83,7 +86,7 @@ def consensus(
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot, ("jaccard", "heatmaps", "ratios"))
     configure_threads(threads)
-    a, *sources = open_sources([base, *runs], revision, token, download)
+    a, *sources = open_sources([base, *runs], revision, token, download, strip_prefix, add_prefix)
     if layer is not None or figures:
         layer = pick_layer(a, include or (), exclude or (), layer)
     total_bytes = sum(a.info(n).nbytes for n in a.keys()) * (1 + len(sources))

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt, PlotOpt,
                                     RevisionOpt, SeriesArg, ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
 
@@ -26,6 +27,8 @@ def drift(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Drift over a checkpoint series: how far each module group moved from the base, step by step, and
     whether the lm_head surged.
@@ -50,7 +53,8 @@ def drift(
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
     configure_threads(threads)
-    src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download)
+    src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download,
+                                strip_prefix, add_prefix)
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))
     with progress_bar("reading", total) as advance:
         result = run(src, series, include or (), exclude or (), z, progress=advance, workers=workers)

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt, EtaOpt,
                                     ExcludeOpt, FinetunedArg, FormatOpt, IncludeOpt, LowOpt, LowThreshold, ModeOpt,
                                     OutputOpt, PlotOpt, RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod,
@@ -45,6 +46,8 @@ def principal(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Where a fine-tune's updates land: overlap of its update mask M with the base's principal mask
     (largest entries of the rank-k reconstruction |W0^(k)|), low-magnitude mask and principal-but-not-low
@@ -79,7 +82,7 @@ def principal(
         raise UsageError("--matrix only chooses what --plot draws", hint="add --plot FILE.png")
     dev = resolve_device(device)
     configure_threads(threads)
-    src, *fts = open_sources([base, *finetuned], revision, token, download)
+    src, *fts = open_sources([base, *finetuned], revision, token, download, strip_prefix, add_prefix)
     if matrix:
         check_matrix(src, fts, matrix)
     total_bytes = sum(s.info(n).nbytes for s in (src, *fts) for n in s.keys())

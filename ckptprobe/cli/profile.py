@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (AtolOpt, BaseArg, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt, HeadDimOpt,
                                     IncludeOpt, LayerOpt, ModeOpt, OutputOpt, PlotOpt, RevisionOpt, SeriesArg,
                                     ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
@@ -34,6 +35,8 @@ def profile(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """One run over time: does the pattern of updated rows and columns persist while the density grows?
 
@@ -61,7 +64,8 @@ def profile(
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
     configure_threads(threads)
-    a, *sources = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download)
+    a, *sources = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download,
+                               strip_prefix, add_prefix)
     layer = pick_layer(a, include or (), exclude or (), layer)
     if layer is None:
         raise UsageError("no selected tensor name has a layer index, so there is no layer to profile",

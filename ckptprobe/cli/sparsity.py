@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt,
                                     ExcludeOpt, FormatOpt, IncludeOpt, ModeOpt, OutputOpt, RevisionOpt, ThreadsOpt,
                                     TokenOpt, VerboseOpt, WorkersOpt)
@@ -29,6 +30,8 @@ def sparsity(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Update sparsity: the fraction of weights a fine-tune left unchanged, per tensor, module type, layer
     and in total.
@@ -54,7 +57,7 @@ def sparsity(
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     configure_threads(threads)
-    a, b = open_sources([base, finetuned], revision, token, download)
+    a, b = open_sources([base, finetuned], revision, token, download, strip_prefix, add_prefix)
     b_keys = set(b.keys())
     names_bytes = sum(a.info(n).nbytes + b.info(n).nbytes for n in a.keys() if n in b_keys)
     with progress_bar("comparing", names_bytes) as advance:

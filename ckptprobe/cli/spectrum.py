@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
 from ckptprobe.cli._options import (BaseArg, By, DeviceOpt, DownloadOpt, ExcludeOpt, FinetunedArg, FormatOpt,
                                     IncludeOpt, LayerOpt, OutputOpt, PlotOpt, RankOpt, RevisionOpt, ThreadsOpt,
                                     TokenOpt, TopkMethod, TopkMethodOpt, VerboseOpt)
@@ -59,6 +60,8 @@ def spectrum(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     download: DownloadOpt = False,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
 ) -> None:
     """Spectrum drift: how much each fine-tune moved every weight matrix's singular values and top-k
     singular subspaces (Sec. 4.1, Fig. 4 of "The Path Not Taken").
@@ -98,7 +101,7 @@ def spectrum(
     budget = parse_bytes(max_memory)
     resolve_device(device)  # a missing GPU is reported before any checkpoint is opened
     configure_threads(threads)
-    a, *fts = open_sources([base, *finetuned], revision, token, download)
+    a, *fts = open_sources([base, *finetuned], revision, token, download, strip_prefix, add_prefix)
     if plot:
         layer = pick_layer(a, include or (), exclude or (), layer)
     total = sum(a.info(n).nbytes * (1 + len(fts)) for n in a.keys() if len(a.info(n).shape) == 2)

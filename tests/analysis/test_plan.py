@@ -13,6 +13,7 @@ from ckptprobe.analysis.plan import SkipCategory, Skipped, Want, plan_tensors, s
 from ckptprobe.analysis.sparsity import sparsity
 from ckptprobe.analysis.update import CompareMode
 from ckptprobe.analysis.weights import read_matrix
+from ckptprobe.cli import main
 from ckptprobe.errors import NoMatchingTensorsError, TensorMismatchError, UsageError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
@@ -183,6 +184,13 @@ def test_cli_errors_for_unrelated_checkpoints_and_empty_filters(pair, capsys):
     run_error(capsys, ["sparsity", a, bare], f"{a} and {bare} have no tensor name in common", "prefix",
               hint="--add-prefix model.")
     run_error(capsys, ["sparsity", a, a, "--include", "*.layers.9.*"], "--include '*.layers.9.*' matches no tensor")
+    # the hint's flag does what it says, in every command that compares checkpoints
+    for cmd in (["sparsity", a, bare], ["consensus", a, bare, bare], ["drift", a, bare]):
+        assert main([*cmd, "--add-prefix", "model.", "-f", "json"]) == 0, cmd
+        out = json.loads(capsys.readouterr().out)
+        assert {s["name"] for s in out["skipped"]} == {"lm_head.weight"}  # consensus: once per run
+    assert main(["sparsity", bare, a, "--strip-prefix", "model.", "-f", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["changed"] == 0
 
 
 def test_filters(pair):
