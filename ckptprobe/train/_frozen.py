@@ -26,10 +26,17 @@ def _flat(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.view(-1)
 
 
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 (ceil(n/8),) little bit order -> bool (n,), on the bits' device."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits[:, None] >> shifts) & 1).view(-1)[:n].bool()
+    """uint8 (ceil(n/8),) little bit order -> bool (n,), on the bits' device: one lookup per byte."""
+    table = _TABLES.get(bits.device)
+    if table is None:  # (256, 8) bool: the bits of each byte value, lowest first
+        shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+        table = _TABLES[bits.device] = ((torch.arange(256, dtype=torch.uint8, device=bits.device)[:, None]
+                                         >> shifts) & 1).bool()
+    return table.index_select(0, bits.int()).view(-1)[:n]
 
 
 class Frozen:

@@ -3,10 +3,11 @@
 "The Path Not Taken" (Sec. 5.1) runs RL with a one-shot mask computed from the base
 model: only masked entries are updated. Zeroing their gradients is not enough, because
 decoupled weight decay (AdamW) moves every weight, gradient or not, and momentum carries
-old gradients. So we do both: gradients outside the mask are zeroed (as they are
-accumulated where autograd accumulates them, so gradient clipping sees only the trained
-entries, and again just before each step, so Adam's moments stay exactly zero there), and
-after every `optimizer.step()` the frozen entries are written back from a copy taken once.
+old gradients. So we do both: gradients outside the mask are zeroed as they are
+accumulated (gradient clipping sees only the trained entries and Adam's moments stay
+exactly zero there; FSDP2 assigns its sharded gradients instead, so those are zeroed just
+before each step), and after every `optimizer.step()` the frozen entries are written back
+from a copy taken once.
 The result is bitwise, for any torch optimizer, on whatever tensors the optimizer steps:
 fp32 master weights, bf16 parameters, or FSDP2's DTensor shards.
 
@@ -88,12 +89,14 @@ def _install(optimizer, params, names, source: MaskSource, pieces, missing: str)
             plan.append((label, p, keep if keep.any() else None))
 
     handle = MaskedUpdates({})
-    entries = []
+    entries, assigned = [], []  # assigned: gradients set, not accumulated (FSDP2's sharded ones)
     for label, p, keep in plan:
         frozen = Frozen(label, local(p), keep)
         handle.frozen[label] = frozen
         entries.append((p, frozen))
-        if p.requires_grad and not is_dtensor(p):  # FSDP2 assigns sharded grads: no accumulation to hook
+        if is_dtensor(p):
+            assigned.append((p, frozen))
+        elif p.requires_grad:
             handle._handles.append(p.register_post_accumulate_grad_hook(_zero_when_accumulated(frozen)))
     if not entries:
         return handle
@@ -106,7 +109,7 @@ def _install(optimizer, params, names, source: MaskSource, pieces, missing: str)
                              "swaps in flat fp32 partitions; add_param_group adds tensors): frozen entries "
                              "would not stay fixed", hint="apply the masks after the optimizer is complete; "
                              "DeepSpeed ZeRO is not supported")
-        for p, frozen in entries:
+        for p, frozen in assigned:
             if p.grad is not None:
                 frozen.zero(local(p.grad))
 

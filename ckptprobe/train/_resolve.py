@@ -172,7 +172,8 @@ def resolve(params: Sequence[torch.Tensor], names: Sequence[Sequence[str]], sour
     """The pieces of each parameter (an empty list: no mask names it); see the module docstring.
 
     params: the tensors stepped (plain or DTensor), distinct; names: each one's names (empty when unknown).
-    check: compare each piece with its base tensor's fingerprint (when the masks carry them).
+    check: compare each piece with its base tensor's fingerprint (when the masks carry them); without
+        it (resuming: trained entries have moved) masks are placed by name only.
     """
     full = _Full(params)
     pieces: list[list[Piece]] = [[] for _ in params]
@@ -199,7 +200,7 @@ def resolve(params: Sequence[torch.Tensor], names: Sequence[Sequence[str]], sour
                          "(e.g. resuming), pass check_base=False")
 
     left = [m for m in source.shapes if m not in owner]
-    if left and all(m in fps for m in left):
+    if check and left and all(m in fps for m in left):  # content matching presumes base weights
         groups: dict[tuple, list[str]] = {}  # (fingerprint, shape) -> masks of bitwise-equal base tensors
         for m in left:
             groups.setdefault((fps[m], source.shapes[m]), []).append(m)

@@ -259,6 +259,8 @@ def test_moved_parameters_are_refused_by_content(tmp_path):
     with pytest.raises(TensorMismatchError, match="up_proj.weight"):
         MaskedAdamW(model.named_parameters(), masks=tmp_path / "m.safetensors")
     MaskedAdamW(model.named_parameters(), masks=tmp_path / "m.safetensors", check_base=False)
+    with pytest.raises(MaskFileError, match="match no parameter"):  # unchecked: by name only, and there are none
+        MaskedAdamW(model.parameters(), masks=tmp_path / "m.safetensors", check_base=False)
 
 
 def test_swapped_parameters_refused_at_step(tmp_path):
