@@ -30,7 +30,7 @@ from ckptprobe.analysis.update import CompareMode, default_mode
 from ckptprobe.analysis.weights import is_expert_stack, not_a_weight
 from ckptprobe.errors import NoMatchingTensorsError, TensorMismatchError, UsageError
 from ckptprobe.io._safetensors import TensorInfo
-from ckptprobe.io.names import ParamName, parse_name
+from ckptprobe.io.names import ParamName, is_bias, parse_name
 from ckptprobe.io.sources import TensorSource
 
 
@@ -44,6 +44,7 @@ class Want(str, Enum):
 class SkipCategory(str, Enum):
     not_weight = "not-weight"  # integer or bool buffer
     vector = "1-D"  # norms, biases: not a matrix
+    bias = "bias"  # a stack of bias vectors, (E, n) or more: rows are vectors, not a matrix
     scalar = "0-D"
     not_matrix = "not-matrix"  # 3-D (not an expert stack) or more
     small = "small"  # the smaller side is below the k asked for
@@ -161,6 +162,9 @@ def _skip(name: str, category: SkipCategory, reason: str, kind: str) -> Skipped:
 def _not_matrix(name: str, info: TensorInfo) -> Skipped | None:
     """Why a weight is not a matrix (or a stack of them), or None."""
     ndim = len(info.shape)
+    if ndim >= 2 and is_bias(name):
+        return _skip(name, SkipCategory.bias, f"{ndim}-D bias {info.shape}, a stack of vectors, not a matrix",
+                     "bias stacks (vectors)")
     if ndim == 2 or is_expert_stack(name, info.shape):
         return None
     if ndim == 1:

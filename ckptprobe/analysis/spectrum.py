@@ -15,7 +15,9 @@ Per 2-D weight W0 (base) and W1 (each fine-tune):
 
 Matrices are read one shape group at a time, in chunks that fit `max_memory`, and decomposed
 as (B, m, n) stacks by `ckptprobe.analysis.svd`: only what the metrics need (all singular
-values for NSS, top-k vectors for the angles), base once, then each fine-tune.
+values for NSS, top-k vectors for the angles), base once, then each fine-tune. A fine-tune's
+matrix whose fp32 values are bitwise those of the base is not decomposed again: its angles, NSS
+and energy change are exactly 0 (RL checkpoints leave many matrices untouched).
 """
 
 from __future__ import annotations
@@ -259,9 +261,9 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
             mats.append(t.mT if units[unit][1] else t)
         return torch.stack(mats).to(dev)  # (B, m, n) float32
 
-    def bytes_per_matrix(shape) -> int:  # base outputs are held while each fine-tune is decomposed
+    def bytes_per_matrix(shape) -> int:  # base matrix and outputs are held while each fine-tune is decomposed
         kk = k or default_k(shape)
-        return 2 * svd_bytes(shape, request(shape, kk)) + (4 * shape[0] * shape[1] if bounds else 0)
+        return 2 * svd_bytes(shape, request(shape, kk)) + 4 * shape[0] * shape[1]
 
     # chunks hold one k (k differs only between shapes, and a chunk has one shape)
     results: dict[str, MatrixSpectrum] = {}
@@ -270,16 +272,21 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
         req = request(shape, kk)
         w0 = load(base, chunk)
         b0 = decompose(w0, req)
-        if not bounds:
-            del w0
         per_ft: list[list[Comparison]] = [[] for _ in chunk]
         for src in finetuned:
             w1 = load(src, chunk)
-            b1 = decompose(w1, req)
-            dw = decompose(w1.float() - w0.float(), SVDRequest(values=True)).values[:, 0].tolist() if bounds else None
+            moved = [i for i, same in enumerate(_bitwise_equal(w0, w1)) if not same]
+            comps = dict.fromkeys(range(len(chunk)))
+            if moved:
+                b0m, w1 = _take(b0, moved), w1[moved]
+                b1 = decompose(w1, req)
+                dw = (decompose(w1 - w0[moved], SVDRequest(values=True)).values[:, 0].tolist()
+                      if bounds else None)
+                comps.update(zip(moved, _compare(b0m, b1, kk, src.ref, req.values, dw)))
             del w1
-            for i, c in enumerate(_compare(b0, b1, kk, src.ref, req.values, dw)):
-                per_ft[i].append(c)
+            for i, c in comps.items():
+                per_ft[i].append(c or _unchanged(b0, i, kk, src.ref, req.values, bounds))
+        del w0
         for i, (name, expert) in enumerate(chunk):
             p = parse_name(name)
             stored = base.info(name).shape[-2:]
@@ -294,6 +301,30 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
     matrices = tuple(results[u] for u in units)  # back in checkpoint order
     return SpectrumResult(base.ref, tuple(f.ref for f in finetuned), k, method.value, fast, str(dev),
                           matrices, plan.skipped)
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
+    """(B, m, n) float32 stacks -> per matrix, whether every entry has the same bits (so -0.0 vs
+    +0.0 differ, and equal NaNs match)."""
+    return (a.view(torch.int32) == b.view(torch.int32)).flatten(1).all(1).tolist()
+
+
+def _take(out: SVDOutput, idx: list[int]) -> SVDOutput:
+    """The outputs of the matrices `idx` of a stack."""
+    pick = (lambda t: None if t is None else t[idx])
+    return SVDOutput(pick(out.values), pick(out.U), pick(out.S), pick(out.V), pick(out.reconstruction),
+                     out.finite[idx], out.randomized)
+
+
+def _unchanged(b0: SVDOutput, i: int, k: int, ref: str, full: bool, bounds: bool) -> Comparison:
+    """A fine-tune's matrix i bitwise equal to the base's: the base's values, every metric exactly 0
+    (a non-finite base gets its error from the caller)."""
+    scope = "all" if full else "top-k"
+    vals = _values(b0, i, full)
+    if vals is None:
+        return Comparison(ref, None, scope, (), (), None, None, None, "fine-tune has NaN/inf entries")
+    bd = _bounds(0.0, vals, vals, k) if bounds else None
+    return Comparison(ref, 0.0, scope, (0.0,) * k, (0.0,) * k, 0.0, vals, bd)
 
 
 def _values(out: SVDOutput, i: int, full: bool) -> np.ndarray | None:

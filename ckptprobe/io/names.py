@@ -86,6 +86,13 @@ def is_scale(name: str) -> bool:
     return name.endswith(SCALE_SUFFIXES)
 
 
+def is_bias(name: str) -> bool:
+    """Whether `name` is a bias (`...bias`, `...proj_bias`): vectors, or a stack of one vector per
+    expert (gpt-oss `experts.gate_up_proj_bias`, shape (E, 2I)), never a matrix."""
+    last = name.rsplit(".", 1)[-1]
+    return last == "bias" or last.endswith("_bias")
+
+
 def _module(stem: list[str]) -> str:
     last = stem[-1]
     parent = stem[-2] if len(stem) >= 2 else ""

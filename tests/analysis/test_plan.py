@@ -102,6 +102,31 @@ def test_matrices_stacks_and_k(mixed):
         plan_tensors(mixed, [], Want.matrices, k=0)
 
 
+def test_biases_are_vectors_never_matrices(tmp_path):
+    """gpt-oss's per-expert bias stacks (E, 2I) and any other 2-D+ bias: skipped by the matrix analyses
+    as biases, still planned as floating-point weights (sparsity, consensus, drift)."""
+    rng = np.random.default_rng(1)
+    stack = "model.layers.0.mlp.experts.gate_up_proj"
+    biases = {stack + "_bias": (8, 32), "model.layers.0.mlp.experts.down_proj_bias": (8, 16),
+              "model.layers.0.attn.qkv.bias": (3, 24), "model.layers.0.mlp.experts.up.bias": (8, 4, 6)}
+    t = {n: ("F32", rng.standard_normal(shape).astype(np.float32)) for n, shape in biases.items()}
+    t |= {stack: ("F32", rng.standard_normal((8, 16, 32)).astype(np.float32)),
+          "model.layers.0.mlp.router.weight": ("F32", rng.standard_normal((8, 16)).astype(np.float32)),
+          "model.layers.0.mlp.router.bias": ("F32", rng.standard_normal(8).astype(np.float32)),
+          "model.layers.0.self_attn.q_bias_proj.weight": ("F32", rng.standard_normal((16, 16)).astype(np.float32))}
+    write_safetensors(tmp_path / "a.safetensors", t)
+    src = open_source(str(tmp_path / "a.safetensors"))
+    plan = plan_tensors(src, [src], Want.matrices, k=2, min_side=2)
+    assert {p.name for p in plan.tensors} == {stack, "model.layers.0.mlp.router.weight",
+                                              "model.layers.0.self_attn.q_bias_proj.weight"}
+    skips = {s.name: s for s in plan.skipped}
+    assert {n for n, s in skips.items() if s.category == SkipCategory.bias} == set(biases)
+    assert skips[stack + "_bias"].reason == "2-D bias (8, 32), a stack of vectors, not a matrix"
+    assert skips["model.layers.0.mlp.router.bias"].category == SkipCategory.vector
+    assert skip_summary(plan.skipped) == "skipped 5 tensors: 4 bias stacks (vectors), 1 1-D (norms, biases)"
+    assert {p.name for p in plan_tensors(src, [src], Want.floating).tensors} == set(t)
+
+
 def test_read_matrix_of_a_stack(mixed):
     whole = mixed.get_array("model.layers.0.mlp.experts.gate_up_proj")
     for e in range(3):

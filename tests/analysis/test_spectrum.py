@@ -9,6 +9,7 @@ against the float64 SVD of the dequantized bf16 values, since the engine upcasts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -219,6 +220,47 @@ def test_default_k():
     assert default_k((1536, 8960)) == 64 and default_k((32, 64)) == 8 and default_k((3, 2)) == 1
 
 
+def test_bitwise_identical_matrices_give_exact_zeros_without_an_svd(tmp_path, monkeypatch):
+    """A checkpoint against itself: every metric exactly 0, the base's values, and the fine-tune
+    is never decomposed; a one-entry change in one matrix gives that matrix the reference's angles."""
+    import ckptprobe.analysis.spectrum as spectrum_module
+
+    base = {Q: gapped(20, 16, 4, seed=21)[0], UP: gapped(20, 16, 4, seed=22)[0], DOWN: gapped(16, 20, 4, seed=23)[0]}
+    one = dict(base, **{UP: base[UP].copy()})
+    one[UP][3, 4] += 0.5
+    batches = []
+    decompose = spectrum_module.decompose
+    monkeypatch.setattr(spectrum_module, "decompose", lambda w, req: batches.append(len(w)) or decompose(w, req))
+    r = run(tmp_path, base, [base, one], k=4, bounds=True)
+    assert sorted(batches) == [1, 1, 1, 2]  # the base's two shapes, the changed UP and its dW: nothing else
+    for m in r.matrices:
+        same, other = m.comparisons
+        assert (same.nss, same.topk_energy_change) == (0.0, 0.0) and same.error is None
+        assert same.angles_u == same.angles_v == (0.0,) * 4
+        assert np.array_equal(same.values, m.base_values)
+        assert same.bounds.dw_norm2 == same.bounds.weyl_max_shift == same.bounds.wedin_bound_deg == 0.0
+        if m.name != UP:
+            assert other == dataclasses.replace(same, finetuned=r.finetuned[1])
+            continue
+        ref = reference(base[UP].astype(np.float32), one[UP].astype(np.float32), 4)
+        assert min(ref["angles_u"].max(), ref["angles_v"].max()) > 1  # degrees: a real change
+        assert other.max_angle_u == pytest.approx(ref["angles_u"].max(), abs=0.01)
+        assert other.max_angle_v == pytest.approx(ref["angles_v"].max(), abs=0.01)
+        assert other.nss == pytest.approx(ref["nss"], rel=1e-5) and other.nss > 0
+        assert other.bounds.dw_norm2 == pytest.approx(0.5, rel=1e-6)
+
+
+def test_bitwise_identity_is_bits_not_values(tmp_path):
+    """-0.0 and +0.0 compare equal as numbers but are a change of bits: that matrix is decomposed
+    (and, having the same values, still gives angles of about 0)."""
+    w0, *_ = gapped(20, 16, 4, seed=24)
+    w0[0, 0] = 0.0
+    w1 = w0.copy()
+    w1[0, 0] = -0.0
+    c = run(tmp_path, {Q: w0}, [{Q: w1}], k=4).matrices[0].comparisons[0]
+    assert c.error is None and c.max_angle_u < 1e-3 and c.nss < 1e-6
+
+
 # ---- bad input ----
 
 def test_skips_non_matrices_and_reports_nonfinite(tmp_path):
@@ -285,6 +327,16 @@ def test_cli_json_with_several_finetunes(ckpts):
     assert len(entry["singular_values"]) == min(entry["shape"]) == len(entry["singular_values_base"])
     assert [s["name"] for s in data["skipped"]] == ["model.norm.weight"]
     assert {g["module"] for g in data["groups"]["module"]} == {"q", "up", "down"}
+
+
+def test_cli_json_checkpoint_against_itself_is_exactly_zero(ckpts):
+    res = invoke(ckpts["base"], ckpts["base"], "-k", "4", "--format", "json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["matrices"]
+    assert len(rows) == 9
+    for row in rows:
+        assert row["nss"] == row["topk_energy_change"] == row["max_angle_u"] == row["max_angle_v"] == 0
+        assert row["angles_u"] == row["angles_v"] == [0.0] * 4 and row["error"] is None
 
 
 def test_cli_table_csv_bounds_and_plot(ckpts, tmp_path):

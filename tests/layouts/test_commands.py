@@ -33,11 +33,23 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return {n: t for n, t in tensors(folder).items() if t.is_floating_point() and not n.endswith(SCALE_SUFFIX)}
 
 
+def bias_stacks(folder: Path) -> set[str]:
+    """Biases of two or more dimensions (gpt-oss's `experts.gate_up_proj_bias`, (E, 2I)): vectors, not matrices."""
+    return {n for n, t in weights(folder).items() if t.ndim >= 2 and (n.endswith(".bias") or n.endswith("_bias"))}
+
+
 def matrices(folder: Path) -> set[tuple[str, int | None]]:
-    """(name, expert) of every weight matrix: 2-D weights, and each matrix of a 3-D expert stack."""
+    """(name, expert) of every weight matrix: 2-D weights, and each matrix of a 3-D expert stack (biases are not)."""
     out = {(n, None) for n, t in weights(folder).items() if t.ndim == 2}
-    return out | {(n, e) for n, t in weights(folder).items() if t.ndim == 3 and ".experts." in n
-                  for e in range(t.shape[0])}
+    out |= {(n, e) for n, t in weights(folder).items() if t.ndim == 3 and ".experts." in n for e in range(t.shape[0])}
+    return {(n, e) for n, e in out if n not in bias_stacks(folder)}
+
+
+def skipped_as_bias(data: dict, folder: Path) -> None:
+    """A matrix analysis left out exactly the bias stacks, each as a bias."""
+    biases = {s["name"]: s for s in data["skipped"] if s["category"] == "bias"}
+    assert set(biases) == bias_stacks(folder)
+    assert all("bias" in s["reason"] and "not a matrix" in s["reason"] for s in biases.values())
 
 
 def values(folder: Path, name: str, expert: int | None = None) -> np.ndarray:
@@ -125,9 +137,6 @@ def test_spectrum(corpus, capsys, name):
         kk = m["k"]
         assert kk <= len(s0) and (k is None or kk == k)
         seen.add((m["name"], m["expert"]))
-        if not s0.any():  # an all-zero base (gpt-oss's zero-initialised expert biases): no relative shift
-            assert m["nss"] is None
-            continue
         # fp32 SVDs: singular values to ~1e-6 of the largest, so absolute tolerances relative to ||s0||
         assert m["nss"] == pytest.approx(np.linalg.norm(s1 - s0) / np.linalg.norm(s0), rel=1e-3, abs=2e-5)
         assert m["topk_energy_change"] == pytest.approx((s1[:kk].sum() - s0[:kk].sum()) / s0[:kk].sum(),
@@ -139,6 +148,8 @@ def test_spectrum(corpus, capsys, name):
     skipped = {s["name"] for s in data["skipped"]}
     assert {n for n, _ in matrices(layout.base) - seen} <= skipped
     assert seen and seen <= matrices(layout.base)
+    skipped_as_bias(data, layout.base)
+    assert bool(bias_stacks(layout.base)) == (name == "gpt_oss")
 
 
 def top_count(x: np.ndarray, count: int, largest: bool) -> np.ndarray:
@@ -170,6 +181,7 @@ def test_principal(corpus, capsys, name):
         # entries at the threshold of |W0^(k)| may order differently in fp32 than in float64
         assert abs(m["updated_principal"] - (updated & principal).sum()) <= max(2, 0.02 * count), m["name"]
     assert {(m["name"], m["expert"]) for m in data["matrices"]} <= matrices(layout.base)
+    skipped_as_bias(data, layout.base)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -234,7 +246,7 @@ def test_masks(corpus, capsys, tmp_path, name):
         assert all(mf.shape(n) == tuple(t.shape) for n, t in weights(layout.base).items())
     mf = read_masks(update)
     for n, t in weights(layout.base).items():
-        matrix = t.ndim == 2 or (t.ndim == 3 and ".experts." in n)
+        matrix = any(m == n for m, _ in matrices(layout.base))
         expect = changed(layout.base, layout.rl, n) if matrix else np.zeros(tuple(t.shape), bool)
         np.testing.assert_array_equal(mf.mask(n), expect, err_msg=n)
     info = run_json(capsys, "masks", "info", safe)
