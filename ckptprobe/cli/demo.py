@@ -82,8 +82,7 @@ def demo(
 
 
 def _plots(result, files: dict) -> None:
-    import json
-
+    from ckptprobe.cli._common import head_dim_of
     from ckptprobe.report.consensus_plots import plot_heatmaps, plot_jaccard, plot_ratios
     from ckptprobe.report.drift_plots import plot_drift
     from ckptprobe.report.labels import labels
@@ -91,7 +90,7 @@ def _plots(result, files: dict) -> None:
     from ckptprobe.report.spectrum_plots import plot_spectrum
 
     cons = result.results["consensus"]
-    head_dim = json.loads((Path(result.root) / "base" / "config.json").read_text()).get("head_dim")
+    head_dim = head_dim_of(str(Path(result.root) / "base"))
     plot_spectrum(result.results["spectrum"], files["spectrum"])
     plot_principal(result.results["principal"], files["principal"])
     plot_jaccard(cons.total, labels(cons.runs), files["jaccard"])
