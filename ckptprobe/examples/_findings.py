@@ -225,7 +225,8 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
 
     say("drift")
     dr = drift(base, [src(n) for n in RL_SERIES])
-    growth = [dr.groups[g]["rel_to_base"] for g in ("attention", "mlp") if g in dr.groups]
+    groups = dr.by("group")
+    growth = [groups[g].rel_to_base.tolist() for g in ("attention", "mlp") if g in groups]
     series = [_mean(g[t] for g in growth) for t in range(len(RL_SERIES))]
     items.append(_finding("drift", "relative weight change of rl-1 from base (attention+mlp, last checkpoint)",
                           None, series[-1], {}, None, series=series, surges=len(dr.surges)))
