@@ -208,17 +208,18 @@ class SpectrumResult:
         return [{by: k, **pool(ft, ms)} for k, ms in grouped(self.matrices, by).items() for ft in self.finetuned]
 
     @property
-    def total(self) -> list[dict]:
-        """Every matrix pooled (as `pool` says), one record per fine-tune."""
-        return [pool(ft, self.matrices) for ft in self.finetuned]
+    def total(self) -> dict[str, dict]:
+        """Every matrix pooled (as `pool` says), per fine-tune (in argument order)."""
+        return {ft: pool(ft, self.matrices) for ft in self.finetuned}
 
     def to_dict(self, singular_values: bool = False) -> dict:
+        total = self.total
         return {
             "command": "spectrum", "base": self.base, "finetuned": list(self.finetuned), "k": self.k,
             "method": self.method, "fast": self.fast, "device": self.device,
             "matrices": self.rows("tensor", singular_values),
             "groups": {key: self.rows(key) for key in KEYS},
-            "total": self.total,
+            "total": [total[ft] for ft in self.finetuned],
             "skipped": [s.to_dict() for s in self.skipped],
         }
 

@@ -244,7 +244,7 @@ def test_group_rows_pool_like_brute_force(tmp_path, by):
             angles = np.concatenate([x[f"angles_{side}"] for x in refs])
             assert g[f"max_angle_{side}"] == pytest.approx(angles.max(), abs=0.01)
             assert g[f"mean_angle_{side}"] == pytest.approx(angles.mean(), abs=0.01)
-    total = {t["finetuned"]: t for t in r.total}
+    total = r.total
     assert total[r.finetuned[0]]["matrices"] == len(base)
     assert total[r.finetuned[1]]["nss"] < total[r.finetuned[0]]["nss"] / 10
 
