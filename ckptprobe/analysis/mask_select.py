@@ -20,19 +20,13 @@ from __future__ import annotations
 
 import hashlib
 from decimal import ROUND_HALF_UP, Decimal
-from enum import Enum
 
 import numpy as np
 
+from ckptprobe.analysis.choices import DEFAULT_ALPHA, LowThreshold
 from ckptprobe.errors import UsageError
 
-DEFAULT_ALPHA = 0.05
 MAX_RANK = 64
-
-
-class LowThreshold(str, Enum):
-    alpha = "alpha"  # Bottom_alpha(|W0|): exactly round(alpha * n) entries
-    mean = "mean"  # |W0| < mean(|W0|) of the matrix: ~57.5% of a Gaussian matrix
 
 
 def check_alpha(alpha: float) -> None:

@@ -41,10 +41,10 @@ import contextlib
 import re
 import sys
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+from ckptprobe.analysis.choices import TopkMethod
 from ckptprobe.errors import DeviceError, UsageError
 
 if TYPE_CHECKING:
@@ -57,12 +57,6 @@ GRAM_BLOCK_BYTES = 64 << 20  # CPU: rows of W are converted to float64 this many
 CPU_GRAM = True  # False: CPU runs the torch routes CUDA runs (the tests check those this way)
 PARALLEL_MIN_FLOPS = 1 << 30  # CPU: matrices costing this much (m n^2 + n^3) go to worker processes
 DEFAULT_NITER = 4  # power iterations: each multiplies the gap ratio sigma_{l+1}/sigma_k by itself twice more
-
-
-class TopkMethod(str, Enum):
-    auto = "auto"  # randomized for matrices with a side >= RANDOMIZED_MIN_SIDE (but see QR_FIRST_RATIO)
-    exact = "exact"
-    randomized = "randomized"
 
 
 @dataclass(frozen=True)
