@@ -8,7 +8,8 @@ Compares, in one run, three whole processes reading the same page-cached pair:
 - the naive approach of earlier code: `safetensors.torch.load_file` both, upcast to fp32,
   count `~torch.isclose(a, b, atol=1e-5, rtol=0)` (run once: it is slow).
 
-and prints seconds, GB/s, peak RSS (`ru_maxrss` of each child from `os.wait4`; it counts the
+then times the scan alone in this process (`ckptprobe.sparsity`, no interpreter or import start-up;
+one worker and the default, every CPU) to show where a whole run's time goes, and prints seconds, GB/s, peak RSS (`ru_maxrss` of each child from `os.wait4`; it counts the
 file pages a process has mapped, so a reader that mmaps whole files shows their size), peak
 private memory, the ratios against the targets, and whether each count is right (a numpy
 reference counts the bitwise differences from the raw file bytes).
@@ -26,12 +27,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth import write_pair  # noqa: E402
+
+from ckptprobe import open_source, sparsity  # noqa: E402
+from ckptprobe.analysis.runner import default_workers  # noqa: E402
 
 NAIVE = r"""
 import sys, torch
@@ -109,6 +114,16 @@ def reference_counts(a_path: Path, b_path: Path) -> tuple[int, int]:
     return changed, small
 
 
+def scan_seconds(a: Path, b: Path, workers: int | None, repeats: int) -> float:
+    """Median seconds of the `sparsity` API on the pair in this process: the scan without start-up."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sparsity(open_source(a), open_source(b), workers=workers)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -137,6 +152,7 @@ def main() -> None:
         ours = [measure([str(exe), "sparsity", str(a), str(b), "--format", "json"], out_json)
                 for _ in range(args.repeats)]
         ours_changed = json.loads(ours[-1][3])["total"]["changed"]
+        scans = {w: scan_seconds(a, b, w, args.repeats) for w in (1, None)}
         naive = measure([sys.executable, "-c", NAIVE, str(a), str(b)], out_json)
         naive_changed = int(naive[3])
         ref_changed, ref_small = reference_counts(a, b)
@@ -157,6 +173,10 @@ def main() -> None:
     cat_s, _ = row("cat base ft > /dev/null (page cache)", cat)
     ours_s, ours_rss = row("ckptprobe sparsity --format json", ours)
     naive_s, _ = row("naive: load_file, fp32, ~isclose(atol=1e-5)", [naive])
+    for w, s in scans.items():
+        label = f"scan alone, in process, {'1 worker' if w == 1 else f'{default_workers()} workers (default)'}"
+        print(f"{label:46}{s:8.2f}{size / s / 1e9:8.2f}   ({cat_s / s:.2f}x cat)")
+    print(f"start-up and output of a whole run: {ours_s - scans[None]:.2f} s of its {ours_s:.2f} s")
     print(f"(peak RSS counts mapped file pages; a process that does nothing shows {baseline[1] / 2**20:.0f} MiB "
           "here, copied from the measuring helper at fork; private = RssAnon sampled every 10 ms)")
     print(f"ckptprobe throughput / cat throughput: {cat_s / ours_s:.2f}x (target >= {TARGET_VS_READ}x: "

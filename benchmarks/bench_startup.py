@@ -1,5 +1,8 @@
 """Start-up of `ckptprobe --help` as a user runs it (a fresh process), against the Python interpreter alone.
 
+Also a whole `ckptprobe sparsity` run on a pair of one-tensor files, which is the start-up every
+analysis pays before its first byte of weights (interpreter, numpy, option parsing, headers, output).
+
 Runs each command `--repeats` times, alternating them so that a busy moment hits all alike, and prints
 the median and best wall time of each and the ratio to the bare interpreter. Target: `ckptprobe --help`
 <= 0.3 s on a quiet 2-core machine. The console script (`ckptprobe`) is used when it is installed for this
@@ -16,8 +19,13 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+
+from ckptprobe.io.writer import write_safetensors
 
 
 def main() -> None:
@@ -28,12 +36,18 @@ def main() -> None:
     cli = [str(script)] if script.exists() else [sys.executable, "-m", "ckptprobe"]
     if not script.exists() and shutil.which("ckptprobe"):
         print("note: the ckptprobe on PATH belongs to another interpreter; timing python -m ckptprobe")
+    tmp = tempfile.TemporaryDirectory(prefix="bench_startup_")
+    pair = [str(Path(tmp.name) / f"{n}.safetensors") for n in ("a", "b")]
+    for path in pair:
+        write_safetensors(path, {"w": ("BF16", np.zeros((64, 64), np.uint16))})
     jobs = {
         "python -c pass (the floor)": [sys.executable, "-c", "pass"],
+        "python -c 'import numpy'": [sys.executable, "-c", "import numpy"],
         "python -c 'import typer'": [sys.executable, "-c", "import typer"],
         "ckptprobe --version": [*cli, "--version"],
         "ckptprobe --help": [*cli, "--help"],
         "ckptprobe sparsity --help": [*cli, "sparsity", "--help"],
+        "ckptprobe sparsity A B (64x64)": [*cli, "sparsity", *pair],
     }
     times: dict[str, list[float]] = {name: [] for name in jobs}
     env = {**os.environ, "COLUMNS": "100"}
@@ -42,6 +56,7 @@ def main() -> None:
             t = time.perf_counter()
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=env)
             times[name].append(time.perf_counter() - t)
+    tmp.cleanup()
     floor = statistics.median(times["python -c pass (the floor)"])
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); {args.repeats} runs each")
     print(f"{'command':<32} {'median s':>9} {'best s':>8} {'x floor':>8}")

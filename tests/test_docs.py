@@ -80,7 +80,9 @@ def run_bash(script: str, cwd: Path) -> tuple[int, str]:
     server.listen(1)
     server.settimeout(0.05)
     prelude = f'ckptprobe() {{ "{sys.executable}" -S -I "{client}" "$@"; }}\nset -euo pipefail\n'
-    env = {**os.environ, "CKPTPROBE_DOCS_SOCKET": str(sock_path), "COLUMNS": "100"}
+    # `python` in a document is the interpreter running the tests, as in an activated environment
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "CKPTPROBE_DOCS_SOCKET": str(sock_path), "COLUMNS": "100", "PATH": path}
     log = cwd.parent / "output.txt"  # a file, not a pipe: a full pipe would stall bash while we wait
     with open(log, "w") as sink:
         proc = subprocess.Popen(["bash", "-c", prelude + script], cwd=cwd, env=env, stdout=sink, stderr=sink)

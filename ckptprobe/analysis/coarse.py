@@ -22,22 +22,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from enum import Enum
 
 import numpy as np
 
+from ckptprobe.analysis.choices import Target
 from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import FLOAT_DTYPES
 from ckptprobe.io.maskfile import MaskFile
 from ckptprobe.io.names import parse_name
 
 ROW_BLOCKS = 64  # axolotl: each matrix is cut into at most this many row blocks (fewer, longer ranges)
-
-
-class Target(str, Enum):
-    axolotl = "axolotl"
-    spectrum = "spectrum"
-    peft = "peft"
 
 
 @dataclass(frozen=True)

@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 import numpy as np
 
+from ckptprobe.analysis.choices import Kind
 from ckptprobe.errors import UsageError
-
-
-class Kind(str, Enum):
-    principal = "principal"
-    non_principal = "non-principal"
-    low = "low"
-    safe = "safe"
-    random = "random"
-    update = "update"
-    consensus = "consensus"
 
 
 # Kinds defined by other kinds; the rest are atoms computed per matrix.

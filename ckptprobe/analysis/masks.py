@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits, to_float32
+from ckptprobe.analysis.choices import Vectors
 from ckptprobe.analysis.grouping import grouped
 from ckptprobe.analysis.mask_expr import Expr, Kind, parse_expression
 from ckptprobe.analysis.mask_select import (DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank, low_mask,
@@ -35,14 +35,6 @@ from ckptprobe.io.sources import TensorSource
 
 __all__ = ["DEFAULT_ALPHA", "Kind", "LowThreshold", "MaskBuild", "MaskSpec", "MatrixMasks", "TensorMask", "Vectors",
            "build_masks", "fingerprint_as", "group_densities"]
-
-
-class Vectors(str, Enum):
-    """What a mask file says for tensors it computes no mask for (1-D norms and biases, tensors
-    left out by include/exclude, non-float tensors): all trainable or all frozen."""
-
-    train = "train"
-    freeze = "freeze"
 
 
 # Kinds defined by other kinds; the rest are atoms computed per matrix.

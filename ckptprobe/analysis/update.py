@@ -20,23 +20,14 @@ changed or unchanged.
 
 from __future__ import annotations
 
-from enum import Enum
 
 import numpy as np
 
 from ckptprobe.analysis.bf16 import to_bf16_bits, to_float32
+from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
 from ckptprobe.errors import UsageError
 
 
-class CompareMode(str, Enum):
-    bitwise = "bitwise"
-    bf16 = "bf16"
-    eta = "eta"
-    atol = "atol"
-
-
-DEFAULT_ETA = 1e-3
-DEFAULT_ATOL = 1e-5
 # Bits of the exponent field of the 16-bit floats: all ones means inf or NaN.
 EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}
 _CHUNK = 1 << 17  # elements per step of the fast path: both sides and the xor stay in L2

@@ -71,7 +71,7 @@ def writable(option: str, path: Path) -> None:
 def tolerances(mode, eta: float | None, atol: float | None) -> tuple[float, float]:
     """`(eta, atol)` with their defaults filled in. --eta and --atol are read by one mode each: giving
     one with another mode is a mistake, reported rather than ignored."""
-    from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA
+    from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA
 
     for name, value in (("eta", eta), ("atol", atol)):
         if value is not None and (mode is None or mode.value != name):

@@ -61,25 +61,15 @@ def _param_name(param) -> str:
 
 
 def _reason(e) -> str:
-    """Why a value was refused: from the validation error behind it when there is one (Typer validates
-    with pydantic), else click's own words."""
-    cause = e.__cause__
-    errors = cause.errors() if hasattr(cause, "errors") else None
-    if not errors:
-        return re.sub(r"^Value error, ", "", " ".join(e.message.split())).rstrip(".")
-    first = errors[0]
-    kind, got, ctx = first.get("type", ""), first.get("input"), first.get("ctx") or {}
-    shown = repr(got) if isinstance(got, str) else str(got)
-    if kind == "enum" and "expected" in ctx:
-        return f"{shown} is not one of {ctx['expected'].replace(chr(39), '')}"
-    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
-              "less_than": ("<", "lt")}
-    if kind in bounds:
-        op, key = bounds[kind]
-        return f"must be {op} {ctx.get(key)}, got {got}"
-    if kind.startswith("int_"):
-        return f"must be a whole number, got {shown}"
-    if kind.startswith("float_"):
-        return f"must be a number, got {shown}"
-    message = re.sub(r"^Value error, ", "", str(first.get("msg", ""))).rstrip(".")
-    return f"{message}, got {shown}" if got is not None and shown not in message else message
+    """Why click refused a value, in the words the rest of the project uses ("must be >= 1, got 0")."""
+    message = " ".join(e.message.split()).rstrip(".")
+    kind = getattr(getattr(e, "param", None), "type", None)
+    refused = re.match(r"(.+?) is not (in the range|a valid (integer|float))", message)
+    if refused is None:
+        return message
+    got = refused[1]
+    if refused[3]:
+        return f"must be {'a whole number' if refused[3] == 'integer' else 'a number'}, got {got}"
+    bounds = [f"{'>' if kind.min_open else '>='} {kind.min:g}" if kind.min is not None else "",
+              f"{'<' if kind.max_open else '<='} {kind.max:g}" if kind.max is not None else ""]
+    return f"must be {' and '.join(b for b in bounds if b)}, got {got}"

@@ -6,6 +6,7 @@ import their options from here and from nowhere else.
 
 from __future__ import annotations
 
+import copy
 import re
 from enum import Enum
 from pathlib import Path
@@ -13,11 +14,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ckptprobe.analysis.mask_expr import Kind
-from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold
-from ckptprobe.analysis.masks import Vectors
-from ckptprobe.analysis.svd import TopkMethod
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
+from ckptprobe.analysis.choices import (DEFAULT_ALPHA, DEFAULT_ATOL, DEFAULT_ETA, CompareMode, Kind, LowThreshold,
+                                        TopkMethod, Vectors)
 from ckptprobe.report.output import Format
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_ATOL", "DEFAULT_ETA", "By", "CompareMode", "Format", "Kind", "LowThreshold",
@@ -180,6 +178,7 @@ def tidy_help(command):
 def _no_type(param):
     if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
         param.metavar = ""
-    if getattr(param, "param_type_name", "") == "argument" and hasattr(param, "display_type_rich"):
-        param.display_type_rich = lambda ctx: None  # the metavar (BASE, FT...) says what it is
+    if getattr(param, "param_type_name", "") == "argument":  # the metavar (BASE, FT...) says what it is
+        param.type = copy.copy(param.type)  # click shares one instance per type between parameters
+        param.type.get_metavar = lambda *args, **kwargs: ""
     return param

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ckptprobe.analysis.coarse import Target
+from ckptprobe.analysis.choices import Target
 from ckptprobe.cli._options import ExportOpt
 
 

@@ -34,7 +34,7 @@ def scramble(
     seed: Annotated[int, typer.Option(help="Seed of the random rotations and permutations.", show_default=False,
                                       metavar="S")],
     layers: Annotated[Optional[str], typer.Option(
-        help="Layers to scramble: 3-5, 1 or 0,2,4-6.", show_default="all", metavar="LAYERS")] = None,
+        "--layers", help="Layers to scramble: 3-5, 1 or 0,2,4-6.", show_default="all", metavar="LAYERS")] = None,
     rotate_vo: Annotated[bool, typer.Option(
         "--rotate-vo", help="Rotate each value head by a random orthogonal matrix, and W_o's columns back.")] = False,
     permute_heads: Annotated[bool, typer.Option(

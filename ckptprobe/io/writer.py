@@ -22,11 +22,10 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Mapping
+from typing import TYPE_CHECKING, IO, Iterator, Mapping
 
-import numpy as np
-
-from ckptprobe.io._safetensors import STORAGE_DTYPES
+if TYPE_CHECKING:  # numpy is loaded by `write_safetensors` alone: writing a report needs no array library
+    import numpy as np
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -114,6 +113,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[str, 
     Arrays are in storage form (BF16 as uint16 bits, see `ckptprobe.analysis.bf16`),
     written in the order given, one at a time. Shapes come from the arrays.
     """
+    import numpy as np
+
+    from ckptprobe.io._safetensors import STORAGE_DTYPES
+
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, (dtype, array) in tensors.items():

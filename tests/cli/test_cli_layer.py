@@ -47,6 +47,20 @@ def test_root_help_imports_neither_typer_nor_the_commands():
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_command_help_loads_no_array_library():
+    """A command's help (and so any usage error found while parsing) loads typer, not numpy or torch."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "torch", "scipy", "matplotlib", "huggingface_hub")
+    commands = [[*c.split()] for c in [*COMMANDS, "masks build", "masks info", "masks export"]]
+    code = ("import sys; from ckptprobe.cli import main\n"
+            f"for c in {commands!r}: main([*c, '--help'])\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("command", [c if c != "masks" else "masks build" for c in COMMANDS]
                          + ["masks info", "masks export"])
 def test_help_has_no_type_noise(capsys, command):
