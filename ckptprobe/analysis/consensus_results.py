@@ -6,6 +6,7 @@ See `consensus_stats` for the statistics and `mask_scan` for how the counts are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -44,28 +45,29 @@ class TensorConsensus:
     heatmap: np.ndarray | None = None
     heat_block: int | None = None
 
-    @property
+    # The derived arrays below are cached: summaries, JSON and every grouping read them again.
+    @cached_property
     def valid(self) -> np.ndarray:
         v = np.zeros(len(self.changed), bool)
         v[list(self.runs)] = True
         return v
 
-    @property
+    @cached_property
     def density(self) -> np.ndarray:
         """(R,) float64 fraction of entries changed per run; NaN for runs left out."""
         d = self.changed / max(self.numel, 1)
         return np.where(self.valid, d, np.nan)
 
-    @property
+    @cached_property
     def jaccard(self) -> np.ndarray:
         j = jaccard_matrix(self.inter, self.changed)
         return np.where(np.outer(self.valid, self.valid), j, np.nan)
 
-    @property
+    @cached_property
     def bernoulli(self) -> np.ndarray:
         return bernoulli_jaccard(self.density)
 
-    @property
+    @cached_property
     def expected_hist(self) -> np.ndarray:
         """(len(runs)+1,) expected `hist` if the runs' masks were independent with their densities."""
         return self.numel * poisson_binomial(self.density[list(self.runs)])
@@ -146,27 +148,44 @@ class GroupConsensus:
         return {**self.summary(key_name), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
 
 
+POOL_BATCH = 1024  # tensors stacked at once by `pool`: a few arrays of POOL_BATCH * R * R float64
+
+
+def _terms(tensors: Sequence[TensorConsensus], R: int) -> list[np.ndarray]:
+    """Each tensor's terms of the sums of `pool`, stacked along a first axis of len(tensors): intersections,
+    unions, their expectations (R, R), changed and numel (R,) over the runs taking part, and the histogram
+    and its expectation (R+1,) of tensors all R runs took part in (zero for the others)."""
+    N = len(tensors)
+    valid = np.array([t.valid for t in tensors], bool).reshape(N, R)
+    both = valid[:, :, None] & valid[:, None, :]
+    n = np.array([t.changed for t in tensors], np.int64).reshape(N, R).astype(np.float64)
+    inter = np.array([t.inter for t in tensors], np.int64).reshape(N, R, R)
+    numel = np.array([t.numel for t in tensors], np.int64)
+    p = np.where(valid, n / np.maximum(numel, 1)[:, None], 0.0)
+    pq = p[:, :, None] * p[:, None, :]
+    size = numel.astype(np.float64)[:, None, None]
+    full = [len(t.runs) == R for t in tensors]
+    hist = np.array([t.hist if f else np.zeros(R + 1, np.int64) for t, f in zip(tensors, full)], np.int64)
+    expected = np.array([t.expected_hist if f else np.zeros(R + 1) for t, f in zip(tensors, full)], np.float64)
+    return [np.where(both, inter, 0), np.where(both, n[:, :, None] + n[:, None, :] - inter, 0),
+            np.where(both, size * pq, 0), np.where(both, size * (p[:, :, None] + p[:, None, :] - pq), 0),
+            np.where(valid, n, 0), np.where(valid, numel[:, None], 0), hist.reshape(N, R + 1),
+            expected.reshape(N, R + 1)]
+
+
 def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus:
-    """Pool per-tensor counts into one `GroupConsensus` (see its docstring for how)."""
+    """Pool per-tensor counts into one `GroupConsensus` (see its docstring for how).
+
+    The tensors' terms are stacked (POOL_BATCH tensors at a time) and summed along the tensor axis,
+    which numpy adds in order, tensor after tensor: the sums of a loop over the tensors in a few numpy
+    calls. Counts are summed as integers, then taken to float64 (exact below 2^53).
+    """
     R = n_runs
-    inter, union, e_inter, e_union = (np.zeros((R, R)) for _ in range(4))
-    changed, numel = np.zeros(R), np.zeros(R)
-    hist, expected = np.zeros(R + 1, np.int64), np.zeros(R + 1)
-    for t in tensors:
-        v = t.valid
-        both = np.outer(v, v)
-        n = t.changed.astype(np.float64)
-        p = np.where(v, n / max(t.numel, 1), 0.0)
-        inter += np.where(both, t.inter, 0)
-        union += np.where(both, n[:, None] + n[None, :] - t.inter, 0)
-        pq = np.outer(p, p)
-        e_inter += np.where(both, t.numel * pq, 0)
-        e_union += np.where(both, t.numel * (p[:, None] + p[None, :] - pq), 0)
-        changed += np.where(v, n, 0)
-        numel += np.where(v, t.numel, 0)
-        if len(t.runs) == R:
-            hist += t.hist
-            expected += t.expected_hist
+    sums = [x.sum(axis=0) for x in _terms(tensors[:POOL_BATCH], R)]
+    for i in range(POOL_BATCH, len(tensors), POOL_BATCH):  # the running sums first, then the next batch, in order
+        sums = [np.concatenate([acc[None], x]).sum(axis=0) for acc, x in zip(sums, _terms(tensors[i:i + POOL_BATCH], R))]
+    inter, union, e_inter, e_union, changed, numel, hist, expected = sums
+    inter, numel = inter.astype(np.float64), numel.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         jac = np.where(union > 0, inter / union, np.nan)
         bern = np.where(e_union > 0, e_inter / e_union, np.nan)
@@ -192,7 +211,7 @@ class ConsensusResult:
     tensors: tuple[TensorConsensus, ...]
     skipped: tuple[Skipped, ...]
 
-    @property
+    @cached_property
     def total(self) -> GroupConsensus:
         return pool("all", self.tensors, len(self.runs))
 
