@@ -101,16 +101,14 @@ def principal_mask(w: np.ndarray, k: int, alpha: float, device=None, method: str
 
     The reconstruction comes from the SVD engine (`analysis.svd.rank_k`): an exact thin SVD
     for moderate matrices, a randomized top-k range finder for large ones (seeded, so masks
-    are reproducible), computed on `device` (default CPU).
+    are reproducible), computed on `device` (default CPU, where torch is not imported).
     """
     if k == min(w.shape):  # full rank: W^(k) is W itself; an SVD would only add rounding noise to ties
         return select_largest(np.abs(w), keep_count(alpha, w.size))
-    import torch
-
     from ckptprobe.analysis.svd import rank_k
 
-    recon = rank_k(torch.from_numpy(np.ascontiguousarray(w, np.float32))[None], k, method, device)[0]
-    a = recon.abs_().cpu().numpy()  # (m, n) float32
+    a = rank_k(np.asarray(w, np.float32)[None], k, method, device)[0]  # (m, n) float32
+    np.abs(a, out=a)
     return select_largest(a, keep_count(alpha, a.size))
 
 

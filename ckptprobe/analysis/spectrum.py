@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from ckptprobe.analysis.grouping import order
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
 from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, decompose, resolve_device, shape_batches,
                                     svd_bytes, use_randomized)
@@ -125,12 +124,16 @@ class MatrixSpectrum:
     comparisons: tuple[Comparison, ...]
     expert: int | None = None  # the matrix's index in a 3-D expert stack `(E, out, in)`
 
+    @property
+    def group(self) -> str:
+        return parse_name(self.name).group
+
     def rows(self, singular_values: bool = False) -> list[dict]:
         """Flat records, one per fine-tune: the `matrices[]` entries of the JSON output."""
         out = []
         for c in self.comparisons:
             row = {"name": self.name, "expert": self.expert, "finetuned": c.finetuned, "layer": self.layer,
-                   "module": self.module,
+                   "module": self.module, "group": self.group,
                    "shape": list(self.shape), "k": self.k, "randomized": self.randomized,
                    "nss": c.nss, "nss_scope": c.nss_scope, "topk_energy_change": c.topk_energy_change,
                    "max_angle_u": c.max_angle_u, "max_angle_v": c.max_angle_v,
@@ -145,7 +148,43 @@ class MatrixSpectrum:
         return out
 
 
-_SUMMARY = ("nss", "max_angle_u", "max_angle_v", "mean_angle_u", "mean_angle_v", "topk_energy_change")
+def pool(finetuned: str, matrices: Sequence[MatrixSpectrum]) -> dict:
+    """One fine-tune's comparisons of `matrices` pooled into one record (matrices with an error left out;
+    `matrices` counts the others), each metric the group's own rather than a mean of per-matrix ratios:
+
+    - nss: ||s1 - s0|| / ||s0|| over the group's singular values taken together, i.e.
+      sqrt(sum_i ||s1_i - s0_i||^2 / sum_i ||s0_i||^2), with the values each matrix's NSS used (all, or
+      the top k with --fast: `nss_scope` is then "top-k", or "mixed" when the group has both);
+    - topk_energy_change: sum_i (KF_k(W1_i) - KF_k(W0_i)) / sum_i KF_k(W0_i), the relative change of the
+      group's summed top-k energy (each matrix's change weighs by its base's KF_k, the sum of its k
+      largest singular values);
+    - max_angle_u/v: the largest principal angle of any matrix; mean_angle_u/v: the mean of all the
+      group's principal angles (a matrix weighs by its k).
+
+    None where the group has no matrix (or a zero spectrum).
+    """
+    count, scopes, angles = 0, set(), {"u": [], "v": []}
+    d_sq = s_sq = kf_num = kf_den = 0.0
+    for m in matrices:
+        c = next(c for c in m.comparisons if c.finetuned == finetuned)
+        if c.error is not None:
+            continue
+        count += 1
+        scopes.add(c.nss_scope)
+        s0, s1 = m.base_values.astype(np.float64), c.values.astype(np.float64)
+        d_sq, s_sq = d_sq + float((s1 - s0) @ (s1 - s0)), s_sq + float(s0 @ s0)
+        kf0 = float(s0[:m.k].sum())
+        if kf0 > 0:
+            kf_num, kf_den = kf_num + c.topk_energy_change * kf0, kf_den + kf0
+        angles["u"] += c.angles_u
+        angles["v"] += c.angles_v
+    out = {"finetuned": finetuned, "matrices": count, "nss": math.sqrt(d_sq / s_sq) if s_sq > 0 else None,
+           "nss_scope": (next(iter(scopes)) if len(scopes) == 1 else "mixed") if scopes else None,
+           "topk_energy_change": kf_num / kf_den if kf_den > 0 else None}
+    for side, vals in angles.items():
+        out[f"max_angle_{side}"] = max(vals) if vals else None
+        out[f"mean_angle_{side}"] = float(np.mean(vals)) if vals else None
+    return out
 
 
 @dataclass(frozen=True)
@@ -159,60 +198,50 @@ class SpectrumResult:
     matrices: tuple[MatrixSpectrum, ...]
     skipped: tuple[Skipped, ...]
 
-    def rows(self, singular_values: bool = False) -> list[dict]:
-        return [r for m in self.matrices for r in m.rows(singular_values)]
+    def rows(self, by: str = "tensor", singular_values: bool = False) -> list[dict]:
+        """Flat records: one per matrix and fine-tune (the `matrices[]` entries of the JSON output; every
+        singular value with `singular_values`), or per module, layer or group and fine-tune, pooled as
+        `pool` says, groups in the order of `grouping.order`, fine-tunes in argument order within a group."""
+        if by == "tensor":
+            return [r for m in self.matrices for r in m.rows(singular_values)]
+        return [{by: k, **pool(ft, ms)} for k, ms in grouped(self.matrices, by).items() for ft in self.finetuned]
 
-    def by(self, key: str) -> list[dict]:
-        """Means of the per-matrix metrics per "module" or "layer" and fine-tune (matrices with an
-        error left out; `matrices` counts those averaged), in the order of `grouping.order`."""
-        groups: dict = {}
-        for r in self.rows():
-            if r["error"] is None:
-                groups.setdefault((r[key], r["finetuned"]), []).append(r)
-        ft_order = {f: i for i, f in enumerate(self.finetuned)}
-
-        def sort_key(item):
-            g, ft = item[0]
-            return (order(key, g), ft_order[ft])
-
-        out = []
-        for (g, ft), rows in sorted(groups.items(), key=sort_key):
-            entry = {key: g, "finetuned": ft, "matrices": len(rows)}
-            for metric in _SUMMARY:
-                vals = [r[metric] for r in rows if r[metric] is not None]
-                entry[metric] = float(np.mean(vals)) if vals else None
-            out.append(entry)
-        return out
+    @property
+    def total(self) -> dict[str, dict]:
+        """Every matrix pooled (as `pool` says), per fine-tune (in argument order)."""
+        return {ft: pool(ft, self.matrices) for ft in self.finetuned}
 
     def to_dict(self, singular_values: bool = False) -> dict:
+        total = self.total
         return {
             "command": "spectrum", "base": self.base, "finetuned": list(self.finetuned), "k": self.k,
             "method": self.method, "fast": self.fast, "device": self.device,
-            "matrices": self.rows(singular_values),
-            "groups": {key: self.by(key) for key in ("module", "layer")},
+            "matrices": self.rows("tensor", singular_values),
+            "groups": {key: self.rows(key) for key in KEYS},
+            "total": [total[ft] for ft in self.finetuned],
             "skipped": [s.to_dict() for s in self.skipped],
         }
 
 
-def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Principal angles (degrees, ascending) between the column spans of orthonormal a, b (B, m, k).
 
     cos theta_i = sigma_i(a^T b). Small angles are taken from their sines instead,
     sin theta = sigma(b - a a^T b), because arccos is ill-conditioned near 1 (the approach of
     scipy.linalg.subspace_angles). Computed in float64. Returns (B, k) float64.
     """
-    a, b = a.double(), b.double()
-    m = a.mT @ b  # (B, k, k)
-    cos = torch.linalg.svdvals(m).clamp(0, 1)  # descending -> angles ascending
-    sin = torch.linalg.svdvals(b - a @ m).clamp(0, 1).flip(-1)  # ascending -> angles ascending
-    theta = torch.where(cos ** 2 >= 0.5, torch.arcsin(sin), torch.arccos(cos))
-    return torch.rad2deg(theta)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    m = a.swapaxes(-1, -2) @ b  # (B, k, k)
+    cos = np.linalg.svd(m, compute_uv=False).clip(0, 1)  # descending -> angles ascending
+    sin = np.linalg.svd(b - a @ m, compute_uv=False).clip(0, 1)[..., ::-1]  # ascending -> angles ascending
+    theta = np.where(cos ** 2 >= 0.5, np.arcsin(sin), np.arccos(cos))
+    return np.degrees(theta)
 
 
-def _nss(s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+def _nss(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
     """(B, r) fp32 -> (B,) float64: ||s1 - s0||_2 / ||s0||_2."""
-    s0, s1 = s0.double(), s1.double()
-    return torch.linalg.vector_norm(s1 - s0, dim=-1) / torch.linalg.vector_norm(s0, dim=-1)
+    s0, s1 = s0.astype(np.float64), s1.astype(np.float64)
+    return np.linalg.norm(s1 - s0, axis=-1) / np.linalg.norm(s0, axis=-1)
 
 
 def _bounds(dw_norm: float, s0: np.ndarray, s1: np.ndarray, k: int) -> Bounds:
@@ -254,12 +283,12 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
         skip_values = fast and not bounds and use_randomized(shape, kk, method, values=False)
         return SVDRequest(values=not skip_values, k=kk, method=method)
 
-    def load(source: TensorSource, chunk: list[tuple[str, int | None]]) -> torch.Tensor:
+    def load(source: TensorSource, chunk: list[tuple[str, int | None]]) -> np.ndarray:
         mats = []
         for unit in chunk:
-            t = torch.from_numpy(read_matrix(source, *unit))
-            mats.append(t.mT if units[unit][1] else t)
-        return torch.stack(mats).to(dev)  # (B, m, n) float32
+            w = read_matrix(source, *unit)
+            mats.append(w.T if units[unit][1] else w)
+        return np.stack(mats)  # (B, m, n) float32, on CPU: the engine copies it to `dev`
 
     def bytes_per_matrix(shape) -> int:  # base matrix and outputs are held while each fine-tune is decomposed
         kk = k or default_k(shape)
@@ -271,7 +300,7 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
         kk = units[chunk[0]][2]
         req = request(shape, kk)
         w0 = load(base, chunk)
-        b0 = decompose(w0, req)
+        b0 = decompose(w0, req, dev)
         per_ft: list[list[Comparison]] = [[] for _ in chunk]
         for src in finetuned:
             w1 = load(src, chunk)
@@ -279,8 +308,8 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
             comps = dict.fromkeys(range(len(chunk)))
             if moved:
                 b0m, w1 = _take(b0, moved), w1[moved]
-                b1 = decompose(w1, req)
-                dw = (decompose(w1 - w0[moved], SVDRequest(values=True)).values[:, 0].tolist()
+                b1 = decompose(w1, req, dev)
+                dw = (decompose(w1 - w0[moved], SVDRequest(values=True), dev).values[:, 0].tolist()
                       if bounds else None)
                 comps.update(zip(moved, _compare(b0m, b1, kk, src.ref, req.values, dw)))
             del w1
@@ -303,10 +332,10 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
                           matrices, plan.skipped)
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
+def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> list[bool]:
     """(B, m, n) float32 stacks -> per matrix, whether every entry has the same bits (so -0.0 vs
     +0.0 differ, and equal NaNs match)."""
-    return (a.view(torch.int32) == b.view(torch.int32)).flatten(1).all(1).tolist()
+    return (a.view(np.int32) == b.view(np.int32)).reshape(len(a), -1).all(1).tolist()
 
 
 def _take(out: SVDOutput, idx: list[int]) -> SVDOutput:
@@ -329,7 +358,7 @@ def _unchanged(b0: SVDOutput, i: int, k: int, ref: str, full: bool, bounds: bool
 
 def _values(out: SVDOutput, i: int, full: bool) -> np.ndarray | None:
     v = out.values if full else out.S
-    return None if not bool(out.finite[i]) else v[i].cpu().numpy()
+    return None if not bool(out.finite[i]) else v[i]
 
 
 def _compare(b0: SVDOutput, b1: SVDOutput, k: int, ref: str, full: bool,
@@ -337,21 +366,21 @@ def _compare(b0: SVDOutput, b1: SVDOutput, k: int, ref: str, full: bool,
     """Comparisons of a chunk: base outputs b0 vs fine-tune outputs b1 (same request)."""
     s0, s1 = (b0.values, b1.values) if full else (b0.S, b1.S)  # (B, r) or (B, k)
     nss = _nss(s0, s1).tolist()
-    ky0, ky1 = b0.S.double().sum(-1), b1.S.double().sum(-1)  # Ky Fan k-norms
+    ky0, ky1 = b0.S.sum(-1, dtype=np.float64), b1.S.sum(-1, dtype=np.float64)  # Ky Fan k-norms
     energy = ((ky1 - ky0) / ky0).tolist()
     ok = (b0.finite & b1.finite)[:, None, None]  # NaN-filled factors -> 0 (their rows get an error below)
-    au = principal_angles(b0.U.where(ok, 0), b1.U.where(ok, 0)).cpu().numpy()
-    av = principal_angles(b0.V.where(ok, 0), b1.V.where(ok, 0)).cpu().numpy()
+    au = principal_angles(np.where(ok, b0.U, 0), np.where(ok, b1.U, 0))
+    av = principal_angles(np.where(ok, b0.V, 0), np.where(ok, b1.V, 0))
     scope = "all" if full else "top-k"
     out = []
     for i in range(s0.shape[0]):
         if not bool(b1.finite[i]):
             out.append(Comparison(ref, None, scope, (), (), None, None, None, "fine-tune has NaN/inf entries"))
             continue
-        vals = s1[i].cpu().numpy()
+        vals = s1[i]
         bd = None
         if dw_norms is not None and bool(b0.finite[i]):
-            bd = _bounds(dw_norms[i], s0[i].cpu().numpy(), vals, k)
+            bd = _bounds(dw_norms[i], s0[i], vals, k)
         out.append(Comparison(ref, nss[i], scope, tuple(au[i].tolist()), tuple(av[i].tolist()), energy[i],
                               vals, bd))
     return out

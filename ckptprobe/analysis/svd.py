@@ -1,9 +1,10 @@
 """The batched SVD engine: singular values, top-k singular triplets and rank-k reconstructions
 of stacks of same-shape matrices, on CPU or CUDA; results in fp32.
 
-Callers hand it (B, m, n) stacks (B=1 is fine) and say what they need (`SVDRequest`); it
-does the least work that gives that. Every matrix is taken in its tall orientation (m >= n,
-results transposed back), and on CPU:
+Callers hand it (B, m, n) numpy stacks (B=1 is fine) and say what they need (`SVDRequest`); it
+does the least work that gives that and returns numpy arrays. Every matrix is taken in its tall
+orientation (m >= n, results transposed back). On CPU it is numpy and scipy's LAPACK, no torch
+(importing torch costs ~2 s, more than the analyses of a small model):
 
 - exact values and top-k vectors come from the float64 Gram matrix G = W^T W (n x n, n the
   smaller side): one tridiagonal reduction of G (LAPACK dsytrd) gives every eigenvalue
@@ -20,28 +21,34 @@ results transposed back), and on CPU:
 - top-k vectors of a large matrix (>= `RANDOMIZED_MIN_SIDE` on a side) with `method=randomized`,
   or under `auto` when the values are not wanted (`spectrum --fast`, principal masks of
   embeddings): a randomized range finder with oversampling and power iterations (Halko,
-  Martinsson & Tropp 2011, Alg. 4.4); see `_randomized_topk` for its error.
+  Martinsson & Tropp 2011, Alg. 4.4), in fp32 numpy; see `_randomized_topk` for its error.
 
-On CUDA (not measured here: no GPU was available) torch's cuSOLVER routes are used as they are:
+On CUDA (not measured here: no GPU was available) the stack is copied to the device and torch's
+cuSOLVER routes are used as they are, the (small) results copied back:
 `svdvals` for values only, one thin SVD for moderate matrices, QR first for tall ones with
 values + top-k (W = Q R, SVD of the small R, U_k = Q U_R[:, :k] applied with ormqr), and the
 randomized range finder for large ones.
 
 Matrices holding NaN/inf get NaN results instead of stopping the batch (LAPACK refuses them).
 `shape_batches` groups named matrices by shape and chunks each group to a memory budget, so a
-model is never held whole. torch, numpy and scipy are imported inside the functions, so that
-the CLI can use `TopkMethod` as an option type without `ckptprobe --help` paying for them.
+model is never held whole. torch (CUDA only), numpy and scipy are imported inside the functions,
+so that the CLI can use `TopkMethod` as an option type without `ckptprobe --help` paying for them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ckptprobe.analysis.choices import TopkMethod
 from ckptprobe.errors import DeviceError, UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 RANDOMIZED_MIN_SIDE = 8192  # `auto` uses randomized top-k when the longer side reaches this
@@ -71,37 +78,71 @@ class SVDRequest:
 
 @dataclass(frozen=True)
 class SVDOutput:
-    """Results for a (B, m, n) stack, fp32, on the device it was computed on; rows of non-finite
-    matrices (`finite[b]` False) are NaN.
+    """Results for a (B, m, n) stack: fp32 numpy arrays whatever the device; rows of non-finite
+    matrices (`finite[b]` False, a bool (B,) array) are NaN.
 
     values (B, min(m, n)) descending | None; U (B, m, k), S (B, k), V (B, n, k) | None;
     reconstruction (B, m, n) | None; randomized: whether top-k came from the randomized method.
     """
 
-    values: torch.Tensor | None
-    U: torch.Tensor | None
-    S: torch.Tensor | None
-    V: torch.Tensor | None
-    reconstruction: torch.Tensor | None
-    finite: torch.Tensor
+    values: np.ndarray | None
+    U: np.ndarray | None
+    S: np.ndarray | None
+    V: np.ndarray | None
+    reconstruction: np.ndarray | None
+    finite: np.ndarray
     randomized: bool
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; "cuda" without CUDA -> DeviceError."""
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when torch sees a CUDA device, else "cpu"; "cuda" without CUDA -> DeviceError.
+
+    Returns the device's name. "cpu", and "auto" where no CUDA device can be present (torch built
+    without CUDA or ROCm, or no GPU driver to load), are settled without importing torch.
+    """
+    name = str(device)
+    if name == "cpu" or (name == "auto" and "torch" not in sys.modules and not _gpu_possible()):
+        return "cpu"
     import torch
 
-    name = str(device)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {name} asked for, but torch sees no CUDA device "
                           f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)",
                           hint="use --device auto or --device cpu")
     try:
-        return torch.device(name)
+        return str(torch.device(name))
     except RuntimeError as e:
         raise UsageError(f"unknown device {name!r}: {e}", hint="use auto, cpu, cuda or cuda:N") from None
+
+
+def _gpu_possible() -> bool:
+    """False when torch cannot see a GPU here, decided without importing it (~2 s): torch is
+    built for CPU only (its `version.py` says cuda = hip = None), or, on Linux, the GPU driver
+    library it would load is absent. True when a GPU may be there: then torch is asked."""
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
+    except OSError:
+        return True
+    builds = re.findall(r"^(cuda|hip)\s*(?::[^=\n]*)?=\s*(.+)$", text, re.M)
+    built = [lib for lib, value in builds if value.strip() != "None"]
+    if not built:
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    for lib in ("libcuda.so.1" if "cuda" in built else "libamdhip64.so",):
+        try:
+            ctypes.CDLL(lib)  # loads the driver's library only: no device is initialised
+        except OSError:
+            return False
+    return True
 
 
 def use_randomized(shape: tuple[int, int], k: int, method: TopkMethod = TopkMethod.auto,
@@ -128,115 +169,113 @@ def check_k(name: str, shape: tuple[int, ...], k: int) -> None:
                          hint=f"use k={min(shape)} or less, or exclude that matrix", param="k")
 
 
-def decompose(batch: torch.Tensor, request: SVDRequest = SVDRequest(),
-              device: str | torch.device | None = None) -> SVDOutput:
+def decompose(batch: np.ndarray, request: SVDRequest = SVDRequest(), device: str | None = None) -> SVDOutput:
     """Run `request` on a (B, m, n) stack (or one (m, n) matrix, treated as B=1) of any float dtype.
 
-    Computes on `device` (default: the batch's own) and returns fp32 tensors there.
+    Computes on `device` ("cpu", the default, "cuda", "cuda:N": the stack is copied there and
+    the results back) and returns fp32 numpy arrays.
     """
-    import torch
+    import numpy as np
 
-    if batch.ndim == 2:
-        batch = batch[None]
-    if batch.ndim != 3:
-        raise UsageError(f"decompose wants a (B, m, n) stack, got shape {tuple(batch.shape)}")
-    B, m, n = batch.shape
+    a = np.asarray(batch)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise UsageError(f"decompose wants a (B, m, n) stack, got shape {tuple(a.shape)}")
+    B, m, n = a.shape
     k = request.k
     if k:
         check_k("the matrix", (m, n), k)
     if request.reconstruct and not k:
         raise UsageError("a rank-k reconstruction needs k >= 1")
     randomized = use_randomized((m, n), k, request.method, request.oversample, request.values)
-    a = batch.to(device=device or batch.device)
-    cpu_exact = a.device.type == "cpu" and not randomized and CPU_GRAM
-    if not (cpu_exact and a.dtype in (torch.float32, torch.float64)):
-        # fp32: LAPACK and cuSOLVER have no bf16/fp16 SVD (and numpy no bf16), and bf16's 8-bit
-        # mantissa (relative spacing 2^-8) would swamp the small singular values and the degree-level
-        # principal angles we measure (Sec. 4.1 of "The Path Not Taken"). The upcast is exact.
-        a = a.float()
     wide = m < n
     if wide:
-        a = a.mT  # (B, n, m): the tall orientation (torch's SVD is much faster on tall matrices)
-    values = U = S = V = None
-    if cpu_exact:
-        finite, values, U, S, V = _gram_batch(a, k, request.values)  # NaN rows for non-finite matrices
+        a = a.swapaxes(-1, -2)  # (B, n, m): the tall orientation (LAPACK's SVDs are faster on tall matrices)
+    oversample = max(k, 10) if request.oversample is None else request.oversample
+    recon = None
+    device = str(device or "cpu")
+    if device == "cpu" and CPU_GRAM:
+        # the finite matrices' all values (if wanted) and, unless randomized, top-k from Gram matrices
+        finite, values, U, S, V = _gram_batch(a, 0 if randomized else k, request.values)
+        if randomized and finite.any():
+            U, S, V = _randomized_topk(a[finite].astype(np.float32, copy=False), k, oversample, request.niter,
+                                       request.seed)
     else:
-        finite = torch.isfinite(a).all(dim=(-2, -1))  # (B,)
-        if not bool(finite.all()):
-            a = a[finite]  # LAPACK refuses NaN/inf: compute the finite ones, NaN-fill the others
-    if cpu_exact or a.shape[0] == 0:
-        pass
-    elif a.device.type == "cpu" and CPU_GRAM:  # randomized top-k; all values, if wanted, from the Gram route
-        values = _gram_batch(a, 0, request.values)[1]
-        U, S, V = _randomized_topk(a, k, max(k, 10) if request.oversample is None else request.oversample,
-                                   request.niter, request.seed)
-    elif k and not randomized and request.values and _qr_first((m, n)):  # CUDA from here on
-        values, U, V = _qr_svd(a, k)
-        S = values[..., :k]
-    elif k and not randomized:
-        U, values, Vh = torch.linalg.svd(a, full_matrices=False)  # (b, M, r), (b, r), (b, r, N)
-        U, S, V = U[..., :k], values[..., :k], Vh[..., :k, :].mT
-    else:
-        if request.values:
-            values = torch.linalg.svdvals(a)
-        if k:
-            U, S, V = _randomized_topk(a, k, max(k, 10) if request.oversample is None else request.oversample,
-                                       request.niter, request.seed)
-    if not request.values:
-        values = None
+        finite = np.isfinite(a).all(axis=(-2, -1))  # (B,): LAPACK refuses NaN/inf, so those are NaN-filled
+        values, U, S, V, recon = _torch_routes(a if finite.all() else a[finite], request, randomized, oversample,
+                                               device)
     if wide and U is not None:
         U, V = V, U  # A^T = U S V^T  <=>  A = V S U^T
-    r = min(m, n)
-    values = _fill(values, finite, (B, r), a.device) if request.values else None
+    values = _fill(values, finite, (B, min(m, n))) if request.values else None
     if k:
-        U, S, V = _fill(U, finite, (B, m, k), a.device), _fill(S, finite, (B, k), a.device), \
-            _fill(V, finite, (B, n, k), a.device)
-    recon = (U * S[:, None, :]) @ V.mT if request.reconstruct else None  # (B, m, n)
+        U, S, V = _fill(U, finite, (B, m, k)), _fill(S, finite, (B, k)), _fill(V, finite, (B, n, k))
+    if request.reconstruct:
+        recon = (U * S[:, None, :]) @ V.swapaxes(-1, -2) if recon is None else \
+            _fill(recon.swapaxes(-1, -2) if wide else recon, finite, (B, m, n))  # (B, m, n)
     return SVDOutput(values, U, S, V, recon, finite, randomized)
 
 
-def _fill(x: torch.Tensor | None, finite: torch.Tensor, shape: tuple, device) -> torch.Tensor:
-    """Scatter results of the finite matrices into a NaN tensor of the full batch's `shape`."""
-    import torch
+def _fill(x: np.ndarray | None, finite: np.ndarray, shape: tuple) -> np.ndarray:
+    """fp32 results of the finite matrices scattered into a NaN array of the full batch's `shape`."""
+    import numpy as np
 
     if x is not None and x.shape[0] == shape[0]:
-        return x
-    full = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        return x.astype(np.float32, copy=False)
+    full = np.full(shape, np.nan, np.float32)
     if x is not None:
         full[finite] = x
     return full
 
 
-def _gram_batch(a: torch.Tensor, k: int, values: bool):
-    """finite (B,) bool, values (B, N) if `values`, and top-k U (B, M, k), S (B, k), V (B, N, k) if k,
-    of a tall (B, M, N) fp32 or float64 CPU stack, from float64 Gram matrices (see the module
-    docstring); fp32 tensors, NaN rows for matrices holding NaN/inf.
+_BLAS = None  # a threadpoolctl controller over numpy's and scipy's BLAS, made once (finding them costs ~2 ms)
 
-    The thread budget (`torch.get_num_threads()`, set by `ckptprobe._threads`) is spent on forked
-    processes, one matrix each on one thread, rather than on LAPACK's threads: the tridiagonal
-    reduction is half matrix-vector work that gains little from a second thread, and a busy
-    machine stalls a threaded LAPACK at every barrier but not independent processes.
+
+def _blas_threads(n: int | None):
+    """A context that runs BLAS/LAPACK on `n` threads (None: as they are)."""
+    global _BLAS
+    if n is None:
+        return contextlib.nullcontext()
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=n, user_api="blas")
+
+
+def _gram_batch(a: np.ndarray, k: int, values: bool):
+    """finite (B,) bool, values (B, N) if `values`, and top-k U (B, M, k), S (B, k), V (B, N, k) if k,
+    of a tall (B, M, N) float stack, from float64 Gram matrices (see the module docstring); fp32,
+    NaN rows for matrices holding NaN/inf.
+
+    Threads: a matrix costing less than PARALLEL_MIN_FLOPS runs on one BLAS thread. LAPACK's
+    tridiagonal reduction is half matrix-vector work in many small steps, and a second thread
+    costs more at each step's barrier than it saves on a busy machine: 512 x 128 took 6.9 ms on one
+    thread and 68 ms on two, 2048 x 512 47 vs 397 ms (2 cores, load 3.7-4.5). Larger matrices spend the thread budget
+    (`ckptprobe._threads.default()`, which `--threads` sets) on forked processes, one matrix each
+    on one thread, rather than on LAPACK's threads: a busy machine stalls a threaded LAPACK at
+    every barrier but not independent processes; a single large matrix gets the whole budget.
     """
     import numpy as np
-    import torch
-    from threadpoolctl import threadpool_limits
+    from scipy.linalg import lapack  # noqa: F401  (loaded before the thread controller looks for BLAS)
 
+    from ckptprobe._threads import default as thread_budget
     from ckptprobe.analysis.runner import parallel_map
 
     B, M, N = a.shape
-    workers = min(B, torch.get_num_threads()) if M * N * N + N ** 3 >= PARALLEL_MIN_FLOPS else 1
-    if workers > 1:  # the workers inherit one BLAS thread each
-        with threadpool_limits(1, user_api="blas"):
-            outs = list(parallel_map(lambda i: _gram(a[i].numpy(), k, values), [(i,) for i in range(B)], workers,
-                                     fork=True))
-    else:
-        outs = [_gram(x.numpy(), k, values) for x in a]
-    finite = torch.tensor([o is not None for o in outs])
+    large = M * N * N + N ** 3 >= PARALLEL_MIN_FLOPS
+    workers = min(B, thread_budget()) if large else 1
+    with _blas_threads(1 if workers > 1 or not large else None):  # forked workers inherit one thread each
+        outs = list(parallel_map(lambda i: _gram(a[i], k, values), [(i,) for i in range(B)], workers, fork=True))
+    finite = np.array([o is not None for o in outs], bool)
     shapes = ((N,), (M, k), (k,), (N, k))
 
-    def stack(i: int) -> torch.Tensor:
-        nan = np.full(shapes[i], np.nan)
-        return torch.from_numpy(np.stack([nan if o is None else o[i] for o in outs]).astype(np.float32))
+    def stack(i: int) -> np.ndarray:
+        out = np.full((B, *shapes[i]), np.nan, np.float32)
+        for b, o in enumerate(outs):
+            if o is not None:
+                out[b] = o[i]
+        return out
 
     return (finite, stack(0) if values else None, *((stack(1), stack(2), stack(3)) if k else (None, None, None)))
 
@@ -300,6 +339,39 @@ def _check(info: int, routine: str) -> None:
         raise np.linalg.LinAlgError(f"LAPACK {routine} failed (info={info})")
 
 
+def _torch_routes(a: np.ndarray, request: SVDRequest, randomized: bool, oversample: int, device: str):
+    """values, U, S, V, reconstruction (each None unless asked) of a tall (B, M, N) stack of finite
+    matrices, by torch on `device` (CUDA, or CPU with CPU_GRAM off); fp32 numpy arrays."""
+    import numpy as np
+    import torch
+
+    k = request.k
+    if a.shape[0] == 0:
+        return None, None, None, None, None
+    # fp32: cuSOLVER has no half-precision SVD, and bf16's 8-bit mantissa (relative spacing 2^-8) would
+    # swamp the small singular values and the degree-level principal angles we measure (Sec. 4.1 of
+    # "The Path Not Taken"). The upcast is exact.
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(device).float()
+    values = U = S = V = None
+    if k and not randomized and request.values and _qr_first(t.shape[-2:]):
+        values, U, V = _qr_svd(t, k)
+        S = values[..., :k]
+    elif k and not randomized:
+        U, values, Vh = torch.linalg.svd(t, full_matrices=False)  # (b, M, r), (b, r), (b, r, N)
+        U, S, V = U[..., :k], values[..., :k], Vh[..., :k, :].mT
+    else:
+        if request.values:
+            values = torch.linalg.svdvals(t)
+        if k:
+            U, S, V = _randomized_topk(t, k, oversample, request.niter, request.seed)
+    recon = (U * S[:, None, :]) @ V.mT if request.reconstruct else None  # (b, M, N), on the device
+
+    def host(x):
+        return None if x is None else x.cpu().numpy()
+
+    return host(values if request.values else None), host(U), host(S), host(V), host(recon)
+
+
 def _qr_svd(a: torch.Tensor, k: int):
     """All singular values and exact top-k vectors of a tall (B, M, N) fp32 stack, QR first.
 
@@ -315,36 +387,48 @@ def _qr_svd(a: torch.Tensor, k: int):
     return values, torch.ormqr(h, tau, c), vh[..., :k, :].mT  # U_k = Q [ur_k; 0]
 
 
-def _randomized_topk(a: torch.Tensor, k: int, oversample: int, niter: int, seed: int):
-    """Top-k triplets of a tall (B, M, N) fp32 stack by a randomized range finder.
+def _gaussian(shape: tuple[int, ...], seed: int, like):
+    """A seeded standard Gaussian array of `shape`, fp32, of the kind of `like` (numpy, or torch on its device)."""
+    import numpy as np
+
+    if isinstance(like, np.ndarray):
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    import torch
+
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def _randomized_topk(a, k: int, oversample: int, niter: int, seed: int):
+    """Top-k triplets of a tall (B, M, N) fp32 stack of finite matrices (a numpy array on CPU, a torch
+    tensor on CUDA) by a randomized range finder.
 
     Sketch width l = k + oversample. Each power iteration re-orthonormalizes (QR) so small
     singular directions are not lost to rounding; the error of the i-th value decays like
-    (sigma_{l+1}/sigma_i)^(2*niter+1). Returns U (B, M, k), S (B, k), V (B, N, k).
+    (sigma_{l+1}/sigma_i)^(2*niter+1). Returns U (B, M, k), S (B, k), V (B, N, k) of `a`'s kind.
     """
-    import torch
+    import numpy as np
 
+    linalg = np.linalg if isinstance(a, np.ndarray) else sys.modules["torch"].linalg  # same calls in both
     B, M, N = a.shape
-    width = min(k + oversample, N)
-    gen = torch.Generator(device=a.device).manual_seed(seed)
-    omega = torch.randn(B, N, width, generator=gen, device=a.device, dtype=a.dtype)  # (B, N, l)
-    q = torch.linalg.qr(a @ omega).Q  # (B, M, l): orthonormal basis of the sketched range
+    omega = _gaussian((B, N, min(k + oversample, N)), seed, a)  # (B, N, l)
+    q = linalg.qr(a @ omega).Q  # (B, M, l): orthonormal basis of the sketched range
     for _ in range(niter):
-        z = torch.linalg.qr(a.mT @ q).Q  # (B, N, l)
-        q = torch.linalg.qr(a @ z).Q  # (B, M, l)
-    small = q.mT @ a  # (B, l, N), wide: hand torch its transpose (N, l)
-    ub, s, vh = torch.linalg.svd(small.mT, full_matrices=False)  # small^T = ub s vh
+        z = linalg.qr(a.swapaxes(-1, -2) @ q).Q  # (B, N, l)
+        q = linalg.qr(a @ z).Q  # (B, M, l)
+    small = q.swapaxes(-1, -2) @ a  # (B, l, N), wide: decompose its transpose (N, l)
+    ub, s, vh = linalg.svd(small.swapaxes(-1, -2), full_matrices=False)  # small^T = ub s vh
     # small = vh^T s ub^T: left vectors of `small` are vh^T, right ones ub
-    return q @ vh.mT[..., :k], s[..., :k], ub[..., :k]
+    return q @ vh.swapaxes(-1, -2)[..., :k], s[..., :k], ub[..., :k]
 
 
-def svdvals(batch: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+def svdvals(batch: np.ndarray, device: str | None = None) -> np.ndarray:
     """(B, m, n) any float dtype -> (B, min(m, n)) fp32 singular values, descending."""
     return decompose(batch, SVDRequest(values=True), device).values
 
 
-def topk(batch: torch.Tensor, k: int, method: TopkMethod = TopkMethod.auto,
-         device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk(batch: np.ndarray, k: int, method: TopkMethod = TopkMethod.auto,
+         device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B, m, n) -> U (B, m, k), S (B, k), V (B, n, k), fp32, with W ~ U diag(S) V^T.
 
     Exact for moderate matrices, randomized for those with a side >= RANDOMIZED_MIN_SIDE
@@ -354,8 +438,8 @@ def topk(batch: torch.Tensor, k: int, method: TopkMethod = TopkMethod.auto,
     return out.U, out.S, out.V
 
 
-def rank_k(batch: torch.Tensor, k: int, method: TopkMethod = TopkMethod.auto,
-           device: str | torch.device | None = None) -> torch.Tensor:
+def rank_k(batch: np.ndarray, k: int, method: TopkMethod = TopkMethod.auto,
+           device: str | None = None) -> np.ndarray:
     """(B, m, n) -> (B, m, n) fp32 rank-k reconstruction W^(k) = U_k diag(S_k) V_k^T (Eckart-Young best)."""
     return decompose(batch, SVDRequest(values=False, k=k, reconstruct=True, method=method), device).reconstruction
 
