@@ -1,20 +1,33 @@
-"""Drift over a checkpoint series: how far each module group has moved, and lm_head surges.
+"""Drift over a checkpoint series: how far each tensor, module, layer and group has moved, and lm_head surges.
 
 For checkpoints W_1..W_T of one run (in training order) and their base W_0, per tensor
-and summed per module group (attention / mlp / embedding / head / norm / other):
+and pooled per module, layer or group:
 
 - `rel_to_base[t] = ||W_t - W_0||_F / ||W_0||_F`: cumulative drift;
 - `rel_step[t]    = ||W_t - W_{t-1}||_F / ||W_{t-1}||_F`: the step between consecutive checkpoints.
 
-Group values pool the squared norms of the group's tensors (a group is one big vector),
-so large matrices weigh by their size. Norms are accumulated in float64.
+A relative change is undefined when its reference W is zero, and meaningless when W is zero
+at the resolution of its dtype (gpt-oss stores zero-initialised expert bias stacks; a
+reference of a few subnormals would give ratios of 1e37). So a reference counts as zero,
+and the ratio is undefined (NaN: null in JSON, an empty CSV cell, "-" in tables), when its
+root-mean-square is below the smallest normal number of its dtype:
+`||W||_F^2 <= numel * tiny^2` (tiny: 2^-126 for bf16/fp32, 2^-14 for fp16, 2^-6 for
+unscaled fp8 e4m3; block-scaled fp8 values are dequantized to fp32, so fp32's). The
+distances themselves (`to_base`, `step`) are always given.
+
+Groups pool sums of squares: a group is one vector, `||dW_group|| = sqrt(sum ||dW_i||^2)`,
+so large matrices weigh by their size, and a zero tensor adds its change to the numerator
+and nothing to the denominator: it does not make its group undefined. A group's ratio is
+undefined only when the whole group is zero (its pooled squared norm at or below the sum of
+its tensors' floors). Norms are accumulated in float64.
 
 lm_head surge: "When to Stop Reusing" (Sec. 5) finds the lm_head's update energy
 surging before policy collapse. Across checkpoints we track the head's step relative to
 the body's, `r_t = rel_step(head) / rel_step(attention + mlp)`, so that checkpoints saved
 at uneven intervals (a longer step moves everything more) raise no alarm, and flag step
 t when it is an outlier against its own history: `z_t = (r_t - mean(r_<t)) /
-(std(r_<t) + 1e-12) > z_threshold`, once at least `min_history` earlier steps exist.
+(std(r_<t) + 1e-12) > z_threshold`, once at least `min_history` earlier defined steps exist
+(undefined steps, NaN or inf, are left out of the history and are never flagged).
 The head is `lm_head`; with tied embeddings (no lm_head tensor) the embedding matrix.
 Without attention/mlp tensors (an --include that selects only the head) r_t is the
 head's own `rel_step`.
@@ -22,19 +35,78 @@ head's own `rel_step`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import run_windows
 from ckptprobe.analysis.weights import read_values
 from ckptprobe.errors import UsageError
+from ckptprobe.io import fp8
 from ckptprobe.io.sources import TensorSource
 
 WINDOW = 4 << 20  # elements per read; memory holds ~3 windows of float64 per worker
+# the smallest normal number of each stored float dtype: a tensor whose RMS is below it is zero at its resolution
+TINY = {"F64": 2.0 ** -1022, "F32": 2.0 ** -126, "BF16": 2.0 ** -126, "F16": 2.0 ** -14,
+        "F8_E4M3": 2.0 ** -6, "F8_E5M2": 2.0 ** -14}
+
+
+def zero_floor(source: TensorSource, name: str) -> float:
+    """The squared Frobenius norm at or below which tensor `name` of `source` counts as zero:
+    numel * tiny^2, tiny the smallest normal number of the dtype its values are read in."""
+    info = source.info(name)
+    dtype = "F32" if fp8.block_scaled(source, name) else info.dtype
+    return info.numel * TINY[dtype] ** 2
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
+class Norms:
+    """Squared Frobenius norms of one tensor over a series, or their sums over a group of tensors (float64).
+
+    `sq` (T+1,): ||W_t||^2 for t = 0 (the base) .. T; `floor` (T+1,): the squared norm at or below which
+    W_t counts as zero (`zero_floor`, summed over a group); `to_base` (T,): ||W_t - W_0||^2 and
+    `step` (T,): ||W_t - W_{t-1}||^2 for t = 1..T.
+    """
+
+    numel: int
+    sq: np.ndarray
+    floor: np.ndarray
+    to_base: np.ndarray
+    step: np.ndarray
+
+    def __add__(self, other: "Norms") -> "Norms":
+        return Norms(self.numel + other.numel, self.sq + other.sq, self.floor + other.floor,
+                     self.to_base + other.to_base, self.step + other.step)
+
+    @property
+    def zero(self) -> np.ndarray:
+        """(T+1,) bool: W_t is zero at its dtype's resolution (no relative change against it)."""
+        return self.sq <= self.floor
+
+    @property
+    def rel_to_base(self) -> np.ndarray:
+        """(T,) ||W_t - W_0|| / ||W_0||; NaN when W_0 is zero."""
+        return np.sqrt(self.to_base) / np.sqrt(self.sq[0]) if not self.zero[0] else np.full(len(self.to_base), np.nan)
+
+    @property
+    def rel_step(self) -> np.ndarray:
+        """(T,) ||W_t - W_{t-1}|| / ||W_{t-1}||; NaN where W_{t-1} is zero."""
+        ref = self.sq[:-1]
+        return np.where(self.zero[:-1], np.nan, np.sqrt(self.step) / np.sqrt(np.where(self.zero[:-1], 1.0, ref)))
+
+    def rows(self, checkpoints: Sequence[str]) -> list[dict]:
+        """One record per checkpoint: the numel, the norms (not squared) and both ratios."""
+        norm, rb, rs = np.sqrt(self.sq), self.rel_to_base, self.rel_step
+        return [{"checkpoint": c, "numel": self.numel, "base_norm": float(norm[0]), "norm": float(norm[t + 1]),
+                 "to_base": float(np.sqrt(self.to_base[t])), "rel_to_base": float(rb[t]),
+                 "step": float(np.sqrt(self.step[t])), "rel_step": float(rs[t])} for t, c in enumerate(checkpoints)]
+
+
+def _empty(T: int) -> Norms:
+    return Norms(0, np.zeros(T + 1), np.zeros(T + 1), np.zeros(T), np.zeros(T))
 
 
 @dataclass(frozen=True)
@@ -43,13 +115,26 @@ class TensorDrift:
     group: str
     module: str
     layer: int | None
-    base_norm: float
-    rel_to_base: tuple[float, ...]  # one per checkpoint
-    rel_step: tuple[float, ...]
+    norms: Norms
+
+    @property
+    def base_norm(self) -> float:
+        return float(np.sqrt(self.norms.sq[0]))
+
+    @property
+    def rel_to_base(self) -> tuple[float, ...]:
+        return tuple(self.norms.rel_to_base.tolist())
+
+    @property
+    def rel_step(self) -> tuple[float, ...]:
+        return tuple(self.norms.rel_step.tolist())
 
     def to_dict(self) -> dict:
+        n = self.norms
         return {"name": self.name, "group": self.group, "module": self.module, "layer": self.layer,
-                "base_norm": self.base_norm, "rel_to_base": list(self.rel_to_base), "rel_step": list(self.rel_step)}
+                "numel": n.numel, "base_norm": self.base_norm, "norm": np.sqrt(n.sq[1:]).tolist(),
+                "to_base": np.sqrt(n.to_base).tolist(), "rel_to_base": list(self.rel_to_base),
+                "step": np.sqrt(n.step).tolist(), "rel_step": list(self.rel_step)}
 
 
 @dataclass(frozen=True)
@@ -68,78 +153,97 @@ class DriftResult:
     base: str
     checkpoints: tuple[str, ...]
     tensors: tuple[TensorDrift, ...]
-    groups: dict  # group -> {"rel_to_base": [...], "rel_step": [...]}
     head: str | None  # name of the tensor watched for surges
     surges: tuple[Surge, ...]
     z_threshold: float
     skipped: tuple[Skipped, ...]
 
+    def by(self, key: str) -> dict[object, Norms]:
+        """Squared norms summed per "module", "layer" or "group", in the order of `grouping.order`."""
+        T = len(self.checkpoints)
+        return {k: sum((t.norms for t in ts), _empty(T)) for k, ts in grouped(self.tensors, key).items()}
+
+    @property
+    def total(self) -> Norms:
+        """Squared norms summed over every tensor: the whole model as one vector."""
+        return sum((t.norms for t in self.tensors), _empty(len(self.checkpoints)))
+
+    def rows(self, by: str = "tensor") -> list[dict]:
+        """Flat records, one per tensor (or module, layer, group) and checkpoint, checkpoints innermost.
+
+        Columns: numel; base_norm ||W_0||, norm ||W_t||, to_base ||W_t - W_0||, step ||W_t - W_{t-1}||
+        (a group's: the square root of its tensors' summed squares); rel_to_base = to_base / base_norm and
+        rel_step = step / ||W_{t-1}|| (NaN where the reference is zero, see the module docstring).
+        """
+        if by == "tensor":
+            return [{"name": t.name, "module": t.module, "layer": t.layer, "group": t.group, **r}
+                    for t in self.tensors for r in t.norms.rows(self.checkpoints)]
+        return [{by: k, **r} for k, n in self.by(by).items() for r in n.rows(self.checkpoints)]
+
     def to_dict(self) -> dict:
         return {"command": "drift", "base": self.base, "checkpoints": list(self.checkpoints),
-                "groups": self.groups, "head": self.head, "z_threshold": self.z_threshold,
+                "head": self.head, "z_threshold": self.z_threshold,
                 "surges": [s.to_dict() for s in self.surges],
+                "total": self.total.rows(self.checkpoints),
+                "groups": {key: self.rows(key) for key in KEYS},
                 "tensors": [t.to_dict() for t in self.tensors], "skipped": [s.to_dict() for s in self.skipped]}
 
 
-def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Squared norms over elements [start, stop) of one tensor: ||W0||^2, ||W_t - W0||^2,
-    ||W_t - W_{t-1}||^2, ||W_{t-1}||^2 (t = 1..T), in float64."""
+def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Squared norms over elements [start, stop) of one tensor, float64: ||W_t||^2 (t = 0..T),
+    ||W_t - W0||^2 and ||W_t - W_{t-1}||^2 (t = 1..T)."""
     T = len(plan.runs)
-    to_base, step, prev_sq = np.zeros(T), np.zeros(T), np.zeros(T)
+    sq, to_base, step = np.zeros(T + 1), np.zeros(T), np.zeros(T)
     w0 = read_values(plan.base, plan.name, start, stop).astype(np.float64)
-    w0_sq = float(w0 @ w0)
+    sq[0] = w0 @ w0
     prev = w0
     for t, r in enumerate(plan.runs):
         wt = read_values(r.source, plan.name, start, stop).astype(np.float64)
         d0, d1 = wt - w0, wt - prev
+        sq[t + 1] = wt @ wt
         to_base[t] = d0 @ d0
         step[t] = d1 @ d1
-        prev_sq[t] = prev @ prev
         prev = wt
-    return w0_sq, to_base, step, prev_sq
-
-
-def _ratio(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.sqrt(num) / np.sqrt(den)
+    return sq, to_base, step
 
 
 def surges(ratio: Sequence[float], names: Sequence[str], z_threshold: float, min_history: int = 3) -> list[Surge]:
-    """Steps whose `ratio` is a z-score outlier (> z_threshold) against all earlier steps."""
+    """Steps whose `ratio` is a z-score outlier (> z_threshold) against all earlier defined (finite) steps."""
     out = []
-    for t in range(min_history, len(ratio)):
-        hist = np.asarray(ratio[:t], dtype=np.float64)
-        z = (ratio[t] - hist.mean()) / (hist.std() + 1e-12)
+    r = np.asarray(ratio, dtype=np.float64)
+    for t in range(len(r)):
+        hist = r[:t][np.isfinite(r[:t])]
+        if len(hist) < min_history or not np.isfinite(r[t]):
+            continue
+        z = (r[t] - hist.mean()) / (hist.std() + 1e-12)
         if z > z_threshold:
-            out.append(Surge(names[t], t, float(ratio[t]), float(z)))
+            out.append(Surge(names[t], t, float(r[t]), float(z)))
     return out
 
 
 def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[str] = (),
           exclude: Sequence[str] = (), z_threshold: float = 3.0,
           progress: Callable[[int], None] | None = None, workers: int | None = None) -> DriftResult:
-    """Per-tensor and per-group drift of `series` (checkpoints in training order) from `base`."""
+    """Per-tensor drift of `series` (checkpoints in training order) from `base`; `by`/`rows` pool it."""
     if not series:
         raise UsageError("drift needs at least one checkpoint after the base")
     plan = plan_tensors(base, series, Want.floating, include, exclude)
-    tensors, pooled = [], {}
+    tensors = []
     for p, windows in run_windows(plan.tensors, _sq_norms, lambda p: WINDOW, workers, progress):
-        w0_sq, to_base, step, prev_sq = (sum(w[i] for w in windows) for i in range(4))
-        tensors.append(TensorDrift(p.name, p.group, p.module, p.layer, math.sqrt(w0_sq),
-                                   tuple(_ratio(to_base, w0_sq).tolist()), tuple(_ratio(step, prev_sq).tolist())))
-        acc = pooled.setdefault(p.group, [0.0, 0.0, 0.0, 0.0])
-        for i, v in enumerate((w0_sq, to_base, step, prev_sq)):
-            acc[i] = acc[i] + v
-    groups = {g: {"rel_to_base": _ratio(a[1], a[0]).tolist(), "rel_step": _ratio(a[2], a[3]).tolist()}
-              for g, a in pooled.items()}
-    by_name = {t.name: t for t in tensors}
-    head = next((t.name for t in tensors if t.module == "lm_head"), None) or \
-        next((t.name for t in tensors if t.module == "embed"), None)
-    body = [pooled[g] for g in ("attention", "mlp") if g in pooled]
-    ratio = np.asarray(by_name[head].rel_step) if head else None
-    if head and body:
+        sq, to_base, step = (sum(w[i] for w in windows) for i in range(3))
+        floor = np.array([zero_floor(s, p.name) for s in (p.base, *(r.source for r in p.runs))])
+        tensors.append(TensorDrift(p.name, p.group, p.module, p.layer, Norms(p.info.numel, sq, floor, to_base, step)))
+    result = DriftResult(base.ref, tuple(s.ref for s in series), tuple(tensors), None, (), z_threshold, plan.skipped)
+    head = next((t for t in tensors if t.module == "lm_head"), None) or \
+        next((t for t in tensors if t.module == "embed"), None)
+    if head is None:
+        return result
+    groups = result.by("group")
+    body = [groups[g] for g in ("attention", "mlp") if g in groups]
+    ratio = head.norms.rel_step
+    if body:
         with np.errstate(divide="ignore", invalid="ignore"):  # a body that did not move: no ratio (NaN)
-            ratio = ratio / _ratio(sum(a[2] for a in body), sum(a[3] for a in body))
-    found = surges(ratio.tolist(), [s.ref for s in series], z_threshold) if head else []
-    return DriftResult(base.ref, tuple(s.ref for s in series), tuple(tensors), groups, head, tuple(found),
-                       z_threshold, plan.skipped)
+            ratio = ratio / sum(body[1:], body[0]).rel_step
+    found = surges(ratio.tolist(), result.checkpoints, z_threshold)
+    return DriftResult(result.base, result.checkpoints, result.tensors, head.name, tuple(found), z_threshold,
+                       plan.skipped)

@@ -121,10 +121,13 @@ class PrincipalResult:
             return [m.to_dict() for m in self.matrices]
         return [{"finetuned": ft, by: k, **c.to_dict()} for ft in self.finetuned for k, c in self.by(by, ft).items()]
 
-    def total(self, finetuned: str) -> OverlapCounts:
-        return sum((m.counts for m in self.matrices if m.finetuned == finetuned), OverlapCounts())
+    @property
+    def total(self) -> dict[str, OverlapCounts]:
+        """Counts summed over every matrix, per fine-tune (in argument order)."""
+        return {ft: sum((m.counts for m in self.matrices if m.finetuned == ft), OverlapCounts()) for ft in self.finetuned}
 
     def to_dict(self) -> dict:
+        total = self.total
         return {
             "command": "principal", "base": self.base, "finetuned": list(self.finetuned),
             "rank": "auto" if self.rank is None else self.rank, "alpha": self.alpha,
@@ -132,7 +135,7 @@ class PrincipalResult:
             "mode": self.mode, "eta": self.eta, "atol": self.atol, "topk_method": self.method,
             "matrices": [m.to_dict() for m in self.matrices],
             "groups": {key: self.rows(key) for key in ("module", "layer")},
-            "total": [{"finetuned": ft, **self.total(ft).to_dict()} for ft in self.finetuned],
+            "total": [{"finetuned": ft, **total[ft].to_dict()} for ft in self.finetuned],
             "skipped": [s.to_dict() for s in self.skipped],
         }
 

@@ -7,6 +7,12 @@ the chosen layer's matrices, the row and column ratios of the update mask M
 (`rho_i = mean_j M_ij`, `kappa_j = mean_i M_ij`), smoothed by a centred moving average,
 with the Pearson correlation between consecutive checkpoints' smoothed profiles and
 the stripe index of each (see `consensus.stripe_index`, with R = 1).
+
+`ProfileResult.rows(by)` pools the matrices per module type, layer or group, per checkpoint:
+densities as changed / numel summed over the group's matrices (every entry weighs alike),
+correlations as the pooled within-matrix correlation (`pooled_correlation`: each matrix's
+profiles centred on their own means, so that matrices of different densities do not
+correlate merely through their levels), stripe indexes as the median over matrices.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.mask_scan import scan
 from ckptprobe.analysis.pairing import check_layer, layers_of
 from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
@@ -43,6 +50,28 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def pooled_correlation(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float | None:
+    """Pooled within-matrix correlation of profile pairs (a_i, b_i), each pair of one matrix:
+
+        r = sum_i <a_i - mean(a_i), b_i - mean(b_i)> / sqrt(sum_i |a_i - mean(a_i)|^2 * sum_i |b_i - mean(b_i)|^2)
+
+    For one pair, its Pearson correlation. Pairs holding NaN (a checkpoint without the matrix) are
+    left out; None when none is left or either side has no variance.
+    """
+    sab = saa = sbb = 0.0
+    for a, b in pairs:
+        if np.isnan(a).any() or np.isnan(b).any():
+            continue
+        a, b = a - a.mean(), b - b.mean()
+        sab, saa, sbb = sab + float(a @ b), saa + float(a @ a), sbb + float(b @ b)
+    return float(sab / np.sqrt(saa * sbb)) if saa > 0 and sbb > 0 else None
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class TensorProfile:
     """One matrix of the chosen layer over S checkpoints (NaN where a checkpoint lacks it).
@@ -52,7 +81,9 @@ class TensorProfile:
     """
 
     name: str
+    layer: int
     module: str
+    group: str
     shape: tuple[int, int]
     density: np.ndarray
     row: np.ndarray
@@ -62,8 +93,26 @@ class TensorProfile:
     row_stripe_index: tuple[float | None, ...]
     col_stripe_index: tuple[float | None, ...]
 
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def changed(self) -> tuple[int | None, ...]:
+        """(S,) entries changed at each checkpoint; None where it lacks the matrix."""
+        return tuple(None if d != d else int(round(d * self.numel)) for d in self.density.tolist())
+
+    def rows(self, checkpoints: Sequence[str]) -> list[dict]:
+        """One record per checkpoint; corr: with the previous checkpoint (None for the first)."""
+        return [{"name": self.name, "layer": self.layer, "module": self.module, "group": self.group,
+                 "checkpoint": c, "numel": self.numel, "changed": self.changed[s], "density": float(self.density[s]),
+                 "row_corr": self.row_corr[s - 1] if s else None, "col_corr": self.col_corr[s - 1] if s else None,
+                 "row_stripe_index": self.row_stripe_index[s], "col_stripe_index": self.col_stripe_index[s]}
+                for s, c in enumerate(checkpoints)]
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "module": self.module, "shape": list(self.shape),
+        return {"name": self.name, "layer": self.layer, "module": self.module, "group": self.group,
+                "shape": list(self.shape), "numel": self.numel, "changed": list(self.changed),
                 "density": self.density.tolist(), "row_corr": list(self.row_corr), "col_corr": list(self.col_corr),
                 "row_stripe_index": list(self.row_stripe_index), "col_stripe_index": list(self.col_stripe_index),
                 "row_ratio": self.row.tolist(), "col_ratio": self.col.tolist()}
@@ -87,11 +136,33 @@ class ProfileResult:
     def density(self) -> tuple[float | None, ...]:
         return tuple(c / n if n else None for c, n in zip(self.changed, self.numel))
 
+    def rows(self, by: str = "tensor") -> list[dict]:
+        """Flat records of the layer's matrices, one per matrix (or module, layer, group) and checkpoint,
+        checkpoints innermost. A group row pools the matrices the checkpoint has (`tensors` counts them):
+        numel and changed summed, density = changed / numel, row_corr/col_corr the pooled within-matrix
+        correlation with the previous checkpoint (`pooled_correlation`), stripe indexes the median over
+        the matrices."""
+        if by == "tensor":
+            return [r for t in self.tensors for r in t.rows(self.checkpoints)]
+        out = []
+        for key, ts in grouped(self.tensors, by).items():
+            for s, c in enumerate(self.checkpoints):
+                have = [t for t in ts if t.changed[s] is not None]
+                numel, changed = sum(t.numel for t in have), sum(t.changed[s] for t in have)
+                out.append({by: key, "checkpoint": c, "tensors": len(have), "numel": numel, "changed": changed,
+                            "density": changed / numel if numel else None,
+                            "row_corr": pooled_correlation([(t.row[s - 1], t.row[s]) for t in ts]) if s else None,
+                            "col_corr": pooled_correlation([(t.col[s - 1], t.col[s]) for t in ts]) if s else None,
+                            "row_stripe_index": _median(t.row_stripe_index[s] for t in have),
+                            "col_stripe_index": _median(t.col_stripe_index[s] for t in have)})
+        return out
+
     def to_dict(self) -> dict:
         return {"command": "profile", "base": self.base, "checkpoints": list(self.checkpoints), "mode": self.mode,
                 "eta": self.eta, "atol": self.atol, "layer": self.layer, "smooth": self.smooth,
                 "changed": list(self.changed), "numel": list(self.numel), "density": list(self.density),
-                "tensors": [t.to_dict() for t in self.tensors], "skipped": [s.to_dict() for s in self.skipped]}
+                "tensors": [t.to_dict() for t in self.tensors], "groups": {key: self.rows(key) for key in KEYS},
+                "skipped": [s.to_dict() for s in self.skipped]}
 
 
 def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int, mode: CompareMode | None = None,
@@ -131,7 +202,7 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
         density = np.array([t.density[0] if t else np.nan for t in steps])
         pn = parse_name(name)
         tensors.append(TensorProfile(
-            name, pn.module, (rows, cols), density, row, col,
+            name, layer, pn.module, pn.group, (rows, cols), density, row, col,
             tuple(correlation(row[s], row[s + 1]) for s in range(S - 1)),
             tuple(correlation(col[s], col[s + 1]) for s in range(S - 1)),
             tuple(t.row_stripe_index if t else None for t in steps),

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.grouping import order
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
 from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, decompose, resolve_device, shape_batches,
                                     svd_bytes, use_randomized)
@@ -124,12 +124,16 @@ class MatrixSpectrum:
     comparisons: tuple[Comparison, ...]
     expert: int | None = None  # the matrix's index in a 3-D expert stack `(E, out, in)`
 
+    @property
+    def group(self) -> str:
+        return parse_name(self.name).group
+
     def rows(self, singular_values: bool = False) -> list[dict]:
         """Flat records, one per fine-tune: the `matrices[]` entries of the JSON output."""
         out = []
         for c in self.comparisons:
             row = {"name": self.name, "expert": self.expert, "finetuned": c.finetuned, "layer": self.layer,
-                   "module": self.module,
+                   "module": self.module, "group": self.group,
                    "shape": list(self.shape), "k": self.k, "randomized": self.randomized,
                    "nss": c.nss, "nss_scope": c.nss_scope, "topk_energy_change": c.topk_energy_change,
                    "max_angle_u": c.max_angle_u, "max_angle_v": c.max_angle_v,
@@ -144,7 +148,43 @@ class MatrixSpectrum:
         return out
 
 
-_SUMMARY = ("nss", "max_angle_u", "max_angle_v", "mean_angle_u", "mean_angle_v", "topk_energy_change")
+def pool(finetuned: str, matrices: Sequence[MatrixSpectrum]) -> dict:
+    """One fine-tune's comparisons of `matrices` pooled into one record (matrices with an error left out;
+    `matrices` counts the others), each metric the group's own rather than a mean of per-matrix ratios:
+
+    - nss: ||s1 - s0|| / ||s0|| over the group's singular values taken together, i.e.
+      sqrt(sum_i ||s1_i - s0_i||^2 / sum_i ||s0_i||^2), with the values each matrix's NSS used (all, or
+      the top k with --fast: `nss_scope` is then "top-k", or "mixed" when the group has both);
+    - topk_energy_change: sum_i (KF_k(W1_i) - KF_k(W0_i)) / sum_i KF_k(W0_i), the relative change of the
+      group's summed top-k energy (each matrix's change weighs by its base's KF_k, the sum of its k
+      largest singular values);
+    - max_angle_u/v: the largest principal angle of any matrix; mean_angle_u/v: the mean of all the
+      group's principal angles (a matrix weighs by its k).
+
+    None where the group has no matrix (or a zero spectrum).
+    """
+    count, scopes, angles = 0, set(), {"u": [], "v": []}
+    d_sq = s_sq = kf_num = kf_den = 0.0
+    for m in matrices:
+        c = next(c for c in m.comparisons if c.finetuned == finetuned)
+        if c.error is not None:
+            continue
+        count += 1
+        scopes.add(c.nss_scope)
+        s0, s1 = m.base_values.astype(np.float64), c.values.astype(np.float64)
+        d_sq, s_sq = d_sq + float((s1 - s0) @ (s1 - s0)), s_sq + float(s0 @ s0)
+        kf0 = float(s0[:m.k].sum())
+        if kf0 > 0:
+            kf_num, kf_den = kf_num + c.topk_energy_change * kf0, kf_den + kf0
+        angles["u"] += c.angles_u
+        angles["v"] += c.angles_v
+    out = {"finetuned": finetuned, "matrices": count, "nss": math.sqrt(d_sq / s_sq) if s_sq > 0 else None,
+           "nss_scope": (next(iter(scopes)) if len(scopes) == 1 else "mixed") if scopes else None,
+           "topk_energy_change": kf_num / kf_den if kf_den > 0 else None}
+    for side, vals in angles.items():
+        out[f"max_angle_{side}"] = max(vals) if vals else None
+        out[f"mean_angle_{side}"] = float(np.mean(vals)) if vals else None
+    return out
 
 
 @dataclass(frozen=True)
@@ -158,37 +198,27 @@ class SpectrumResult:
     matrices: tuple[MatrixSpectrum, ...]
     skipped: tuple[Skipped, ...]
 
-    def rows(self, singular_values: bool = False) -> list[dict]:
-        return [r for m in self.matrices for r in m.rows(singular_values)]
+    def rows(self, by: str = "tensor", singular_values: bool = False) -> list[dict]:
+        """Flat records: one per matrix and fine-tune (the `matrices[]` entries of the JSON output; every
+        singular value with `singular_values`), or per module, layer or group and fine-tune, pooled as
+        `pool` says, groups in the order of `grouping.order`, fine-tunes in argument order within a group."""
+        if by == "tensor":
+            return [r for m in self.matrices for r in m.rows(singular_values)]
+        return [{by: k, **pool(ft, ms)} for k, ms in grouped(self.matrices, by).items() for ft in self.finetuned]
 
-    def by(self, key: str) -> list[dict]:
-        """Means of the per-matrix metrics per "module" or "layer" and fine-tune (matrices with an
-        error left out; `matrices` counts those averaged), in the order of `grouping.order`."""
-        groups: dict = {}
-        for r in self.rows():
-            if r["error"] is None:
-                groups.setdefault((r[key], r["finetuned"]), []).append(r)
-        ft_order = {f: i for i, f in enumerate(self.finetuned)}
-
-        def sort_key(item):
-            g, ft = item[0]
-            return (order(key, g), ft_order[ft])
-
-        out = []
-        for (g, ft), rows in sorted(groups.items(), key=sort_key):
-            entry = {key: g, "finetuned": ft, "matrices": len(rows)}
-            for metric in _SUMMARY:
-                vals = [r[metric] for r in rows if r[metric] is not None]
-                entry[metric] = float(np.mean(vals)) if vals else None
-            out.append(entry)
-        return out
+    @property
+    def total(self) -> dict[str, dict]:
+        """Every matrix pooled (as `pool` says), per fine-tune (in argument order)."""
+        return {ft: pool(ft, self.matrices) for ft in self.finetuned}
 
     def to_dict(self, singular_values: bool = False) -> dict:
+        total = self.total
         return {
             "command": "spectrum", "base": self.base, "finetuned": list(self.finetuned), "k": self.k,
             "method": self.method, "fast": self.fast, "device": self.device,
-            "matrices": self.rows(singular_values),
-            "groups": {key: self.by(key) for key in ("module", "layer")},
+            "matrices": self.rows("tensor", singular_values),
+            "groups": {key: self.rows(key) for key in KEYS},
+            "total": [total[ft] for ft in self.finetuned],
             "skipped": [s.to_dict() for s in self.skipped],
         }
 

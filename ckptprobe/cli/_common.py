@@ -81,12 +81,6 @@ def tolerances(mode, eta: float | None, atol: float | None) -> tuple[float, floa
     return (DEFAULT_ETA if eta is None else eta), (DEFAULT_ATOL if atol is None else atol)
 
 
-def check_by(by, supported: Sequence[str], command: str) -> None:
-    """`--by` must be one of the groupings `command` offers."""
-    if by.value not in supported:
-        raise UsageError(f"--by {by.value}: {command} groups by {', '.join(supported)}")
-
-
 def pick_layer(source, include: Sequence[str], exclude: Sequence[str], layer: int | None) -> int | None:
     """`layer` when some selected tensor of `source` lies in it (UsageError naming the layers there are,
     otherwise), the middle layer when `layer` is None, None when no tensor has a layer index."""

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (BaseArg, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt, PlotOpt,
+from ckptprobe.cli._options import (BaseArg, By, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt, PlotOpt,
                                     RevisionOpt, SeriesArg, ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
 
 
@@ -16,6 +16,8 @@ def drift(
     checkpoints: SeriesArg,
     z: Annotated[float, typer.Option("--z", min=0, metavar="X",
                                      help="z-score above which an lm_head step counts as a surge.")] = 3.0,
+    by: Annotated[By, typer.Option("--by", help="Rows of the tables (and of CSV): one per tensor, or pooled "
+                                                "per module type, layer or group.")] = By.group,
     plot: PlotOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -33,8 +35,12 @@ def drift(
     """Drift over a checkpoint series: how far each module group moved from the base, step by step, and
     whether the lm_head surged.
 
-    Per group (attention, mlp, embedding, head, norm): `||W_t - W_0|| / ||W_0||` (cumulative) and
-    `||W_t - W_t-1|| / ||W_t-1||` (per step), Frobenius norms pooled over the group's tensors. A step
+    Per group (attention, mlp, embedding, head, norm; or per tensor, module type or layer with --by):
+    `||W_t - W_0|| / ||W_0||` (cumulative) and `||W_t - W_t-1|| / ||W_t-1||` (per step), Frobenius norms
+    pooled over the group's tensors (sums of squares). A ratio against a reference that is zero at its
+    dtype's resolution (root-mean-square below the dtype's smallest normal number, such as zero-initialised
+    biases) is undefined: "-" in tables, empty in CSV, null in JSON; such a tensor still counts in its
+    group's pooled norms. CSV has one row per tensor (or group) and checkpoint, with the norms. A step
     in which the lm_head moved unusually much for how much the body (attention + mlp) moved, a z-score
     outlier (> `--z`) of that ratio against the earlier steps, is flagged as a surge: in RL with
     rollout reuse, lm_head surges precede collapse ("When to Stop Reusing", Sec. 5).
@@ -59,14 +65,15 @@ def drift(
     with progress_bar("reading", total) as advance:
         result = run(src, series, include or (), exclude or (), z, progress=advance, workers=workers)
     report_skipped(result.skipped, verbose)
-    groups = list(result.groups)
     names = labels(result.checkpoints)
-    rows = [{"checkpoint": names[t], **{f"{g}_{kind}": result.groups[g][kind][t] for g in groups
-                                 for kind in ("rel_to_base", "rel_step")}}
-            for t in range(len(result.checkpoints))]
-    tables = [table(f"Relative change {title}, per module group", [
-        {"checkpoint": r["checkpoint"], **{g: r[f"{g}_{kind}"] for g in groups}} for r in rows],
-        ["checkpoint", *groups]) for title, kind in (("from the base", "rel_to_base"), ("per step", "rel_step"))]
+    rows = result.rows(by.value)
+    key = "name" if by == By.tensor else by.value
+    T = len(names)
+    undefined = any(r[kind] != r[kind] for r in rows for kind in ("rel_to_base", "rel_step"))  # NaN
+    caption = "-: undefined, the reference is zero at its dtype's resolution" if undefined else None
+    tables = [table(f"Relative change {title}, by {by.value}", [
+        {key: rows[i][key], **{names[t]: rows[i + t][kind] for t in range(T)}} for i in range(0, len(rows), T)],
+        [key, *names], caption) for title, kind in (("from the base", "rel_to_base"), ("per step", "rel_step"))]
     if result.head:
         tables.append(table(f"lm_head surges ({result.head} step / body step, z > {result.z_threshold:g})",
                             [{**s.to_dict(), "checkpoint": names[s.index]} for s in result.surges],

@@ -95,7 +95,7 @@ def principal(
     data = result.to_dict()
     rows = result.rows(by.value)
     labels = {"principal": "principal", "low": "low", "principal_not_low": "principal & ~low"}
-    tables = []
+    tables, totals = [], result.total
     for ft in result.finetuned:
         if by == By.tensor:
             groups = {(m.name, m.rank): m.counts for m in result.matrices if m.finetuned == ft}
@@ -104,7 +104,7 @@ def principal(
         key = "name" if by == By.tensor else by.value
         trows = [{key: k, **({"k": r} if by == By.tensor else {}), "update density": c.update_density,
                   **{labels[m]: _cell(c, m) for m in MASKS}} for (k, r), c in groups.items()]
-        t = result.total(ft)
+        t = totals[ft]
         caption = (f"overall: update density {t.update_density:.4f}; "
                    + "; ".join(f"{labels[m]} {_cell(t, m)}" for m in MASKS)
                    + f". Cells: overlap |M & X|/|M| / random baseline |X|/n, ratio. alpha {result.alpha:g}, "

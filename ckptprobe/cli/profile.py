@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (AtolOpt, BaseArg, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt, HeadDimOpt,
+from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt, HeadDimOpt,
                                     IncludeOpt, LayerOpt, ModeOpt, OutputOpt, PlotOpt, RevisionOpt, SeriesArg,
                                     ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
 
@@ -20,6 +20,8 @@ def profile(
         "--smooth", min=1, metavar="N",
         help="Moving-average window (entries) applied to each profile; 1 = none. Correlations use the "
              "smoothed profiles.")] = 3,
+    by: Annotated[By, typer.Option("--by", help="Rows of the profile table (and of CSV): one per matrix of "
+                                                "the layer, or pooled per module type, layer or group.")] = By.tensor,
     plot: PlotOpt = None,
     head_dim: HeadDimOpt = None,
     mode: ModeOpt = None,
@@ -46,7 +48,9 @@ def profile(
     with the previous checkpoint's: near 1 means the same rows/columns keep being updated ("The Path Not
     Taken", Fig. 14). **row/col SI**, the stripe index (ours, not the paper's), is the variance of the raw
     ratios over its value for unstructured masks of the same density: ~1 without structure, >> 1 for
-    stripes. JSON holds the profiles themselves.
+    stripes. With --by module/layer/group the layer's matrices are pooled per checkpoint: density from
+    summed counts, correlations pooled within matrices (each matrix's profile centred on its own mean),
+    stripe indexes the median over matrices. JSON holds the profiles themselves and every grouping.
 
     Examples:
 
@@ -80,29 +84,22 @@ def profile(
     names = labels(list(result.checkpoints))
     data = result.to_dict()
     data["labels"] = names
-    rows = []
-    for t in result.tensors:
-        for s, name in enumerate(names):
-            rows.append({"module": t.module, "checkpoint": name, "density": _num(t.density[s]),
-                         "row_corr": t.row_corr[s - 1] if s else None, "col_corr": t.col_corr[s - 1] if s else None,
-                         "row_stripe_index": t.row_stripe_index[s], "col_stripe_index": t.col_stripe_index[s],
-                         "name": t.name})
+    rows = result.rows(by.value)
+    short = dict(zip(result.checkpoints, names))
+    key = "module" if by == By.tensor else by.value  # one layer: its module names a matrix
     density_rows = [{"checkpoint": n, "changed": c, "numel": m, "density": d}
                     for n, c, m, d in zip(names, result.changed, result.numel, result.density)]
-    shown = [{"module": r["module"], "checkpoint": r["checkpoint"], "density": r["density"],
-              "row corr": r["row_corr"], "col corr": r["col_corr"], "row SI": r["row_stripe_index"],
-              "col SI": r["col_stripe_index"]} for r in rows]
+    shown = [{key: r[key], "checkpoint": short[r["checkpoint"]], "density": r["density"], "row corr": r["row_corr"],
+              "col corr": r["col_corr"], "row SI": r["row_stripe_index"], "col SI": r["col_stripe_index"]}
+             for r in rows]
     tables = [table(f"Update density of each checkpoint vs {result.base}", density_rows),
-              table(f"Profiles of layer {layer}", shown, None,
-                    f"corr: correlation with the previous checkpoint's profile (moving average over {smooth}); "
-                    "SI: stripe index (1 = no structure)")]
+              table(f"Profiles of layer {layer}" + ("" if by == By.tensor else f", by {by.value}"), shown, None,
+                    f"corr: correlation with the previous checkpoint's profile (moving average over {smooth}"
+                    + ("" if by == By.tensor else "; pooled within matrices") + "); SI: stripe index (1 = no structure"
+                    + ("" if by == By.tensor else "; median over matrices") + ")")]
     if figures and result.tensors:
         from ckptprobe.report.consensus_plots import plot_profile
 
         plot_profile(result, names, figures[0], head_dim or head_dim_of(base))
         wrote(figures)
     emit(out, data, rows, tables)
-
-
-def _num(x: float) -> float | None:
-    return None if x != x else float(x)  # NaN (checkpoint lacks the tensor) -> None

@@ -30,8 +30,10 @@ def spectrum(
     base: BaseArg,
     finetuned: FinetunedArg,
     rank: RankOpt = None,
-    by: Annotated[By, typer.Option("--by", help="Rows of the table (and of CSV): one per matrix, or means "
-                                                "per module type or layer.")] = By.tensor,
+    by: Annotated[By, typer.Option("--by", help="Rows of the table (and of CSV): one per matrix, or pooled per "
+                                                "module type, layer or group: NSS over the group's singular "
+                                                "values together, top-k energy change of the summed energies, "
+                                                "the largest angle, the mean of all angles.")] = By.tensor,
     bounds: Annotated[bool, typer.Option(
         "--bounds", help="Also ||dW||_2 with Weyl's bound max_i |s_i(W1)-s_i(W0)| <= ||dW||_2 and Wedin's "
                          "sin(theta_max) <= ||dW||_2 / delta, delta = s_k(W1) - s_k+1(W0) (or with W0, W1 "
@@ -89,11 +91,10 @@ def spectrum(
     """
     from ckptprobe.analysis.spectrum import spectrum as run
     from ckptprobe.analysis.svd import resolve_device
-    from ckptprobe.cli._common import (check_by, check_output, check_plot, configure_threads, emit, labels,
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, labels,
                                        open_sources, pick_layer, report_skipped, wrote)
     from ckptprobe.report.output import progress_bar, table, warn
 
-    check_by(by, ("tensor", "module", "layer"), "spectrum")
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
     if layer is not None and not plot:
@@ -122,8 +123,8 @@ def spectrum(
     data = result.to_dict(singular_values)
     several = len(fts) > 1
     metrics = ["nss", "topk_energy_change", "max_angle_u", "max_angle_v"]
+    rows = result.rows(by.value, singular_values)
     if by == By.tensor:
-        rows = result.rows(singular_values)
         cols = ["name"] + (["finetuned"] if several else []) + ["shape", "k"] + metrics
         if bounds:
             cols += ["dw_norm2", "weyl_max_shift", "wedin_bound_deg"]
@@ -132,7 +133,6 @@ def spectrum(
         if any(r["error"] for r in rows):
             cols.append("error")
     else:
-        rows = data["groups"][by.value]
         cols = [by.value] + (["finetuned"] if several else []) + ["matrices"] + metrics
     notes = [f"device {result.device}; angles in degrees between top-k subspaces (U: left/output, V: right/input)"]
     randomized = sum(m.randomized for m in result.matrices)

@@ -207,9 +207,9 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
     pr = principal_overlap(base, [sft, *rl], rank=rank, alpha=alpha)
     for mask, title in (("principal", f"overlap with principal weights (k={rank})"),
                         ("low", "overlap with low-magnitude weights")):
-        per = {refs[ft]: pr.total(ft).overlap(mask) for ft in pr.finetuned}
+        per = {refs[ft]: pr.total[ft].overlap(mask) for ft in pr.finetuned}
         items.append(_finding(f"overlap_{mask}", title, per["sft"], _mean(per[n] for n in RL_RUNS),
-                              {n: per[n] for n in RL_RUNS}, pr.total(pr.finetuned[0]).baseline(mask), mask=mask))
+                              {n: per[n] for n in RL_RUNS}, pr.total[pr.finetuned[0]].baseline(mask), mask=mask))
 
     say("spectrum")
     spec = spectrum(base, [sft, *rl], k=rank)
@@ -225,7 +225,8 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
 
     say("drift")
     dr = drift(base, [src(n) for n in RL_SERIES])
-    growth = [dr.groups[g]["rel_to_base"] for g in ("attention", "mlp") if g in dr.groups]
+    groups = dr.by("group")
+    growth = [groups[g].rel_to_base.tolist() for g in ("attention", "mlp") if g in groups]
     series = [_mean(g[t] for g in growth) for t in range(len(RL_SERIES))]
     items.append(_finding("drift", "relative weight change of rl-1 from base (attention+mlp, last checkpoint)",
                           None, series[-1], {}, None, series=series, surges=len(dr.surges)))

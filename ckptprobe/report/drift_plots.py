@@ -13,8 +13,8 @@ def plot_drift(result, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = range(1, len(result.checkpoints) + 1)
     for ax, kind, title in zip(axes, ("rel_to_base", "rel_step"), ("||W_t - W_0|| / ||W_0||", "||W_t - W_t-1|| / ||W_t-1||")):
-        for group, series in result.groups.items():
-            ax.plot(x, series[kind], marker="o", label=group)
+        for group, norms in result.by("group").items():
+            ax.plot(x, getattr(norms, kind), marker="o", label=group)  # NaN (a zero reference): a gap
         ax.set_yscale("log")
         ax.set_xlabel("checkpoint")
         ax.set_title(title)

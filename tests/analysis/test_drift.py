@@ -1,4 +1,7 @@
+import csv
+import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -36,9 +39,10 @@ def test_group_drift_matches_numpy(series):
     paths, states = series
     r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
     mlp = [n for n in states[0] if ".mlp." in n]
+    pooled = r.by("group")["mlp"]
     for t in range(1, 7):
-        assert r.groups["mlp"]["rel_to_base"][t - 1] == pytest.approx(_pooled(states, mlp, t, 0), rel=1e-6)
-        assert r.groups["mlp"]["rel_step"][t - 1] == pytest.approx(_pooled(states, mlp, t, t - 1), rel=1e-6)
+        assert pooled.rel_to_base[t - 1] == pytest.approx(_pooled(states, mlp, t, 0), rel=1e-6)
+        assert pooled.rel_step[t - 1] == pytest.approx(_pooled(states, mlp, t, t - 1), rel=1e-6)
     head = next(t for t in r.tensors if t.name == "lm_head.weight")
     assert head.rel_step[4] == pytest.approx(_pooled(states, ["lm_head.weight"], 5, 4), rel=1e-6)
 
@@ -61,7 +65,8 @@ def test_a_longer_step_for_every_weight_is_no_surge(tmp_path):
         states.append({n: x + rng.standard_normal(x.shape).astype(np.float32) * scale for n, x in states[-1].items()})
         paths.append(save(tmp_path / f"step{t}.safetensors", states[-1], "F32"))
     r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
-    assert r.groups["head"]["rel_step"][4] > 3 * r.groups["head"]["rel_step"][3]  # the head did jump...
+    head = r.by("group")["head"]
+    assert head.rel_step[4] > 3 * head.rel_step[3]  # the head did jump...
     assert r.surges == ()  # ...but no more than the body
 
 
@@ -91,3 +96,100 @@ def test_cli_json_and_plot(series, tmp_path, capsys):
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["drift", *map(str, paths)]) == 0
     assert "lm_head surges" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("by", ["module", "layer", "group"])
+def test_group_rows_match_brute_force(series, by):
+    """Every group row against norms computed from the raw arrays of the group's tensors (membership from
+    the tensor rows), checkpoints innermost, groups in the order of `grouping.order`."""
+    from ckptprobe.analysis.grouping import order
+
+    paths, states = series
+    r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
+    states = [{n: x.astype(np.float64) for n, x in s.items()} for s in states]  # differences in float64
+    members = {}
+    for t in r.tensors:
+        members.setdefault(getattr(t, by), []).append(t.name)
+    rows = r.rows(by)
+    assert [row[by] for row in rows[::6]] == sorted(members, key=lambda k: order(by, k))
+    assert [row["checkpoint"] for row in rows[:6]] == list(r.checkpoints)
+
+    def norm(names, f):
+        return math.sqrt(sum(float(np.sum(f(n) ** 2)) for n in names))
+
+    for i, row in enumerate(rows):
+        names, t = members[row[by]], i % 6 + 1
+        assert row["numel"] == sum(states[0][n].size for n in names)
+        assert row["base_norm"] == pytest.approx(norm(names, lambda n: states[0][n]), rel=1e-9)
+        assert row["norm"] == pytest.approx(norm(names, lambda n: states[t][n]), rel=1e-9)
+        assert row["to_base"] == pytest.approx(norm(names, lambda n: states[t][n] - states[0][n]), rel=1e-9)
+        assert row["step"] == pytest.approx(norm(names, lambda n: states[t][n] - states[t - 1][n]), rel=1e-9)
+        assert row["rel_to_base"] == pytest.approx(_pooled(states, names, t, 0), rel=1e-9)
+        assert row["rel_step"] == pytest.approx(_pooled(states, names, t, t - 1), rel=1e-9)
+    total = r.total.rows(r.checkpoints)
+    assert [x["to_base"] for x in total] == pytest.approx(
+        [norm(states[0], lambda n: states[t][n] - states[0][n]) for t in range(1, 7)], rel=1e-9)
+
+
+def _hand_series(root):
+    """Known answers. mlp of layer 0, float32, base and two checkpoints:
+    up_proj.weight [[3,0],[0,4]] (norm 5) -> [[3,0],[4,4]] -> same;  up_proj.bias zero -> [0,3,4,0] -> [0,3,4,1];
+    down_proj.bias zero throughout;  gate_proj.bias one subnormal (1e-40) -> [1, 0] -> same."""
+    f = np.float32
+    w = {"model.layers.0.mlp.up_proj.weight": [np.array([[3, 0], [0, 4]], f), np.array([[3, 0], [4, 4]], f)],
+         "model.layers.0.mlp.up_proj.bias": [np.zeros(4, f), np.array([0, 3, 4, 0], f), np.array([0, 3, 4, 1], f)],
+         "model.layers.0.mlp.down_proj.bias": [np.zeros(3, f)],
+         "model.layers.0.mlp.gate_proj.bias": [np.array([1e-40, 0], f), np.array([1, 0], f)]}
+    states = [{n: v[min(t, len(v) - 1)] for n, v in w.items()} for t in range(3)]
+    return [save(root / f"s{t}.safetensors", s, "F32") for t, s in enumerate(states)]
+
+
+def test_zero_references_are_undefined_by_hand(tmp_path):
+    paths = _hand_series(tmp_path)
+    r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
+    t = {x.name.split(".")[-2] + "." + x.name.split(".")[-1]: x for x in r.tensors}
+    nan = float("nan")
+    assert t["up_proj.weight"].rel_to_base == (0.8, 0.8) and t["up_proj.weight"].rel_step == (0.8, 0.0)
+    assert t["up_proj.bias"].rel_to_base == pytest.approx((nan, nan), nan_ok=True)  # from zero: undefined
+    assert t["up_proj.bias"].rel_step == pytest.approx((nan, 0.2), nan_ok=True)  # then ||(0,0,0,1)|| / 5
+    assert np.sqrt(t["up_proj.bias"].norms.to_base).tolist() == pytest.approx([5, math.sqrt(26)])
+    assert t["down_proj.bias"].rel_to_base == pytest.approx((nan, nan), nan_ok=True)  # stays zero: 0/0
+    assert t["down_proj.bias"].rel_step == pytest.approx((nan, nan), nan_ok=True)
+    assert t["gate_proj.bias"].rel_to_base == pytest.approx((nan, nan), nan_ok=True)  # not 1e40
+    assert t["gate_proj.bias"].rel_step == pytest.approx((nan, 0.0), nan_ok=True)
+    # the group is one vector: zero tensors add their change and do not make it undefined
+    mlp = r.by("group")["mlp"]
+    assert mlp.rel_to_base.tolist() == pytest.approx([math.sqrt(16 + 25 + 1) / 5, math.sqrt(16 + 26 + 1) / 5])
+    assert mlp.rel_step.tolist() == pytest.approx([math.sqrt(16 + 25 + 1) / 5, 1 / math.sqrt(41 + 25 + 1)])
+    assert [row["module"] for row in r.rows("module")[::2]] == ["gate", "up", "down"]  # the order of grouping
+    by_module = {row["module"]: row for row in r.rows("module") if row["checkpoint"] == r.checkpoints[0]}
+    assert by_module["up"]["rel_to_base"] == pytest.approx(math.sqrt(16 + 25) / 5)
+    assert math.isnan(by_module["down"]["rel_to_base"]) and math.isnan(by_module["gate"]["rel_to_base"])
+    assert by_module["gate"]["to_base"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("value, undefined", [(1e-5, True), (1e-4, False)])
+def test_zero_means_below_the_dtypes_smallest_normal(tmp_path, value, undefined):
+    """fp16's smallest normal is 2^-14 = 6.1e-5: a bias of 1e-5 (subnormal) is zero at fp16's resolution."""
+    a = save(tmp_path / "a.safetensors", {"model.norm.weight": np.full(8, value, np.float32)}, "F16")
+    b = save(tmp_path / "b.safetensors", {"model.norm.weight": np.full(8, 2 * value, np.float32)}, "F16")
+    rel = drift(open_source(str(a)), [open_source(str(b))]).tensors[0].rel_to_base[0]
+    assert math.isnan(rel) if undefined else rel == pytest.approx(1.0, rel=1e-3)
+
+
+def test_cli_undefined_is_null_blank_and_dash(tmp_path, capsys):
+    paths = list(map(str, _hand_series(tmp_path)))
+    assert main(["drift", *paths, "-f", "json", "--by", "tensor"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    bias = next(t for t in data["tensors"] if t["name"].endswith("up_proj.bias"))
+    assert bias["rel_to_base"] == [None, None] and bias["rel_step"] == [None, pytest.approx(0.2)]
+    assert [r["module"] for r in data["groups"]["module"][::2]] == ["gate", "up", "down"]
+    assert main(["drift", *paths, "-f", "csv", "--by", "module"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["module"], r["rel_to_base"]) for r in rows][-2:] == [("down", ""), ("down", "")]
+    assert float(rows[2]["rel_to_base"]) == pytest.approx(math.sqrt(16 + 25) / 5)  # up, first checkpoint
+    assert main(["drift", *paths, "--by", "module"]) == 0
+    text = capsys.readouterr().out
+    assert "by module" in text and "undefined" in text
+    down = next(line for line in text.splitlines() if " down " in line)
+    assert down.count(" - ") == 2

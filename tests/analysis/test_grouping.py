@@ -6,6 +6,7 @@ import numpy as np
 from factory import tiny_weights
 
 from ckptprobe.analysis.consensus import consensus
+from ckptprobe.analysis.drift import drift
 from ckptprobe.analysis.grouping import GROUP_ORDER, grouped, order
 from ckptprobe.analysis.masks import MaskSpec, Vectors, build_masks
 from ckptprobe.analysis.principal import principal_overlap
@@ -44,8 +45,11 @@ def test_every_result_rows_in_one_order(tiny_pair):
     masks = build_masks(a, MaskSpec("safe"), vectors=Vectors.train)
     for by in ("module", "layer"):
         assert [r[by] for r in pr.rows(by)] == matrices[by]
-        assert [r[by] for r in sv.by(by)] == matrices[by]
         assert [r[by] for r in masks.rows(by)] == expected[by]
+    dr = drift(a, [b, b])
+    for by in ("module", "layer", "group"):
+        assert [r[by] for r in sv.rows(by)] == [v for v in expected[by] if v != "norm"]
+        assert [r[by] for r in dr.rows(by)] == [v for v in expected[by] for _ in range(2)]  # per checkpoint
 
 
 def test_results_holding_arrays_compare_without_raising(tiny_pair):

@@ -53,7 +53,7 @@ def test_counts_match_brute_force(tiny_pair, threshold):
             assert m.rank == k and m.alpha == 0.1
             assert m.counts == OverlapCounts(M.size, int(M.sum()), int(P.sum()), int(L.sum()), int((P & ~L).sum()),
                                              int((M & P).sum()), int((M & L).sum()), int((M & P & ~L).sum())), name
-        total = r.total(r.finetuned[0])
+        total = r.total[r.finetuned[0]]
         assert total.numel == sum(m.counts.numel for m in r.matrices)
         assert total.overlap("principal") == sum(m.counts.updated_principal for m in r.matrices) / total.updated
 
@@ -74,7 +74,7 @@ def test_known_answers_two_finetunes(tmp_path):
     r = principal_overlap(open_source(str(tmp_path / "base.safetensors")),
                           [open_source(str(tmp_path / f)) for f in ("p.safetensors", "l.safetensors")], rank=4)
     p_ref, l_ref = r.finetuned
-    tp, tl = r.total(p_ref), r.total(l_ref)
+    tp, tl = r.total[p_ref], r.total[l_ref]
     n_p = sum(m[0].sum() for m in masks.values())
     assert tp.updated == n_p and tp.overlap("principal") == 1.0 and tp.baseline("principal") == n_p / 4096
     assert tp.ratio("principal") == pytest.approx(4096 / n_p)
@@ -91,7 +91,7 @@ def test_known_answers_two_finetunes(tmp_path):
 def test_nothing_updated_gives_none(tiny_pair):
     r = principal_overlap(open_source(str(tiny_pair.base)), [open_source(str(tiny_pair.base))],
                           include=["*.q_proj.*"])
-    t = r.total(r.finetuned[0])
+    t = r.total[r.finetuned[0]]
     assert t.updated == 0 and t.overlap("principal") is None and t.ratio("low") is None
     assert t.baseline("principal") == keep_count(0.05, 1024) / 1024
 

@@ -10,6 +10,7 @@ from factory import tiny_weights
 from typer.testing import CliRunner
 
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits
+from ckptprobe.analysis import profile as profile_mod
 from ckptprobe.analysis.profile import correlation, moving_average, profile
 from ckptprobe.cli import main
 from ckptprobe.cli._app import app
@@ -121,3 +122,61 @@ def test_cli(run, tmp_path):
     assert out.stat().st_size > 10_000
     res = runner.invoke(app, ["profile", str(base), *map(str, paths), "--layer", "0"])
     assert res.exit_code == 0 and "Profiles of layer 0" in res.stdout
+
+
+def test_pooled_correlation():
+    rng = np.random.default_rng(3)
+    a1, b1, a2, b2 = rng.random(7), rng.random(7), rng.random(5) + 10, rng.random(5) + 10
+    assert profile_mod.pooled_correlation([(a1, b1)]) == pytest.approx(np.corrcoef(a1, b1)[0, 1])
+    # pooled = Pearson of the concatenated, per-pair centred profiles; the level of pair 2 (+10) plays no part
+    ref = np.corrcoef(np.r_[a1 - a1.mean(), a2 - a2.mean()], np.r_[b1 - b1.mean(), b2 - b2.mean()])[0, 1]
+    assert profile_mod.pooled_correlation([(a1, b1), (a2, b2), (a1, np.full(7, np.nan))]) == pytest.approx(ref)
+    assert np.corrcoef(np.r_[a1, a2], np.r_[b1, b2])[0, 1] > 0.95 > ref  # what pooling the levels would say
+    assert profile_mod.pooled_correlation([(a1, np.ones(7))]) is None
+    assert profile_mod.pooled_correlation([]) is None
+
+
+@pytest.mark.parametrize("by", ["module", "layer", "group"])
+def test_group_rows_match_brute_force(run, by):
+    """Group rows against the planted masks: counts summed over the group's matrices, correlations pooled
+    within matrices, stripe indexes the median of the per-matrix ones."""
+    from ckptprobe.analysis.grouping import order
+
+    base, paths, masks = run
+    res = profile(open_source(str(base)), [open_source(str(p)) for p in paths], layer=1, smooth=3)
+    members = {}
+    for t in res.tensors:
+        members.setdefault(getattr(t, by), []).append(t)
+    rows = res.rows(by)
+    assert [r[by] for r in rows[::3]] == sorted(members, key=lambda k: order(by, k))
+    for i, r in enumerate(rows):
+        ts, s = members[r[by]], i % 3
+        assert r["checkpoint"] == str(paths[s]) and r["tensors"] == len(ts)
+        assert r["changed"] == sum(int(masks[s][t.name].sum()) for t in ts)
+        assert r["numel"] == sum(masks[s][t.name].size for t in ts)
+        assert r["density"] == pytest.approx(r["changed"] / r["numel"])
+        if s == 0:
+            assert r["row_corr"] is None and r["col_corr"] is None
+        for axis, key in ((1, "row"), (0, "col")):
+            prof = [[smooth_ref(masks[q][t.name].mean(axis=axis), 3) for q in (s - 1, s)] for t in ts]
+            if s:
+                a = np.concatenate([p[0] - p[0].mean() for p in prof])
+                b = np.concatenate([p[1] - p[1].mean() for p in prof])
+                assert r[f"{key}_corr"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+            assert r[f"{key}_stripe_index"] == pytest.approx(np.median([getattr(t, f"{key}_stripe_index")[s]
+                                                                       for t in ts]))
+    one = res.rows("tensor")
+    assert len(one) == 3 * len(res.tensors) and one[4]["row_corr"] == res.tensors[1].row_corr[0]
+    if by == "module":  # one matrix per module in a layer: the pooled row is that matrix's
+        assert [r["row_corr"] for r in rows] == pytest.approx([r["row_corr"] for r in one], nan_ok=True)
+
+
+def test_cli_by_group_csv(run):
+    base, paths, _ = run
+    res = CliRunner().invoke(app, ["profile", str(base), *map(str, paths), "--by", "group", "-f", "csv"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].split(",")[:3] == ["group", "checkpoint", "tensors"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["attention"] * 3 + ["mlp"] * 3
+    res = CliRunner().invoke(app, ["profile", str(base), *map(str, paths), "--by", "layer"])
+    assert res.exit_code == 0 and "Profiles of layer 1, by layer" in res.stdout

@@ -209,11 +209,44 @@ def test_several_finetunes_and_grouping(tmp_path):
     assert len(rows) == 2 * len(base)
     assert [row["finetuned"] for row in rows[:2]] == list(r.finetuned)
     assert all(row_sft["nss"] > 10 * row_rl["nss"] for row_sft, row_rl in zip(rows[::2], rows[1::2]))
-    by_module = {(g["module"], g["finetuned"]): g for g in r.by("module")}
-    ups = [row["nss"] for row in rows if row["module"] == "up" and row["finetuned"] == r.finetuned[0]]
-    assert by_module["up", r.finetuned[0]]["nss"] == pytest.approx(np.mean(ups))
+    by_module = {(g["module"], g["finetuned"]): g for g in r.rows("module")}
     assert by_module["up", r.finetuned[0]]["matrices"] == 3
-    assert [g["layer"] for g in r.by("layer")] == [0, 0, 1, 1, 2, 2]
+    assert [g["layer"] for g in r.rows("layer")] == [0, 0, 1, 1, 2, 2]
+    assert [(g["group"], g["finetuned"]) for g in r.rows("group")] == [
+        (g, ft) for g in ("attention", "mlp") for ft in r.finetuned]
+
+
+@pytest.mark.parametrize("by", ["module", "layer", "group"])
+def test_group_rows_pool_like_brute_force(tmp_path, by):
+    """Group rows against float64 numpy SVDs of the stored matrices: NSS over the group's singular values
+    together, top-k energy change of the summed energies, largest angle, mean of all angles."""
+    from ckptprobe.analysis.grouping import order
+    from ckptprobe.io.names import parse_name
+
+    base, sft = sft_like(10)
+    rl = {n: base[n] + 0.01 * (sft[n] - base[n]) for n in base}
+    r = run(tmp_path, base, [sft, rl], k=4)
+    members: dict = {}
+    for n in base:
+        members.setdefault(getattr(parse_name(n), by), []).append(n)
+    rows = r.rows(by)
+    assert [g[by] for g in rows[::2]] == sorted(members, key=lambda k: order(by, k))
+    f32 = (lambda x: x.astype(np.float32))
+    for g in rows:
+        ft = (sft, rl)[r.finetuned.index(g["finetuned"])]
+        refs = [reference(f32(base[n]), f32(ft[n]), 4) for n in members[g[by]]]
+        s0, s1 = np.concatenate([x["s0"] for x in refs]), np.concatenate([x["s1"] for x in refs])
+        assert g["matrices"] == len(refs) and g["nss_scope"] == "all"
+        assert g["nss"] == pytest.approx(np.linalg.norm(s1 - s0) / np.linalg.norm(s0), rel=1e-4, abs=1e-7)  # fp32
+        kf0, kf1 = sum(x["s0"][:4].sum() for x in refs), sum(x["s1"][:4].sum() for x in refs)
+        assert g["topk_energy_change"] == pytest.approx((kf1 - kf0) / kf0, rel=1e-3, abs=1e-7)
+        for side in ("u", "v"):
+            angles = np.concatenate([x[f"angles_{side}"] for x in refs])
+            assert g[f"max_angle_{side}"] == pytest.approx(angles.max(), abs=0.01)
+            assert g[f"mean_angle_{side}"] == pytest.approx(angles.mean(), abs=0.01)
+    total = r.total
+    assert total[r.finetuned[0]]["matrices"] == len(base)
+    assert total[r.finetuned[1]]["nss"] < total[r.finetuned[0]]["nss"] / 10
 
 
 def test_default_k():
@@ -343,6 +376,12 @@ def test_cli_json_checkpoint_against_itself_is_exactly_zero(ckpts):
 def test_cli_table_csv_bounds_and_plot(ckpts, tmp_path):
     res = invoke(ckpts["base"], ckpts["rl"], "--by", "module")
     assert res.exit_code == 0 and "max_angle_u" in res.stdout and "down" in res.stdout
+    res = invoke(ckpts["base"], ckpts["sft"], ckpts["rl"], "-k", "4", "--by", "group", "-f", "csv")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].split(",")[:3] == ["group", "finetuned", "matrices"]
+    assert [line.split(",")[:2] for line in lines[1:]] == [[g, ft] for g in ("attention", "mlp")
+                                                            for ft in (ckpts["sft"], ckpts["rl"])]
     res = invoke(ckpts["base"], ckpts["rl"], "-k", "3", "--format", "csv", "--bounds", "--device", "cpu")
     assert res.exit_code == 0
     header = res.stdout.splitlines()[0].split(",")

@@ -81,7 +81,6 @@ def test_usage_errors_are_one_plain_line(tiny_pair, capsys):
     cases = [
         (["spectrum", base, ft, "-k", "0"], "--rank: must be >= 1, got 0", help_hint),
         (["spectrum", base, ft, "--device", "gpu"], "--device: 'gpu' is not auto, cpu, cuda or cuda:N", help_hint),
-        (["spectrum", base, ft, "--by", "group"], "--by group: spectrum groups by tensor, module, layer", False),
         (["principal", base, ft, "--alpha", "0"], "--alpha: must be a fraction in (0, 1], got 0", help_hint),
         (["principal", base, ft, "--mode", "bitwise", "--eta", "0.1"], "--eta is read only by --mode eta", False),
         (["consensus", base, ft, ft, "--threads", "0"], "--threads: must be >= 1, got 0", help_hint),

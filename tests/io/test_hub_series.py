@@ -70,7 +70,7 @@ def drift_json(capsys, *args) -> dict:
     assert main(["drift", *args, "-f", "json"]) == 0, capsys.readouterr().err
     data = json.loads(capsys.readouterr().out)
     del data["base"], data["checkpoints"]
-    for s in data.get("surges", []):
+    for s in [*data.get("surges", []), *data["total"], *(r for rows in data["groups"].values() for r in rows)]:
         del s["checkpoint"]
     return data
 
