@@ -57,7 +57,8 @@ def load() -> str:
 def main() -> None:
     args = parse()
     cpus = len(os.sched_getaffinity(0))
-    env_threads = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    env_threads = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                              "PYTHONDONTWRITEBYTECODE")  # the last: every run compiles again
                    if v in os.environ}
     print(f"{cpus} CPUs usable; load average before: {load()}"
           + (f"; note: {env_threads} set in the environment" if env_threads else ""), flush=True)

@@ -15,6 +15,11 @@ from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix
 from ckptprobe.analysis.plan import Skipped
 from ckptprobe.analysis.grouping import grouped
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class TensorConsensus:
     """One tensor across the R runs. Arrays are indexed by run over all R runs.
@@ -45,32 +50,32 @@ class TensorConsensus:
     heatmap: np.ndarray | None = None
     heat_block: int | None = None
 
-    # The derived arrays below are cached: summaries, JSON and every grouping read them again.
+    # Derived arrays are computed once per tensor (a MoE checkpoint has 100,000 tensors) and read-only.
     @cached_property
     def valid(self) -> np.ndarray:
         v = np.zeros(len(self.changed), bool)
         v[list(self.runs)] = True
-        return v
+        return _frozen(v)
 
     @cached_property
     def density(self) -> np.ndarray:
         """(R,) float64 fraction of entries changed per run; NaN for runs left out."""
         d = self.changed / max(self.numel, 1)
-        return np.where(self.valid, d, np.nan)
+        return _frozen(np.where(self.valid, d, np.nan))
 
     @cached_property
     def jaccard(self) -> np.ndarray:
         j = jaccard_matrix(self.inter, self.changed)
-        return np.where(np.outer(self.valid, self.valid), j, np.nan)
+        return _frozen(np.where(np.outer(self.valid, self.valid), j, np.nan))
 
     @cached_property
     def bernoulli(self) -> np.ndarray:
-        return bernoulli_jaccard(self.density)
+        return _frozen(bernoulli_jaccard(self.density))
 
     @cached_property
     def expected_hist(self) -> np.ndarray:
         """(len(runs)+1,) expected `hist` if the runs' masks were independent with their densities."""
-        return self.numel * poisson_binomial(self.density[list(self.runs)])
+        return _frozen(self.numel * poisson_binomial(self.density[list(self.runs)]))
 
     def summary(self) -> dict:
         """Flat numbers for a table or CSV row (no R x R matrices)."""

@@ -25,7 +25,7 @@ def jaccard_matrix(inter: np.ndarray, changed: np.ndarray) -> np.ndarray:
     inter = np.asarray(inter, np.float64)
     n = np.asarray(changed, np.float64)
     union = n[:, None] + n[None, :] - inter
-    return np.divide(inter, union, out=np.full(union.shape, np.nan), where=union > 0)
+    return np.divide(inter, union, out=np.full_like(union, np.nan), where=union > 0)
 
 
 def bernoulli_jaccard(density: np.ndarray) -> np.ndarray:
@@ -38,7 +38,7 @@ def bernoulli_jaccard(density: np.ndarray) -> np.ndarray:
     p = np.asarray(density, np.float64)
     pq = p[:, None] * p[None, :]
     union = p[:, None] + p[None, :] - pq
-    out = np.divide(pq, union, out=np.full(union.shape, np.nan), where=union > 0)
+    out = np.divide(pq, union, out=np.full_like(union, np.nan), where=union > 0)
     out.flat[::len(p) + 1] = np.where(p > 0, 1.0, np.nan)  # the diagonal
     return out
 

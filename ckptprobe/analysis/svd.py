@@ -10,7 +10,8 @@ orientation (m >= n, results transposed back). On CPU it is numpy and scipy's LA
   smaller side): one tridiagonal reduction of G (LAPACK dsytrd) gives every eigenvalue
   (dsterf) and the top-k eigenvectors (dstemr, then the reduction's reflectors), so
   s_i = sqrt(lambda_i) and V_k; U_k is the orthonormal factor of W V_k (W V_k = U_k diag(S_k)).
-  Cost: m n^2 flops for G (BLAS-3, in row blocks) plus 4/3 n^3 for the reduction, against
+  Small matrices with n <= EIGH_MAX_SIDE take numpy's batched eigh of their G instead (same
+  accuracy; see `_gram_batch`). Cost: m n^2 flops for G (BLAS-3, in row blocks) plus 4/3 n^3 for the reduction, against
   ~4 m n^2 + 8/3 n^3 for an SVD, which also forms vectors it never uses. Accuracy: G is formed
   and reduced in float64, so lambda_i carries an absolute error of ~c eps64 s_1^2 (c a modest
   function of m and n) and s_i a relative one of ~c eps64 (s_1 / s_i)^2 / 2: below fp32's own
@@ -56,6 +57,7 @@ QR_FIRST_RATIO = 2  # CUDA: exact values + top-k of matrices at least this tall 
 GRAM_BLOCK_BYTES = 64 << 20  # CPU: rows of W are converted to float64 this many bytes at a time
 CPU_GRAM = True  # False: CPU runs the torch routes CUDA runs (the tests check those this way)
 PARALLEL_MIN_FLOPS = 1 << 30  # CPU: matrices costing this much (m n^2 + n^3) go to worker processes
+EIGH_MAX_SIDE = 128  # CPU: smaller matrices with n up to this are decomposed by numpy's batched eigh
 DEFAULT_NITER = 4  # power iterations: each multiplies the gap ratio sigma_{l+1}/sigma_k by itself twice more
 
 
@@ -228,19 +230,20 @@ def _fill(x: np.ndarray | None, finite: np.ndarray, shape: tuple) -> np.ndarray:
     return full
 
 
-_BLAS = None  # a threadpoolctl controller over numpy's and scipy's BLAS, made once (finding them costs ~2 ms)
+_BLAS = None  # (threadpoolctl controller, whether scipy's BLAS was loaded when it was made)
 
 
 def _blas_threads(n: int | None):
-    """A context that runs BLAS/LAPACK on `n` threads (None: as they are)."""
+    """A context that runs numpy's and scipy's BLAS/LAPACK on `n` threads (None: as they are)."""
     global _BLAS
     if n is None:
         return contextlib.nullcontext()
-    if _BLAS is None:
+    scipy_loaded = "scipy.linalg" in sys.modules  # scipy brings its own BLAS: look again once it is there
+    if _BLAS is None or _BLAS[1] != scipy_loaded:  # finding the libraries costs ~10 ms: done at most twice
         from threadpoolctl import ThreadpoolController
 
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=n, user_api="blas")
+        _BLAS = (ThreadpoolController(), scipy_loaded)
+    return _BLAS[0].limit(limits=n, user_api="blas")
 
 
 def _gram_batch(a: np.ndarray, k: int, values: bool):
@@ -248,25 +251,36 @@ def _gram_batch(a: np.ndarray, k: int, values: bool):
     of a tall (B, M, N) float stack, from float64 Gram matrices (see the module docstring); fp32,
     NaN rows for matrices holding NaN/inf.
 
-    Threads: a matrix costing less than PARALLEL_MIN_FLOPS runs on one BLAS thread. LAPACK's
+    Small matrices (below PARALLEL_MIN_FLOPS) run in this process on one BLAS thread; those with
+    n <= EIGH_MAX_SIDE are decomposed together by numpy's batched `eigh` (LAPACK dsyevd, every
+    eigenvector), one call for the stack and no scipy import (~0.3 s): it forms all n vectors,
+    which past n = 128 costs more than the tridiagonal route's k (one thread, values + top 8:
+    n = 64 0.49 vs 0.60 ms, n = 128 2.2 vs 1.7 ms, n = 256 13 vs 7 ms per matrix). LAPACK's
     tridiagonal reduction is half matrix-vector work in many small steps, and a second thread
-    costs more at each step's barrier than it saves on a busy machine: 512 x 128 took 6.9 ms on one
-    thread and 68 ms on two, 2048 x 512 47 vs 397 ms (2 cores, load 3.7-4.5). Larger matrices spend the thread budget
-    (`ckptprobe._threads.default()`, which `--threads` sets) on forked processes, one matrix each
-    on one thread, rather than on LAPACK's threads: a busy machine stalls a threaded LAPACK at
-    every barrier but not independent processes; a single large matrix gets the whole budget.
+    costs more at each step's barrier than it saves on a busy machine: 512 x 128 took 6.9 ms on
+    one thread and 68 ms on two, 2048 x 512 47 vs 397 ms (2 cores, load 3.7-4.5). Larger
+    matrices spend the thread budget (`ckptprobe._threads.default()`, which `--threads` sets) on
+    forked processes, one matrix each on one thread, rather than on LAPACK's threads: a busy
+    machine stalls a threaded LAPACK at every barrier but not independent processes; a single
+    large matrix gets the whole budget.
     """
     import numpy as np
-    from scipy.linalg import lapack  # noqa: F401  (loaded before the thread controller looks for BLAS)
 
     from ckptprobe._threads import default as thread_budget
     from ckptprobe.analysis.runner import parallel_map
 
     B, M, N = a.shape
     large = M * N * N + N ** 3 >= PARALLEL_MIN_FLOPS
-    workers = min(B, thread_budget()) if large else 1
-    with _blas_threads(1 if workers > 1 or not large else None):  # forked workers inherit one thread each
-        outs = list(parallel_map(lambda i: _gram(a[i], k, values), [(i,) for i in range(B)], workers, fork=True))
+    if not large and N <= EIGH_MAX_SIDE:
+        with _blas_threads(1):
+            outs = _eigh_batch(a, k, values)
+    else:
+        from scipy.linalg import lapack  # noqa: F401  (loaded before the thread controller looks for BLAS)
+
+        workers = min(B, thread_budget()) if large else 1
+        with _blas_threads(1 if workers > 1 or not large else None):  # forked workers inherit one thread each
+            outs = list(parallel_map(lambda i: _gram(a[i], k, values), [(i,) for i in range(B)], workers,
+                                     fork=True))
     finite = np.array([o is not None for o in outs], bool)
     shapes = ((N,), (M, k), (k,), (N, k))
 
@@ -280,23 +294,56 @@ def _gram_batch(a: np.ndarray, k: int, values: bool):
     return (finite, stack(0) if values else None, *((stack(1), stack(2), stack(3)) if k else (None, None, None)))
 
 
+def _row_blocks(w: np.ndarray):
+    """W's rows as float64 blocks of GRAM_BLOCK_BYTES: a list when W fits in four (converted once
+    and reused for W V), else a generator (converted again for W V, so memory stays one block)."""
+    import numpy as np
+
+    rows = max(1, GRAM_BLOCK_BYTES // (8 * w.shape[1]))
+    blocks = (w[lo:lo + rows].astype(np.float64) for lo in range(0, len(w), rows))
+    return list(blocks) if len(w) <= 4 * rows else blocks
+
+
+def _gram_matrix(blocks, n: int) -> np.ndarray | None:
+    """G = W^T W (n, n) float64 from W's row blocks; None if W holds NaN/inf."""
+    import numpy as np
+
+    g = np.zeros((n, n))
+    for blk in blocks:  # G += B^T B (numpy calls dsyrk)
+        g += blk.T @ blk
+    # G_jj = sum of squares of column j: NaN/inf iff W has any
+    return g if np.isfinite(np.diagonal(g)).all() else None
+
+
+def _eigh_batch(a: np.ndarray, k: int, values: bool) -> list:
+    """`_gram`'s result for each matrix of a tall (B, M, N) stack, through one batched `eigh`."""
+    import numpy as np
+
+    B, M, N = a.shape
+    grams = [_gram_matrix(_row_blocks(w), N) for w in a]
+    ok = [i for i, g in enumerate(grams) if g is not None]
+    outs = [None] * B
+    if not ok:
+        return outs
+    g = np.stack([grams[i] for i in ok])  # (b, N, N)
+    lam, z = np.linalg.eigh(g) if k else (np.linalg.eigvalsh(g), None)  # ascending
+    for j, i in enumerate(ok):
+        outs[i] = _factors(a[i], None, lam[j], lam[j, N - k:], None if z is None else z[j, :, N - k:], k, values)
+    return outs
+
+
 def _gram(w, k: int, values: bool):
     """One tall (M, N) float array -> (all N singular values descending | None, U (M, k), S (k,),
     V (N, k)), float64, through the eigen-decomposition of G = W^T W; None if W holds NaN/inf."""
     import numpy as np
     from scipy.linalg import lapack
 
-    M, N = w.shape
-    rows = max(1, GRAM_BLOCK_BYTES // (8 * N))
-    # float64 row blocks of W, converted once when W fits in four blocks, else again for W V below
-    blocks = (w[lo:lo + rows].astype(np.float64) for lo in range(0, M, rows))
-    if M <= 4 * rows:
-        blocks = list(blocks)
-    g = np.zeros((N, N))
-    for blk in blocks:  # G += B^T B (numpy calls dsyrk)
-        g += blk.T @ blk
-    if not np.isfinite(np.diagonal(g)).all():  # G_jj = sum of squares of column j: NaN/inf iff W has any
+    N = w.shape[1]
+    blocks = _row_blocks(w)
+    g = _gram_matrix(blocks, N)
+    if g is None:
         return None
+    lam = lam_k = z = None
     if N == 1:  # G is its own eigenvalue (LAPACK's tridiagonal routines want N >= 2)
         lam = lam_k = g[0]
         z = np.ones((1, 1))
@@ -316,15 +363,23 @@ def _gram(w, k: int, values: bool):
             z = z[:, :k]
             z[1:], _, info = lapack.dormqr("L", "N", h[1:, :-1], tau, z[1:], lwork=max(1, 64 * k))
             _check(info, "dormqr")
+            lam_k = lam_k[:k]
+    return _factors(w, blocks if isinstance(blocks, list) else None, lam, lam_k, z, k, values)
+
+
+def _factors(w: np.ndarray, blocks: list | None, lam, lam_k, z, k: int, values: bool):
+    """(values descending | None, U (M, k), S (k,), V (N, k)) float64 of a tall W from G's eigenvalues
+    `lam` (all, ascending), `lam_k` (the top k, ascending) and their eigenvectors z (N, k);
+    `blocks`: W's float64 row blocks if at hand."""
+    import numpy as np
+
     # rounding can leave eigenvalues of a (semi-)definite G slightly negative
     vals = np.sqrt(np.maximum(lam[::-1], 0)) if values else None
     if not k:
         return vals, None, None, None
     v = z[:, ::-1]  # descending
-    s = np.sqrt(np.maximum(lam_k[:k][::-1], 0))
-    if not isinstance(blocks, list):
-        blocks = (w[lo:lo + rows].astype(np.float64) for lo in range(0, M, rows))
-    y = np.concatenate([blk @ v for blk in blocks])  # W V = U S, (M, k)
+    s = np.sqrt(np.maximum(lam_k[::-1], 0))
+    y = np.concatenate([blk @ v for blk in (blocks if blocks is not None else _row_blocks(w))])  # W V = U S, (M, k)
     # Orthonormalizing W V (rather than dividing by S) keeps U orthonormal where s_i is 0 or tiny;
     # R's diagonal is +-S, and flipping by its sign keeps W v_i = s_i u_i.
     u, r = np.linalg.qr(y)

@@ -300,15 +300,24 @@ def test_zero_and_rank_deficient_matrices_keep_orthonormal_factors():
         assert (out.values[0, 2:] < 1e-5).all()
 
 
-def test_blocks_and_worker_processes_do_not_change_results(monkeypatch):
-    w = randn(3, 70, 40, seed=13)
+@pytest.mark.parametrize("side", [40, 200])
+def test_eigh_tridiagonal_blocks_and_worker_processes_agree(monkeypatch, side):
+    """Small matrices: batched eigh (n <= EIGH_MAX_SIDE) or the tridiagonal route in this process;
+    then everything through forked workers, in row blocks with a ragged last one. Same results
+    (singular vectors up to sign: compared through W_k = U S V^T)."""
+    w = randn(3, side + 30, side, seed=13)
     one = decompose(w, SVDRequest(k=5))
-    monkeypatch.setattr(svd, "GRAM_BLOCK_BYTES", 8 * 40 * 9)  # 9 rows at a time, a ragged last block
+    monkeypatch.setattr(svd, "GRAM_BLOCK_BYTES", 8 * side * 9)  # 9 rows at a time, a ragged last block
     monkeypatch.setattr(svd, "PARALLEL_MIN_FLOPS", 0)  # every batch to forked workers ...
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # ... two of them (the thread budget)
     many = decompose(w, SVDRequest(k=5))
-    np.testing.assert_allclose(many.values, one.values, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(many.U * many.S[:, None], one.U * one.S[:, None], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(many.values, one.values, atol=1e-6 * one.values.max(), rtol=0)
+    np.testing.assert_allclose(many.S, one.S, rtol=1e-6)
+    for out in (one, many):  # W V = U S, U orthonormal
+        np.testing.assert_allclose(w @ out.V, out.U * out.S[:, None], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out.U.swapaxes(1, 2) @ out.U, np.broadcast_to(np.eye(5), (3, 5, 5)), atol=1e-6)
+    np.testing.assert_allclose((many.U * many.S[:, None]) @ many.V.swapaxes(1, 2),
+                               (one.U * one.S[:, None]) @ one.V.swapaxes(1, 2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["base", "sft", "rl-1"])
