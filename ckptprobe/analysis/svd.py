@@ -406,7 +406,8 @@ def _torch_routes(a: np.ndarray, request: SVDRequest, randomized: bool, oversamp
     # fp32: cuSOLVER has no half-precision SVD, and bf16's 8-bit mantissa (relative spacing 2^-8) would
     # swamp the small singular values and the degree-level principal angles we measure (Sec. 4.1 of
     # "The Path Not Taken"). The upcast is exact.
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(device).float()
+    a = np.ascontiguousarray(a)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device).float()  # torch wants writable memory
     values = U = S = V = None
     if k and not randomized and request.values and _qr_first(t.shape[-2:]):
         values, U, V = _qr_svd(t, k)

@@ -232,7 +232,9 @@ def test_auto_device_decides_without_torch_where_no_gpu_can_be(tmp_path, monkeyp
 
 
 def test_results_are_fp32_numpy_on_every_route(route):
-    out = decompose(randn(2, 5, 4, seed=15).astype(np.float64), SVDRequest(k=2, reconstruct=True), device="cpu")
+    w = randn(2, 5, 4, seed=15).astype(np.float64)
+    w.setflags(write=False)  # e.g. memory-mapped checkpoint data: read, never written
+    out = decompose(w, SVDRequest(k=2, reconstruct=True), device="cpu")
     for x in (out.values, out.U, out.S, out.V, out.reconstruction):
         assert isinstance(x, np.ndarray) and x.dtype == np.float32
     assert out.finite.dtype == bool
