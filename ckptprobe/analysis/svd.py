@@ -198,8 +198,10 @@ def decompose(batch: np.ndarray, request: SVDRequest = SVDRequest(), device: str
     recon = None
     device = str(device or "cpu")
     if device == "cpu" and CPU_GRAM:
-        # the finite matrices' all values (if wanted) and, unless randomized, top-k from Gram matrices
-        finite, values, U, S, V = _gram_batch(a, 0 if randomized else k, request.values)
+        if randomized and not request.values:  # no Gram matrix needed (it would cost m n^2 flops)
+            finite, values, U, S, V = np.isfinite(a).all(axis=(-2, -1)), None, None, None, None
+        else:  # the finite matrices' all values (if wanted) and, unless randomized, top-k from Gram matrices
+            finite, values, U, S, V = _gram_batch(a, 0 if randomized else k, request.values)
         if randomized and finite.any():
             U, S, V = _randomized_topk(a[finite].astype(np.float32, copy=False), k, oversample, request.niter,
                                        request.seed)
@@ -465,15 +467,26 @@ def _randomized_topk(a, k: int, oversample: int, niter: int, seed: int):
     """
     import numpy as np
 
-    linalg = np.linalg if isinstance(a, np.ndarray) else sys.modules["torch"].linalg  # same calls in both
+    if isinstance(a, np.ndarray):
+        from scipy.linalg import qr
+
+        # scipy's QR (sgeqrf + sorgqr) of 8960 x 128 fp32: 52 ms, numpy's 169 ms (torch's: 39 ms)
+        def orth(x):
+            return np.stack([qr(m, mode="economic", overwrite_a=True, check_finite=False)[0] for m in x])
+
+        svd = np.linalg.svd
+    else:
+        torch = sys.modules["torch"]
+        orth, svd = (lambda x: torch.linalg.qr(x).Q), torch.linalg.svd
     B, M, N = a.shape
+    at = a.swapaxes(-1, -2)  # (B, N, M)
     omega = _gaussian((B, N, min(k + oversample, N)), seed, a)  # (B, N, l)
-    q = linalg.qr(a @ omega).Q  # (B, M, l): orthonormal basis of the sketched range
+    q = orth(a @ omega)  # (B, M, l): orthonormal basis of the sketched range
     for _ in range(niter):
-        z = linalg.qr(a.swapaxes(-1, -2) @ q).Q  # (B, N, l)
-        q = linalg.qr(a @ z).Q  # (B, M, l)
-    small = q.swapaxes(-1, -2) @ a  # (B, l, N), wide: decompose its transpose (N, l)
-    ub, s, vh = linalg.svd(small.swapaxes(-1, -2), full_matrices=False)  # small^T = ub s vh
+        z = orth(at @ q)  # (B, N, l)
+        q = orth(a @ z)  # (B, M, l)
+    # small = Q^T A (B, l, N) is wide: decompose its transpose A^T Q (N, l), formed directly
+    ub, s, vh = svd(at @ q, full_matrices=False)  # small^T = ub s vh
     # small = vh^T s ub^T: left vectors of `small` are vh^T, right ones ub
     return q @ vh.swapaxes(-1, -2)[..., :k], s[..., :k], ub[..., :k]
 
