@@ -6,6 +6,7 @@ See `consensus_stats` for the statistics and `mask_scan` for how the counts are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -13,6 +14,11 @@ import numpy as np
 from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
 from ckptprobe.analysis.plan import Skipped
 from ckptprobe.analysis.grouping import grouped
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class TensorConsensus:
@@ -44,31 +50,32 @@ class TensorConsensus:
     heatmap: np.ndarray | None = None
     heat_block: int | None = None
 
-    @property
+    # Derived arrays are computed once per tensor (a MoE checkpoint has 100,000 tensors) and read-only.
+    @cached_property
     def valid(self) -> np.ndarray:
         v = np.zeros(len(self.changed), bool)
         v[list(self.runs)] = True
-        return v
+        return _frozen(v)
 
-    @property
+    @cached_property
     def density(self) -> np.ndarray:
         """(R,) float64 fraction of entries changed per run; NaN for runs left out."""
         d = self.changed / max(self.numel, 1)
-        return np.where(self.valid, d, np.nan)
+        return _frozen(np.where(self.valid, d, np.nan))
 
-    @property
+    @cached_property
     def jaccard(self) -> np.ndarray:
         j = jaccard_matrix(self.inter, self.changed)
-        return np.where(np.outer(self.valid, self.valid), j, np.nan)
+        return _frozen(np.where(np.outer(self.valid, self.valid), j, np.nan))
 
-    @property
+    @cached_property
     def bernoulli(self) -> np.ndarray:
-        return bernoulli_jaccard(self.density)
+        return _frozen(bernoulli_jaccard(self.density))
 
-    @property
+    @cached_property
     def expected_hist(self) -> np.ndarray:
         """(len(runs)+1,) expected `hist` if the runs' masks were independent with their densities."""
-        return self.numel * poisson_binomial(self.density[list(self.runs)])
+        return _frozen(self.numel * poisson_binomial(self.density[list(self.runs)]))
 
     def summary(self) -> dict:
         """Flat numbers for a table or CSV row (no R x R matrices)."""
@@ -146,27 +153,32 @@ class GroupConsensus:
         return {**self.summary(key_name), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
 
 
+POOL_CHUNK = 4096  # tensors pooled per numpy step: (chunk, R, R) float64 arrays stay a few MB
+
+
 def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus:
     """Pool per-tensor counts into one `GroupConsensus` (see its docstring for how)."""
     R = n_runs
     inter, union, e_inter, e_union = (np.zeros((R, R)) for _ in range(4))
     changed, numel = np.zeros(R), np.zeros(R)
-    hist, expected = np.zeros(R + 1, np.int64), np.zeros(R + 1)
-    for t in tensors:
-        v = t.valid
-        both = np.outer(v, v)
-        n = t.changed.astype(np.float64)
-        p = np.where(v, n / max(t.numel, 1), 0.0)
-        inter += np.where(both, t.inter, 0)
-        union += np.where(both, n[:, None] + n[None, :] - t.inter, 0)
-        pq = np.outer(p, p)
-        e_inter += np.where(both, t.numel * pq, 0)
-        e_union += np.where(both, t.numel * (p[:, None] + p[None, :] - pq), 0)
-        changed += np.where(v, n, 0)
-        numel += np.where(v, t.numel, 0)
-        if len(t.runs) == R:
-            hist += t.hist
-            expected += t.expected_hist
+    for lo in range(0, len(tensors), POOL_CHUNK):  # the sums over tensors, on (T, R) and (T, R, R) stacks
+        ts = tensors[lo:lo + POOL_CHUNK]
+        v = np.array([t.valid for t in ts]).reshape(len(ts), R)
+        both = v[:, :, None] & v[:, None, :]
+        n = np.array([t.changed for t in ts], np.float64).reshape(len(ts), R)
+        i = np.array([t.inter for t in ts], np.float64).reshape(len(ts), R, R)
+        size = np.array([t.numel for t in ts], np.float64)
+        p = np.where(v, n / np.maximum(size, 1)[:, None], 0.0)
+        pq = p[:, :, None] * p[:, None, :]
+        inter += np.where(both, i, 0).sum(0)
+        union += np.where(both, n[:, :, None] + n[:, None, :] - i, 0).sum(0)
+        e_inter += np.where(both, size[:, None, None] * pq, 0).sum(0)
+        e_union += np.where(both, size[:, None, None] * (p[:, :, None] + p[:, None, :] - pq), 0).sum(0)
+        changed += np.where(v, n, 0).sum(0)
+        numel += np.where(v, size[:, None], 0).sum(0)
+    full = [t for t in tensors if len(t.runs) == R]
+    hist = np.sum([t.hist for t in full], axis=0, dtype=np.int64) if full else np.zeros(R + 1, np.int64)
+    expected = np.sum([t.expected_hist for t in full], axis=0) if full else np.zeros(R + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         jac = np.where(union > 0, inter / union, np.nan)
         bern = np.where(e_union > 0, e_inter / e_union, np.nan)
@@ -192,7 +204,7 @@ class ConsensusResult:
     tensors: tuple[TensorConsensus, ...]
     skipped: tuple[Skipped, ...]
 
-    @property
+    @cached_property
     def total(self) -> GroupConsensus:
         return pool("all", self.tensors, len(self.runs))
 

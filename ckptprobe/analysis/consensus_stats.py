@@ -24,8 +24,7 @@ def jaccard_matrix(inter: np.ndarray, changed: np.ndarray) -> np.ndarray:
     inter = np.asarray(inter, np.float64)
     n = np.asarray(changed, np.float64)
     union = n[:, None] + n[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, np.nan)
+    return np.divide(inter, union, out=np.full_like(union, np.nan), where=union > 0)
 
 
 def bernoulli_jaccard(density: np.ndarray) -> np.ndarray:
@@ -38,8 +37,7 @@ def bernoulli_jaccard(density: np.ndarray) -> np.ndarray:
     p = np.asarray(density, np.float64)
     pq = p[:, None] * p[None, :]
     union = p[:, None] + p[None, :] - pq
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(union > 0, pq / union, np.nan)
+    out = np.divide(pq, union, out=np.full_like(union, np.nan), where=union > 0)
     diag = np.diag_indices_from(out)
     out[diag] = np.where(p > 0, 1.0, np.nan)
     return out

@@ -1,4 +1,4 @@
-"""The window runner: per-window numpy work over planned tensors, on every CPU the process may use.
+"""The window runner: per-window numpy work over planned tensors, on the CPUs the process may use.
 
 `run_windows(plans, work, step)` cuts each `TensorPlan` into windows of `step(plan)`
 elements, calls `work(plan, start, stop)` on every window and yields, per plan in order,
@@ -19,6 +19,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
 
+from ckptprobe import _threads
 from ckptprobe.analysis.plan import TensorPlan
 
 T = TypeVar("T")
@@ -28,11 +29,8 @@ _JOB: Callable | None = None  # what a forked worker runs: inherited at fork, ne
 
 
 def default_workers() -> int:
-    """The CPUs this process may run on (its affinity mask: what a container or `taskset` allows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """The CPUs this process may use that no other process is busy on (`_threads.default_workers`)."""
+    return _threads.default_workers()
 
 
 def forkable(plans: Sequence[TensorPlan]) -> bool:

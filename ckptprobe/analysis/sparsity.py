@@ -7,7 +7,7 @@ windows whatever the model size; windows are counted on every core (`parallel_ma
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ckptprobe.analysis.grouping import KEYS, grouped
@@ -37,7 +37,7 @@ class Counts:
         return Counts(self.numel + other.numel, self.changed + other.changed, self.nonfinite + other.nonfinite)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sparsity": self.sparsity}
+        return {"numel": self.numel, "changed": self.changed, "nonfinite": self.nonfinite, "sparsity": self.sparsity}
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class TensorSparsity:
     counts: Counts
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "counts"}
-        return {**d, "shape": list(self.shape), **self.counts.to_dict()}
+        return {"name": self.name, "layer": self.layer, "module": self.module, "group": self.group,
+                "shape": list(self.shape), "dtype": self.dtype, "ft_dtype": self.ft_dtype, "mode": self.mode,
+                **self.counts.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
 
     `mode=None` compares bitwise where both sides share a dtype and after rounding to
     bf16 where they do not. `progress`, if given, is called with the number of bytes
-    read after each window. `workers` None: every CPU the process may use.
+    read after each window. `workers` None: the CPUs the process may use that no other
+    process is busy on (`runner.default_workers`).
     """
     plan = plan_tensors(base, [finetuned], Want.floating, include, exclude, compare=True, mode=mode)
 

@@ -14,8 +14,7 @@ import json
 import math
 import mmap
 import os
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +43,17 @@ class TensorInfo:
     name: str
     dtype: str  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
+    # derived once here: analyses ask for them per read, and a header may hold 100,000 tensors
+    numel: int = field(init=False, repr=False, compare=False)  # a Python int: no int64 wrap-around
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @cached_property  # computed once: analyses ask for it per read
-    def numel(self) -> int:
-        return math.prod(self.shape)  # Python ints: no int64 wrap-around
+    def __post_init__(self):
+        object.__setattr__(self, "numel", math.prod(self.shape))
+        object.__setattr__(self, "nbytes", self.numel * self.itemsize)
 
     @property
     def itemsize(self) -> int:
         return _NP_DTYPES[self.dtype].itemsize
-
-    @cached_property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
 
 
 def byte_span(info: TensorInfo, data_offset: int, start: int, stop: int | None) -> tuple[np.dtype, int, int]:

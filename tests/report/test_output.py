@@ -7,6 +7,7 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -48,6 +49,27 @@ def test_json_has_no_nan_and_csv_flattens_lists():
     data = json.loads(to_json({"a": math.nan, "b": [1.0, math.inf], "c": {1: -math.inf}}))
     assert data == {"a": None, "b": [1.0, None], "c": {"1": None}}
     assert to_csv([{"shape": [2, 3], "x": 1}, {"shape": [4], "y": 2}]) == 'shape,x,y\n"[2, 3]",1,\n[4],,2\n'
+
+
+def test_json_lays_out_records_one_per_line_and_keeps_every_value():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((50, 4))
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[3, 1], values[7, 2] = np.inf, -np.inf
+    records = [{"name": f"t{i}", "v": row.tolist(), "shape": [i, 2], "sub": {"x": float(row[0])}}
+               for i, row in enumerate(values)]
+    data = {"command": "c", "tensors": records, "groups": {"layer": records[:3], "none": []}, "total": {"n": 1e308}}
+    text = to_json(data)
+    # the reference: NaN/inf -> None element by element, with the standard library
+    finite = [[None if not math.isfinite(x) else x for x in row.tolist()] for row in values]
+    subs = [None if not math.isfinite(r[0]) else r[0] for r in values.tolist()]
+    expect = [{"name": f"t{i}", "v": finite[i], "shape": [i, 2], "sub": {"x": subs[i]}} for i in range(50)]
+    assert json.loads(text) == {"command": "c", "tensors": expect, "groups": {"layer": expect[:3], "none": []},
+                                "total": {"n": 1e308}}
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}" and '  "command": "c",' in lines
+    assert sum(line.lstrip().startswith('{"name": ') for line in lines) == 50 + 3  # a record is one line
+    assert "NaN" not in text and "Infinity" not in text
 
 
 def test_emit_writes_the_chosen_format(tmp_path, capsys):
