@@ -206,9 +206,7 @@ def decompose(batch: np.ndarray, request: SVDRequest = SVDRequest(), device: str
             U, S, V = _randomized_topk(a[finite].astype(np.float32, copy=False), k, oversample, request.niter,
                                        request.seed)
     else:
-        finite = np.isfinite(a).all(axis=(-2, -1))  # (B,): LAPACK refuses NaN/inf, so those are NaN-filled
-        values, U, S, V, recon = _torch_routes(a if finite.all() else a[finite], request, randomized, oversample,
-                                               device)
+        finite, values, U, S, V, recon = _torch_routes(a, request, randomized, oversample, device)
     if wide and U is not None:
         U, V = V, U  # A^T = U S V^T  <=>  A = V S U^T
     values = _fill(values, finite, (B, min(m, n))) if request.values else None
@@ -397,19 +395,25 @@ def _check(info: int, routine: str) -> None:
 
 
 def _torch_routes(a: np.ndarray, request: SVDRequest, randomized: bool, oversample: int, device: str):
-    """values, U, S, V, reconstruction (each None unless asked) of a tall (B, M, N) stack of finite
-    matrices, by torch on `device` (CUDA, or CPU with CPU_GRAM off); fp32 numpy arrays."""
+    """finite (B,) bool, and values, U, S, V, reconstruction (each None unless asked) of the finite
+    matrices of a tall (B, M, N) stack, by torch on `device` (CUDA, or CPU with CPU_GRAM off); numpy
+    arrays, fp32. The stack is copied to the device whole and checked for NaN/inf there."""
     import numpy as np
     import torch
 
     k = request.k
-    if a.shape[0] == 0:
-        return None, None, None, None, None
+    a = np.ascontiguousarray(a)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)  # torch wants writable memory
+    finite = torch.isfinite(t).all(dim=(-2, -1))  # (B,): LAPACK refuses NaN/inf, so those are NaN-filled
+    if not bool(finite.all()):
+        t = t[finite]
+    finite = finite.cpu().numpy()
+    if t.shape[0] == 0:
+        return finite, None, None, None, None, None
     # fp32: cuSOLVER has no half-precision SVD, and bf16's 8-bit mantissa (relative spacing 2^-8) would
     # swamp the small singular values and the degree-level principal angles we measure (Sec. 4.1 of
     # "The Path Not Taken"). The upcast is exact.
-    a = np.ascontiguousarray(a)
-    t = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device).float()  # torch wants writable memory
+    t = t.float()
     values = U = S = V = None
     if k and not randomized and request.values and _qr_first(t.shape[-2:]):
         values, U, V = _qr_svd(t, k)
@@ -427,7 +431,7 @@ def _torch_routes(a: np.ndarray, request: SVDRequest, randomized: bool, oversamp
     def host(x):
         return None if x is None else x.cpu().numpy()
 
-    return host(values if request.values else None), host(U), host(S), host(V), host(recon)
+    return finite, host(values if request.values else None), host(U), host(S), host(V), host(recon)
 
 
 def _qr_svd(a: torch.Tensor, k: int):
