@@ -13,7 +13,7 @@ import numpy as np
 
 from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
 from ckptprobe.analysis.plan import Skipped
-from ckptprobe.analysis.grouping import grouped
+from ckptprobe.analysis.grouping import KEYS, grouped
 
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
@@ -242,7 +242,7 @@ class ConsensusResult:
             **{k: v for k, v in total.to_dict().items() if k not in ("key", "tensors", "row_stripe_index",
                                                                      "col_stripe_index")},
             "tensors": [t.to_dict() for t in self.tensors],
-            "groups": {key: [g.to_dict(key) for g in self.by(key).values()] for key in ("module", "layer")},
+            "groups": {key: [g.to_dict(key) for g in self.by(key).values()] for key in KEYS},
             "layer": self.layer,
             "profiles": [{"name": t.name, "module": t.module, "row_ratio": t.row_ratio.tolist(),
                           "col_ratio": t.col_ratio.tolist()} for t in self.layer_tensors()],
