@@ -22,6 +22,10 @@ slowdown should be ~1.0x).
 bf16 tensors (a MoE checkpoint with one tensor per expert has thousands): per-tensor costs,
 not throughput. Both write the default table and JSON; the ratio consensus / sparsity is the
 figure to watch (consensus compares two runs, and keeps R x R counts per tensor).
+
+The commands run as `python -m ckptprobe` in the current folder, which Python puts first on
+the import path: to time another checkout, run from outside any checkout with
+`PYTHONPATH=/that/checkout`.
 """
 
 from __future__ import annotations
