@@ -15,6 +15,13 @@ shared machine it is less disturbed by other processes than the wall time.
 It also times the same runs against a copy of the base with one exact zero per 4,096
 entries (`base-zeros.safetensors`): the bitwise fast path must not care (the printed
 slowdown should be ~1.0x).
+
+    python benchmarks/bench_consensus.py --tiny 30000        # one file of 30,000 tiny tensors instead
+
+`--tiny N` times consensus of two runs against sparsity of one on a base of N tiny (4 x 8)
+bf16 tensors (a MoE checkpoint with one tensor per expert has thousands): per-tensor costs,
+not throughput. Both write the default table and JSON; the ratio consensus / sparsity is the
+figure to watch (consensus compares two runs, and keeps R x R counts per tensor).
 """
 
 from __future__ import annotations
@@ -42,18 +49,60 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
     return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # Linux reports KiB
 
 
+def write_tiny(folder: Path, n: int) -> list[str]:
+    """A base of `n` tiny (4, 8) bf16 tensors and two runs changing ~30% of the entries each (seeded)."""
+    import numpy as np
+
+    from ckptprobe.analysis.bf16 import float32_to_bf16_bits
+    from ckptprobe.io.writer import write_safetensors
+
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i // 100}.mlp.experts.{i % 100}.up_proj.weight" for i in range(n)]
+    base = {m: float32_to_bf16_bits(rng.standard_normal((4, 8)).astype(np.float32) * 0.02) for m in names}
+    paths = [folder / "base.safetensors", folder / "run0.safetensors", folder / "run1.safetensors"]
+    write_safetensors(paths[0], {m: ("BF16", b) for m, b in base.items()})
+    for path in paths[1:]:
+        write_safetensors(path, {m: ("BF16", np.where(rng.random(b.shape) < 0.3, b + 1, b).astype(np.uint16))
+                                 for m, b in base.items()})
+    return list(map(str, paths))
+
+
+def tiny_case(n: int, folder: Path, repeat: int) -> None:
+    folder = folder / f"tiny-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [str(folder / f) for f in ("base.safetensors", "run0.safetensors", "run1.safetensors")]
+    if not all(Path(f).exists() for f in files):
+        files = write_tiny(folder, n)
+    ckpt = [sys.executable, "-m", "ckptprobe"]
+    load = os.getloadavg()[0]
+    print(f"{n:,} tiny (4 x 8) bf16 tensors per file; load average {load:.1f} at start")
+    for fmt in ([], ["-f", "json"]):
+        cons = statistics.median(timed([*ckpt, "consensus", *files, *fmt])[0] for _ in range(repeat))
+        spar = statistics.median(timed([*ckpt, "sparsity", *files[:2], *fmt])[0] for _ in range(repeat))
+        what = "json" if fmt else "table"
+        print(f"{what:5s}: consensus base run0 run1 {cons:.2f} s, sparsity base run0 {spar:.2f} s, "
+              f"ratio {cons / spar:.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=14, help="layers of the synthetic model (14: ~1.5 GB a file)")
     ap.add_argument("--runs", type=int, default=8, help="number of fine-tuned runs R")
     ap.add_argument("--dir", type=Path, help="keep the generated files here and reuse them if present")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tiny", type=int, metavar="N", help="instead: a file of N tiny tensors, consensus vs sparsity")
     args = ap.parse_args()
 
     tmp = None
     if args.dir is None:
         tmp = tempfile.TemporaryDirectory()
         args.dir = Path(tmp.name)
+    if args.tiny:
+        tiny_case(args.tiny, args.dir, args.repeat)
+        if tmp is not None:
+            tmp.cleanup()
+        return
     folder = args.dir / f"qwen-{args.layers}l"
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / "base.safetensors"

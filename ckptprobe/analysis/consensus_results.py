@@ -13,7 +13,7 @@ import numpy as np
 
 from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
 from ckptprobe.analysis.plan import Skipped
-from ckptprobe.analysis.grouping import grouped
+from ckptprobe.analysis.grouping import KEYS, grouped
 
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
@@ -153,32 +153,44 @@ class GroupConsensus:
         return {**self.summary(key_name), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
 
 
-POOL_CHUNK = 4096  # tensors pooled per numpy step: (chunk, R, R) float64 arrays stay a few MB
+POOL_BATCH = 1024  # tensors stacked at once by `pool`: a few arrays of POOL_BATCH * R * R float64
+
+
+def _terms(tensors: Sequence[TensorConsensus], R: int) -> list[np.ndarray]:
+    """Each tensor's terms of the sums of `pool`, stacked along a first axis of len(tensors): intersections,
+    unions, their expectations (R, R), changed and numel (R,) over the runs taking part, and the histogram
+    and its expectation (R+1,) of tensors all R runs took part in (zero for the others)."""
+    N = len(tensors)
+    valid = np.array([t.valid for t in tensors], bool).reshape(N, R)
+    both = valid[:, :, None] & valid[:, None, :]
+    n = np.array([t.changed for t in tensors], np.int64).reshape(N, R).astype(np.float64)
+    inter = np.array([t.inter for t in tensors], np.int64).reshape(N, R, R)
+    numel = np.array([t.numel for t in tensors], np.int64)
+    p = np.where(valid, n / np.maximum(numel, 1)[:, None], 0.0)
+    pq = p[:, :, None] * p[:, None, :]
+    size = numel.astype(np.float64)[:, None, None]
+    full = [len(t.runs) == R for t in tensors]
+    hist = np.array([t.hist if f else np.zeros(R + 1, np.int64) for t, f in zip(tensors, full)], np.int64)
+    expected = np.array([t.expected_hist if f else np.zeros(R + 1) for t, f in zip(tensors, full)], np.float64)
+    return [np.where(both, inter, 0), np.where(both, n[:, :, None] + n[:, None, :] - inter, 0),
+            np.where(both, size * pq, 0), np.where(both, size * (p[:, :, None] + p[:, None, :] - pq), 0),
+            np.where(valid, n, 0), np.where(valid, numel[:, None], 0), hist.reshape(N, R + 1),
+            expected.reshape(N, R + 1)]
 
 
 def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus:
-    """Pool per-tensor counts into one `GroupConsensus` (see its docstring for how)."""
+    """Pool per-tensor counts into one `GroupConsensus` (see its docstring for how).
+
+    The tensors' terms are stacked (POOL_BATCH tensors at a time) and summed along the tensor axis,
+    which numpy adds in order, tensor after tensor: the sums of a loop over the tensors in a few numpy
+    calls. Counts are summed as integers, then taken to float64 (exact below 2^53).
+    """
     R = n_runs
-    inter, union, e_inter, e_union = (np.zeros((R, R)) for _ in range(4))
-    changed, numel = np.zeros(R), np.zeros(R)
-    for lo in range(0, len(tensors), POOL_CHUNK):  # the sums over tensors, on (T, R) and (T, R, R) stacks
-        ts = tensors[lo:lo + POOL_CHUNK]
-        v = np.array([t.valid for t in ts]).reshape(len(ts), R)
-        both = v[:, :, None] & v[:, None, :]
-        n = np.array([t.changed for t in ts], np.float64).reshape(len(ts), R)
-        i = np.array([t.inter for t in ts], np.float64).reshape(len(ts), R, R)
-        size = np.array([t.numel for t in ts], np.float64)
-        p = np.where(v, n / np.maximum(size, 1)[:, None], 0.0)
-        pq = p[:, :, None] * p[:, None, :]
-        inter += np.where(both, i, 0).sum(0)
-        union += np.where(both, n[:, :, None] + n[:, None, :] - i, 0).sum(0)
-        e_inter += np.where(both, size[:, None, None] * pq, 0).sum(0)
-        e_union += np.where(both, size[:, None, None] * (p[:, :, None] + p[:, None, :] - pq), 0).sum(0)
-        changed += np.where(v, n, 0).sum(0)
-        numel += np.where(v, size[:, None], 0).sum(0)
-    full = [t for t in tensors if len(t.runs) == R]
-    hist = np.sum([t.hist for t in full], axis=0, dtype=np.int64) if full else np.zeros(R + 1, np.int64)
-    expected = np.sum([t.expected_hist for t in full], axis=0) if full else np.zeros(R + 1)
+    sums = [x.sum(axis=0) for x in _terms(tensors[:POOL_BATCH], R)]
+    for i in range(POOL_BATCH, len(tensors), POOL_BATCH):  # the running sums first, then the next batch, in order
+        sums = [np.concatenate([acc[None], x]).sum(axis=0) for acc, x in zip(sums, _terms(tensors[i:i + POOL_BATCH], R))]
+    inter, union, e_inter, e_union, changed, numel, hist, expected = sums
+    inter, numel = inter.astype(np.float64), numel.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         jac = np.where(union > 0, inter / union, np.nan)
         bern = np.where(e_union > 0, e_inter / e_union, np.nan)
@@ -230,7 +242,7 @@ class ConsensusResult:
             **{k: v for k, v in total.to_dict().items() if k not in ("key", "tensors", "row_stripe_index",
                                                                      "col_stripe_index")},
             "tensors": [t.to_dict() for t in self.tensors],
-            "groups": {key: [g.to_dict(key) for g in self.by(key).values()] for key in ("module", "layer")},
+            "groups": {key: [g.to_dict(key) for g in self.by(key).values()] for key in KEYS},
             "layer": self.layer,
             "profiles": [{"name": t.name, "module": t.module, "row_ratio": t.row_ratio.tolist(),
                           "col_ratio": t.col_ratio.tolist()} for t in self.layer_tensors()],

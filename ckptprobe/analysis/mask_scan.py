@@ -10,6 +10,7 @@ words. A tensor that is not a matrix is seen as (numel, 1): counted, with no pro
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Sequence
@@ -26,6 +27,7 @@ from ckptprobe.analysis.update import (DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, Co
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together (mapped page cache)
 CHUNK = 1 << 17  # entries per numpy step inside a block: base, run, mask and counts stay in L2 (~1 MB)
 HEAT_SIZE = 256  # heatmaps are block-averaged to at most this many cells per side
+SMALL = 4096  # entries: a one-chunk block this small takes `_small_block` (its cost is per-block overhead)
 
 
 def rows_cols(plan: TensorPlan) -> tuple[int, int]:
@@ -122,6 +124,8 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]
     exp = EXPONENT16.get(dtype)
     fast = [exp if r.mode == CompareMode.bitwise and r.info.dtype == dtype else None for r in plan.runs]
+    if 0 < n <= min(SMALL, _chunk_rows(cols) * cols) and not keep:  # one chunk, and small
+        return _small_block(plan, x, ys, cols if matrix else None, eta, atol, exp, fast)
     step = _chunk_rows(cols) * cols
     packed = np.zeros((R, -(-n // 64) * 8), np.uint8)  # per run, the mask bit-packed, in whole uint64 words
     nonfinite, hist = np.zeros(R, np.int64), np.zeros(R + 1, np.int64)
@@ -161,6 +165,36 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     return _Block(changed, nonfinite, inter, hist, row_sums, col_sums, heat)
 
 
+def _small_block(plan: TensorPlan, x: np.ndarray, ys: list[np.ndarray], cols: int | None, eta: float, atol: float,
+                 exp: int | None, fast: list) -> _Block:
+    """`_scan_block` for a block of at most SMALL entries (tiny tensors: a MoE checkpoint may hold tens of
+    thousands), in a few numpy calls: the runs' masks as one (R, n) array, intersections by one product
+    of exact integers. The same counts as the streamed path; `cols` is None for a tensor that is not a
+    matrix (no row/column sums)."""
+    R, dtype = len(plan.runs), plan.info.dtype
+    base_finite = exp is not None and any(f is not None for f in fast) and surely_finite16(x.view(np.uint16), exp)
+    masks, nonfinite = np.empty((R, x.size), bool), np.zeros(R, np.int64)
+    xor, ne = np.empty(x.size, np.uint16), np.empty(x.size, bool)
+    for k, r in enumerate(plan.runs):
+        masks[k], nonfinite[k] = _chunk_mask(x, ys[k], dtype, r.info.dtype, r.mode, eta, atol, fast[k], base_finite,
+                                             xor, ne)
+    ints = masks.astype(np.int64)
+    gram = ints @ ints.T  # (R, R): |M_k n M_l|, changed counts on the diagonal
+    counts = ints.sum(axis=0)
+    by_row = counts.reshape(-1, cols) if cols else None
+    upper = np.where(_strict_upper(R), gram, 0)  # the streamed path's layout: strict upper triangle
+    return _Block(gram.diagonal().copy(), nonfinite, upper, np.bincount(counts, minlength=R + 1),
+                  by_row.sum(axis=1) if cols else None, by_row.sum(axis=0) if cols else None, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _strict_upper(R: int) -> np.ndarray:
+    """(R, R) bool, True above the diagonal (read-only: shared between calls; np.triu builds it each time)."""
+    mask = np.triu(np.ones((R, R), bool), 1)
+    mask.flags.writeable = False
+    return mask
+
+
 class _Acc:
     """Running totals of one tensor's blocks."""
 
@@ -189,15 +223,20 @@ class _Acc:
             self.heat[blk.heat[0]] += blk.heat[1]
 
 
-def _finish(plan: TensorPlan, acc: _Acc, n_runs: int) -> TensorConsensus:
+def _finish(plan: TensorPlan, acc: _Acc | _Block, n_runs: int) -> TensorConsensus:
     idx = [r.index for r in plan.runs]
     R = len(idx)
     rows, cols = rows_cols(plan)
     numel = plan.info.numel
-    changed, nonfinite = np.zeros(n_runs, np.int64), np.zeros(n_runs, np.int64)
-    changed[idx], nonfinite[idx] = acc.changed, acc.nonfinite
-    inter = np.zeros((n_runs, n_runs), np.int64)
-    inter[np.ix_(idx, idx)] = acc.inter + acc.inter.T + np.diag(acc.changed)
+    inter = acc.inter + acc.inter.T
+    inter.flat[::R + 1] = acc.changed
+    if R == n_runs:  # every run took part (idx is 0..R-1): the arrays as they are
+        changed, nonfinite = acc.changed, acc.nonfinite
+    else:
+        changed, nonfinite = np.zeros(n_runs, np.int64), np.zeros(n_runs, np.int64)
+        changed[idx], nonfinite[idx] = acc.changed, acc.nonfinite
+        inter, part = np.zeros((n_runs, n_runs), np.int64), inter
+        inter[np.ix_(idx, idx)] = part
     p = acc.changed / max(numel, 1)
     rho = kappa = heat = None
     row_idx = col_idx = None
@@ -236,6 +275,9 @@ def scan(plans: Sequence[TensorPlan], n_runs: int, eta: float = DEFAULT_ETA, ato
         return block_rows(plan) * rows_cols(plan)[1]
 
     for plan, blocks in run_windows(plans, work, step, workers, progress):
+        if len(blocks) == 1 and blocks[0].heat is None:  # one block holds the tensor's totals already
+            yield _finish(plan, blocks[0], n_runs)
+            continue
         acc = _Acc(plan, plan.name in keep)
         lo = 0
         for blk in blocks:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ckptprobe.analysis.bf16 import float32_to_bf16_bits, to_float32
 from ckptprobe.analysis.choices import Vectors
-from ckptprobe.analysis.grouping import grouped
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.mask_expr import Expr, Kind, parse_expression
 from ckptprobe.analysis.mask_select import (DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank, low_mask,
                                             principal_mask, random_mask)
@@ -156,6 +156,10 @@ class TensorMask:
         return int(np.prod(self.shape, dtype=np.int64))
 
     @property
+    def group(self) -> str:
+        return parse_name(self.name).group
+
+    @property
     def density(self) -> float | None:
         return self.count / self.numel if self.numel else None
 
@@ -166,7 +170,7 @@ class TensorMask:
 
 
 def group_densities(tensors: Sequence[TensorMask], key: str) -> list[dict]:
-    """Trainable counts summed per "module" or "layer" (in the order of `grouping.order`), with densities."""
+    """Trainable counts summed per "module", "layer" or "group" (in the order of `grouping.order`), with densities."""
     out = []
     for k, ts in grouped(tensors, key).items():
         n, c = sum(t.numel for t in ts), sum(t.count for t in ts)
@@ -188,7 +192,7 @@ class MaskBuild:
                 for t in self.tensors}
 
     def rows(self, by: str = "tensor") -> list[dict]:
-        """Flat records: one per tensor, or trainable counts per module or layer."""
+        """Flat records: one per tensor, or trainable counts per module, layer or group."""
         return [t.to_dict() for t in self.tensors] if by == "tensor" else group_densities(self.tensors, by)
 
     @property
@@ -198,7 +202,7 @@ class MaskBuild:
 
     def to_dict(self) -> dict:
         return {"command": "masks", **self.recipe, "tensors": [t.to_dict() for t in self.tensors],
-                "groups": {k: self.rows(k) for k in ("module", "layer")}, "total": self.total,
+                "groups": {k: self.rows(k) for k in KEYS}, "total": self.total,
                 "skipped": [s.to_dict() for s in self.skipped]}
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.grouping import grouped
+from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank
 from ckptprobe.analysis.masks import MaskSpec, MatrixMasks
 from ckptprobe.analysis.plan import Skipped, SkipCategory, Want, plan_tensors
@@ -134,7 +134,7 @@ class PrincipalResult:
             "low_threshold": self.low_threshold,
             "mode": self.mode, "eta": self.eta, "atol": self.atol, "topk_method": self.method,
             "matrices": [m.to_dict() for m in self.matrices],
-            "groups": {key: self.rows(key) for key in ("module", "layer")},
+            "groups": {key: self.rows(key) for key in KEYS},
             "total": [{"finetuned": ft, **total[ft].to_dict()} for ft in self.finetuned],
             "skipped": [s.to_dict() for s in self.skipped],
         }

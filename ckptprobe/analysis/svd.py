@@ -198,15 +198,15 @@ def decompose(batch: np.ndarray, request: SVDRequest = SVDRequest(), device: str
     recon = None
     device = str(device or "cpu")
     if device == "cpu" and CPU_GRAM:
-        # the finite matrices' all values (if wanted) and, unless randomized, top-k from Gram matrices
-        finite, values, U, S, V = _gram_batch(a, 0 if randomized else k, request.values)
+        if randomized and not request.values:  # no Gram matrix needed (it would cost m n^2 flops)
+            finite, values, U, S, V = np.isfinite(a).all(axis=(-2, -1)), None, None, None, None
+        else:  # the finite matrices' all values (if wanted) and, unless randomized, top-k from Gram matrices
+            finite, values, U, S, V = _gram_batch(a, 0 if randomized else k, request.values)
         if randomized and finite.any():
             U, S, V = _randomized_topk(a[finite].astype(np.float32, copy=False), k, oversample, request.niter,
                                        request.seed)
     else:
-        finite = np.isfinite(a).all(axis=(-2, -1))  # (B,): LAPACK refuses NaN/inf, so those are NaN-filled
-        values, U, S, V, recon = _torch_routes(a if finite.all() else a[finite], request, randomized, oversample,
-                                               device)
+        finite, values, U, S, V, recon = _torch_routes(a, request, randomized, oversample, device)
     if wide and U is not None:
         U, V = V, U  # A^T = U S V^T  <=>  A = V S U^T
     values = _fill(values, finite, (B, min(m, n))) if request.values else None
@@ -395,18 +395,25 @@ def _check(info: int, routine: str) -> None:
 
 
 def _torch_routes(a: np.ndarray, request: SVDRequest, randomized: bool, oversample: int, device: str):
-    """values, U, S, V, reconstruction (each None unless asked) of a tall (B, M, N) stack of finite
-    matrices, by torch on `device` (CUDA, or CPU with CPU_GRAM off); fp32 numpy arrays."""
+    """finite (B,) bool, and values, U, S, V, reconstruction (each None unless asked) of the finite
+    matrices of a tall (B, M, N) stack, by torch on `device` (CUDA, or CPU with CPU_GRAM off); numpy
+    arrays, fp32. The stack is copied to the device whole and checked for NaN/inf there."""
     import numpy as np
     import torch
 
     k = request.k
-    if a.shape[0] == 0:
-        return None, None, None, None, None
+    a = np.ascontiguousarray(a)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)  # torch wants writable memory
+    finite = torch.isfinite(t).all(dim=(-2, -1))  # (B,): LAPACK refuses NaN/inf, so those are NaN-filled
+    if not bool(finite.all()):
+        t = t[finite]
+    finite = finite.cpu().numpy()
+    if t.shape[0] == 0:
+        return finite, None, None, None, None, None
     # fp32: cuSOLVER has no half-precision SVD, and bf16's 8-bit mantissa (relative spacing 2^-8) would
     # swamp the small singular values and the degree-level principal angles we measure (Sec. 4.1 of
     # "The Path Not Taken"). The upcast is exact.
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(device).float()
+    t = t.float()
     values = U = S = V = None
     if k and not randomized and request.values and _qr_first(t.shape[-2:]):
         values, U, V = _qr_svd(t, k)
@@ -424,7 +431,7 @@ def _torch_routes(a: np.ndarray, request: SVDRequest, randomized: bool, oversamp
     def host(x):
         return None if x is None else x.cpu().numpy()
 
-    return host(values if request.values else None), host(U), host(S), host(V), host(recon)
+    return finite, host(values if request.values else None), host(U), host(S), host(V), host(recon)
 
 
 def _qr_svd(a: torch.Tensor, k: int):
@@ -464,15 +471,26 @@ def _randomized_topk(a, k: int, oversample: int, niter: int, seed: int):
     """
     import numpy as np
 
-    linalg = np.linalg if isinstance(a, np.ndarray) else sys.modules["torch"].linalg  # same calls in both
+    if isinstance(a, np.ndarray):
+        from scipy.linalg import qr
+
+        # scipy's QR (sgeqrf + sorgqr) of 8960 x 128 fp32: 52 ms, numpy's 169 ms (torch's: 39 ms)
+        def orth(x):
+            return np.stack([qr(m, mode="economic", overwrite_a=True, check_finite=False)[0] for m in x])
+
+        svd = np.linalg.svd
+    else:
+        torch = sys.modules["torch"]
+        orth, svd = (lambda x: torch.linalg.qr(x).Q), torch.linalg.svd
     B, M, N = a.shape
+    at = a.swapaxes(-1, -2)  # (B, N, M)
     omega = _gaussian((B, N, min(k + oversample, N)), seed, a)  # (B, N, l)
-    q = linalg.qr(a @ omega).Q  # (B, M, l): orthonormal basis of the sketched range
+    q = orth(a @ omega)  # (B, M, l): orthonormal basis of the sketched range
     for _ in range(niter):
-        z = linalg.qr(a.swapaxes(-1, -2) @ q).Q  # (B, N, l)
-        q = linalg.qr(a @ z).Q  # (B, M, l)
-    small = q.swapaxes(-1, -2) @ a  # (B, l, N), wide: decompose its transpose (N, l)
-    ub, s, vh = linalg.svd(small.swapaxes(-1, -2), full_matrices=False)  # small^T = ub s vh
+        z = orth(at @ q)  # (B, N, l)
+        q = orth(a @ z)  # (B, M, l)
+    # small = Q^T A (B, l, N) is wide: decompose its transpose A^T Q (N, l), formed directly
+    ub, s, vh = svd(at @ q, full_matrices=False)  # small^T = ub s vh
     # small = vh^T s ub^T: left vectors of `small` are vh^T, right ones ub
     return q @ vh.swapaxes(-1, -2)[..., :k], s[..., :k], ub[..., :k]
 

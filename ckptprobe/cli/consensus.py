@@ -102,8 +102,8 @@ def consensus(
 
     scope = "selected tensors" if include or exclude else "whole model"
     names = labels(list(result.runs))
-    data = result.to_dict()
-    data["labels"] = names
+    # JSON only: a table or CSV does not need the per-tensor R x R matrices (seconds for many tensors)
+    data = {**result.to_dict(), "labels": names} if out.fmt.value == "json" else {}
     total = result.total
     rows = result.rows(by.value)
     cols = ["name", "shape"] if by == By.tensor else [by.value]

@@ -374,3 +374,48 @@ def test_a_base_with_exact_zeros_stays_on_the_fast_path(tmp_path, monkeypatch):
     assert t.inter[0, 1] == int((masks[0] & masks[1]).sum()) and t.inter[1, 2] == int((masks[1] & masks[2]).sum())
     assert t.hist.tolist() == np.bincount(sum(m.astype(int) for m in masks).ravel(), minlength=4).tolist()
     assert calls == [1024]  # the last chunk of run 2 only
+
+
+def _pool_by_loop(tensors, R):
+    """The pooled sums of `pool`, tensor after tensor, as a plain loop (the reference for its stacked sums)."""
+    inter, union, e_inter, e_union = (np.zeros((R, R)) for _ in range(4))
+    changed, numel, hist, expected = np.zeros(R), np.zeros(R), np.zeros(R + 1, np.int64), np.zeros(R + 1)
+    for t in tensors:
+        v = t.valid
+        both = np.outer(v, v)
+        n = t.changed.astype(np.float64)
+        p = np.where(v, n / max(t.numel, 1), 0.0)
+        pq = np.outer(p, p)
+        inter += np.where(both, t.inter, 0)
+        union += np.where(both, n[:, None] + n[None, :] - t.inter, 0)
+        e_inter += np.where(both, t.numel * pq, 0)
+        e_union += np.where(both, t.numel * (p[:, None] + p[None, :] - pq), 0)
+        changed += np.where(v, n, 0)
+        numel += np.where(v, t.numel, 0)
+        if len(t.runs) == R:
+            hist += t.hist
+            expected += t.expected_hist
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / union, e_inter / e_union, changed / numel, hist, expected
+
+
+@pytest.mark.parametrize("batch", [1, 3, 1024])
+def test_pooling_equals_a_loop_bit_for_bit(family, tmp_path, monkeypatch, batch):
+    """Stacked sums in batches give the loop's float64 sums exactly, with a run left out of some tensors."""
+    import ckptprobe.analysis.consensus_results as results
+
+    base, runs, _ = family
+    src = open_source(str(runs[2]))
+    partial = tmp_path / "partial.safetensors"
+    write_safetensors(partial, {n: ("BF16", src.get_array(n)) for i, n in enumerate(src.keys()) if i % 3})
+    result = consensus(*sources(base, [runs[0], runs[1], partial, runs[3]]))
+    monkeypatch.setattr(results, "POOL_BATCH", batch)
+    for key, g in [("all", result.total), *result.by("layer").items(), *result.by("module").items()]:
+        ts = result.tensors if key == "all" else [t for t in result.tensors if key in (t.layer, t.module)]
+        jac, bern, density, hist, expected = _pool_by_loop(ts, R)
+        off = ~np.eye(R, dtype=bool)
+        assert np.array_equal(g.jaccard[off], jac[off], equal_nan=True)
+        assert np.array_equal(g.bernoulli[off], bern[off], equal_nan=True)
+        assert np.array_equal(g.density, density, equal_nan=True)
+        assert np.array_equal(g.hist, hist) and np.array_equal(g.expected_hist, expected)
+        assert g.tensors == len(ts)

@@ -47,6 +47,8 @@ def test_every_result_rows_in_one_order(tiny_pair):
         assert [r[by] for r in pr.rows(by)] == matrices[by]
         assert [r[by] for r in masks.rows(by)] == expected[by]
     dr = drift(a, [b, b])
+    assert [r["group"] for r in masks.rows("group")] == expected["group"]
+    assert sum(r["numel"] for r in masks.rows("group")) == sum(x.size for x in w.values())
     for by in ("module", "layer", "group"):
         assert [r[by] for r in sv.rows(by)] == [v for v in expected[by] if v != "norm"]
         assert [r[by] for r in dr.rows(by)] == [v for v in expected[by] for _ in range(2)]  # per checkpoint

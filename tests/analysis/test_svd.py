@@ -169,19 +169,30 @@ def test_nonfinite_matrix_gets_nan_and_the_others_are_computed(route):
     assert np.isnan(svdvals(w)).all()
 
 
+@pytest.mark.parametrize("values", [True, False])
 @pytest.mark.parametrize("wide", [False, True])
-def test_randomized_route_with_a_nonfinite_matrix_in_the_batch(wide, route):
-    """The randomized route computes the finite matrices and NaN-fills the others (all of them: none computed)."""
-    w = randn(2, 300, 24, seed=14)
+def test_randomized_route_with_a_nonfinite_matrix_in_the_batch(wide, values, route):
+    """The randomized route computes the finite matrices and NaN-fills the others (all of them: none
+    computed), with or without all singular values (without: no Gram matrix is formed on CPU)."""
+    s = 0.6 ** np.arange(24)  # a decaying spectrum: randomized top-k converges
+    w = np.stack([with_spectrum(300, 24, s, seed=14)[0], randn(300, 24, seed=14)]).astype(np.float32)
     w = w.swapaxes(1, 2) if wide else w
-    ok = decompose(w[:1], SVDRequest(k=4, method=TopkMethod.randomized, reconstruct=True))
+    request = SVDRequest(values=values, k=4, method=TopkMethod.randomized, reconstruct=True)
+    ok = decompose(w[:1], request)
     w[1, 0, 0] = np.nan
-    out = decompose(w, SVDRequest(k=4, method=TopkMethod.randomized, reconstruct=True))
+    out = decompose(w, request)
     assert out.randomized and out.finite.tolist() == [True, False]
     assert np.isnan(out.U[1]).all() and np.isnan(out.reconstruction[1]).all()
     np.testing.assert_allclose(out.reconstruction[0], ok.reconstruction[0], atol=1e-5)
-    none = decompose(w[1:], SVDRequest(k=4, method=TopkMethod.randomized))
-    assert np.isnan(none.values).all() and np.isnan(none.V).all() and none.V.shape == (1, w.shape[2], 4)
+    ref = np.linalg.svd(w[0].astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(out.S[0], ref[:4], rtol=1e-5)
+    if values:
+        np.testing.assert_allclose(out.values[0], ref, rtol=0, atol=1e-5 * ref[0])
+        assert np.isnan(out.values[1]).all()
+    else:
+        assert out.values is None
+    none = decompose(w[1:], request)
+    assert np.isnan(none.V).all() and none.V.shape == (1, w.shape[2], 4)
 
 
 def test_k_errors_name_the_matrix():
@@ -232,7 +243,9 @@ def test_auto_device_decides_without_torch_where_no_gpu_can_be(tmp_path, monkeyp
 
 
 def test_results_are_fp32_numpy_on_every_route(route):
-    out = decompose(randn(2, 5, 4, seed=15).astype(np.float64), SVDRequest(k=2, reconstruct=True), device="cpu")
+    w = randn(2, 5, 4, seed=15).astype(np.float64)
+    w.setflags(write=False)  # e.g. memory-mapped checkpoint data: read, never written
+    out = decompose(w, SVDRequest(k=2, reconstruct=True), device="cpu")
     for x in (out.values, out.U, out.S, out.V, out.reconstruction):
         assert isinstance(x, np.ndarray) and x.dtype == np.float32
     assert out.finite.dtype == bool
