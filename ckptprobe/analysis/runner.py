@@ -29,7 +29,7 @@ _JOB: Callable | None = None  # what a forked worker runs: inherited at fork, ne
 
 
 def default_workers() -> int:
-    """The CPUs this process may use that no other process is busy on (`_threads.default_workers`)."""
+    """The CPUs this process may use: its affinity mask and cgroup quota (`_threads.default_workers`)."""
     return _threads.default_workers()
 
 

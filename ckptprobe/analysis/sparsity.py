@@ -101,8 +101,7 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
 
     `mode=None` compares bitwise where both sides share a dtype and after rounding to
     bf16 where they do not. `progress`, if given, is called with the number of bytes
-    read after each window. `workers` None: the CPUs the process may use that no other
-    process is busy on (`runner.default_workers`).
+    read after each window. `workers` None: the CPUs the process may use (`runner.default_workers`).
     """
     plan = plan_tensors(base, [finetuned], Want.floating, include, exclude, compare=True, mode=mode)
 

@@ -117,7 +117,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", min=1, metavar="N", show_default="the CPUs not busy now (OMP_NUM_THREADS when set), at most 16",
     help="Threads for torch and BLAS (SVDs, matrix products).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", min=1, metavar="N", show_default="the CPUs this process may use that nobody is busy on",
+    "--workers", min=1, metavar="N", show_default="the CPUs this process may use",
     help="Worker processes (threads for Hub sources) that read and compare windows of tensors in parallel.")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", callback=_device, metavar="auto|cpu|cuda[:N]",

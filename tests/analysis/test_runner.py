@@ -53,16 +53,15 @@ def odd(tmp_path_factory):
     return open_source(str(root / "base.safetensors")), open_source(str(root / "ft.safetensors")), base, ft
 
 
-@pytest.mark.parametrize("busy", [0, 1, 2, 64])
-def test_default_workers_are_the_usable_cpus_nobody_is_busy_on(monkeypatch, tmp_path, busy):
+@pytest.mark.parametrize("busy", [0, 1, 64])
+def test_default_workers_are_the_usable_cpus_whatever_the_load(monkeypatch, tmp_path, busy):
     from ckptprobe import _threads
 
     loadavg = tmp_path / "loadavg"  # this process counts itself as one runnable task
     loadavg.write_text(f"0.5 0.5 0.5 {busy + 1}/300 12345\n")
     real = _threads.Path
     monkeypatch.setattr(_threads, "Path", lambda p: loadavg if p == "/proc/loadavg" else real(p))
-    usable = _threads.usable_cpus()  # affinity mask and cgroup quota (tests/test_threads.py)
-    assert runner.default_workers() == max(1, min(usable, os.cpu_count() - busy))
+    assert runner.default_workers() == _threads.usable_cpus() <= len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("workers, fork", [(1, True), (3, True), (3, False)])
