@@ -23,6 +23,7 @@ descheduled one delays only its own windows, and their default is every usable C
 would see a passing task as a busy CPU: on a quiet 2-core machine it halved the workers of
 one `sparsity` run in three and made it 1.3 s instead of 0.7 s. On a machine kept busy,
 fewer workers can be faster (`--workers 1`: 1.5 s against 1.8-2.3 s on two at load 3.5).
+
 Nothing here imports torch or numpy: the count is applied to the libraries already
 loaded and written to `OMP_NUM_THREADS`, `MKL_NUM_THREADS` and `OPENBLAS_NUM_THREADS`,
 which those loaded later (and child processes) read when they start.
