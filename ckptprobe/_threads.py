@@ -19,8 +19,8 @@ explicit count (`--threads N`) replaces both.
 
 The window runner's worker processes are another matter: they have no barriers, so a
 descheduled one delays only its own windows, and their default is every usable CPU
-(`default_workers`), whatever the load. A count read from the runnable tasks at start
-would see a passing task as a busy CPU: on a quiet 2-core machine it halved the workers of
+whatever the load (`runner.default_workers`). A count read from the runnable tasks at
+start would see a passing task as a busy CPU: on a quiet 2-core machine it halved the workers of
 one `sparsity` run in three and made it 1.3 s instead of 0.7 s. On a machine kept busy,
 fewer workers can be faster (`--workers 1`: 1.5 s against 1.8-2.3 s on two at load 3.5).
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ckptprobe.errors import UsageError
 
-__all__ = ["configure", "default", "default_workers", "usable_cpus"]
+__all__ = ["configure", "default", "usable_cpus"]
 
 CAP = 16
 _VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -71,11 +71,6 @@ def default() -> int:
         return int(env)
     idle = (os.cpu_count() or 1) - _busy_cpus()
     return max(1, min(usable_cpus(), idle, CAP))
-
-
-def default_workers() -> int:
-    """The worker processes started when none is given: every usable CPU (see the module docstring)."""
-    return usable_cpus()
 
 
 def configure(threads: int | None = None, workers: int = 1) -> int:

@@ -29,8 +29,8 @@ _JOB: Callable | None = None  # what a forked worker runs: inherited at fork, ne
 
 
 def default_workers() -> int:
-    """The CPUs this process may use: its affinity mask and cgroup quota (`_threads.default_workers`)."""
-    return _threads.default_workers()
+    """The CPUs this process may use (affinity mask and cgroup quota), whatever the load: see `_threads`."""
+    return _threads.usable_cpus()
 
 
 def forkable(plans: Sequence[TensorPlan]) -> bool:
