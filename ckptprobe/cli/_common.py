@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA
 from ckptprobe.errors import UsageError
 from ckptprobe.report.labels import label, labels  # noqa: F401  (re-exported for the commands)
 from ckptprobe.report.output import Format
@@ -71,8 +72,6 @@ def writable(option: str, path: Path) -> None:
 def tolerances(mode, eta: float | None, atol: float | None) -> tuple[float, float]:
     """`(eta, atol)` with their defaults filled in. --eta and --atol are read by one mode each: giving
     one with another mode is a mistake, reported rather than ignored."""
-    from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA
-
     for name, value in (("eta", eta), ("atol", atol)):
         if value is not None and (mode is None or mode.value != name):
             raise UsageError(f"--{name} is read only by --mode {name}"
