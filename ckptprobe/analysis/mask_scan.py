@@ -21,8 +21,8 @@ from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
 from ckptprobe.analysis.runner import run_windows
-from ckptprobe.analysis.update import (DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, plain_bits16,
-                                      surely_finite16, update_mask)
+from ckptprobe.analysis.update import (DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
+                                      plain_bits16, update_mask)
 
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together (mapped page cache)
 CHUNK = 1 << 17  # entries per numpy step inside a block: base, run, mask and counts stay in L2 (~1 MB)
@@ -37,19 +37,19 @@ def rows_cols(plan: TensorPlan) -> tuple[int, int]:
 
 
 def _chunk_mask(x: np.ndarray, y: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode, eta: float,
-                atol: float, exp: int | None, base_finite: bool, xor: np.ndarray,
+                atol: float, exp: int | None, base_state: int, xor: np.ndarray,
                 out: np.ndarray) -> tuple[np.ndarray, int]:
     """One chunk's update mask: flat storage arrays -> (changed bool (n,), nonfinite count).
 
     `exp` is given (the 16-bit exponent mask) when the fast path may apply: bitwise mode and
     one 16-bit float dtype on both sides. Then, where the pair proof holds (`plain_bits16`;
-    `base_finite` is the base chunk's part of it, proven once for all runs), "changed" is
+    `base_state` is the base chunk's `finiteness16`, found once for every run), "changed" is
     "bits differ"; other chunks take `update_mask`. `xor` and `out` are scratch buffers.
     """
     if exp is not None:
         xu, yu = x.view(np.uint16), y.view(np.uint16)
         d = np.bitwise_xor(xu, yu, out=xor[:x.size])
-        if base_finite and plain_bits16(xu, yu, d, exp, x_finite=True):
+        if base_state and plain_bits16(xu, yu, d, exp, base_state):
             return np.not_equal(d, 0, out=out[:x.size]), 0
     changed, nonfinite = update_mask(x, y, dtype_a, dtype_b, mode, eta, atol)
     return changed, int(np.count_nonzero(nonfinite))
@@ -138,10 +138,10 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
         cc = counts[c:c + step] if keep else counts[:xc.size]
         cc[:] = 0
         # the base's half of the pair proof, once for every run
-        base_finite = exp is not None and any(f is not None for f in fast) and surely_finite16(xc.view(np.uint16), exp)
+        base_state = finiteness16(xc.view(np.uint16), exp) if exp is not None and any(fast) else 0
         for k, r in enumerate(plan.runs):
             m, nf = _chunk_mask(xc, ys[k][c:c + step], dtype, r.info.dtype, r.mode, eta, atol, fast[k],
-                                base_finite, xor, ne)
+                                base_state, xor, ne)
             nonfinite[k] += nf
             packed[k, c // 8:(c + m.size + 7) // 8] = np.packbits(m, bitorder="little")
             np.add(cc, m.view(np.uint8), out=cc, casting="unsafe")
@@ -172,11 +172,11 @@ def _small_block(plan: TensorPlan, x: np.ndarray, ys: list[np.ndarray], cols: in
     of exact integers. The same counts as the streamed path; `cols` is None for a tensor that is not a
     matrix (no row/column sums)."""
     R, dtype = len(plan.runs), plan.info.dtype
-    base_finite = exp is not None and any(f is not None for f in fast) and surely_finite16(x.view(np.uint16), exp)
+    base_state = finiteness16(x.view(np.uint16), exp) if exp is not None and any(fast) else 0
     masks, nonfinite = np.empty((R, x.size), bool), np.zeros(R, np.int64)
     xor, ne = np.empty(x.size, np.uint16), np.empty(x.size, bool)
     for k, r in enumerate(plan.runs):
-        masks[k], nonfinite[k] = _chunk_mask(x, ys[k], dtype, r.info.dtype, r.mode, eta, atol, fast[k], base_finite,
+        masks[k], nonfinite[k] = _chunk_mask(x, ys[k], dtype, r.info.dtype, r.mode, eta, atol, fast[k], base_state,
                                              xor, ne)
     ints = masks.astype(np.int64)
     gram = ints @ ints.T  # (R, R): |M_k n M_l|, changed counts on the diagonal

@@ -59,8 +59,8 @@ class Renamed:
         info = self.source.info(self._own[name])
         return TensorInfo(name, info.dtype, info.shape)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.source.read(self._own[name], start, stop)
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self.source.read(self._own[name], start, stop, out)
 
     def get_array(self, name: str) -> np.ndarray:
         return self.source.get_array(self._own[name])

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
 
 from ckptprobe import _threads
 from ckptprobe.analysis.plan import TensorPlan
@@ -26,11 +29,26 @@ T = TypeVar("T")
 SERIAL_BYTES = 96 << 20  # below this much data, starting workers costs more than the work
 
 _JOB: Callable | None = None  # what a forked worker runs: inherited at fork, never pickled
+_SCRATCH = threading.local()
 
 
 def default_workers() -> int:
     """The CPUs this process may use (affinity mask and cgroup quota), whatever the load: see `_threads`."""
     return _threads.usable_cpus()
+
+
+def scratch(slot: int, nbytes: int) -> np.ndarray:
+    """A uint8 buffer of at least `nbytes`, this thread's own for `slot`, kept from call to call.
+
+    For `source.read(..., out=scratch(k, n))`: windows read into the same few buffers find
+    them in cache, where mapping each window brings in fresh pages. What a read returns
+    is a view of the buffer, good until the next read into the same slot.
+    """
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.size < nbytes:
+        buf = buffers[slot] = np.empty(nbytes, np.uint8)
+    return buf
 
 
 def forkable(plans: Sequence[TensorPlan]) -> bool:

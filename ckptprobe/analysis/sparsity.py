@@ -1,8 +1,9 @@
 """Update sparsity: the fraction of weights a fine-tune left unchanged.
 
-Per tensor, then summed per module type, per layer and in total. Tensors are read in
-windows of `WINDOW` elements from both checkpoints at once, so memory stays at a few
-windows whatever the model size; windows are counted on every core (`parallel_map`).
+Per tensor, then summed per module type, per layer and in total. Tensors are cut in
+windows of `WINDOW` elements, counted on every core (`run_windows`); a window is read
+from both checkpoints `READ` bytes at a time into the same two buffers, so memory
+stays at a few megabytes per worker whatever the model size.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Callable, Sequence
 
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
-from ckptprobe.analysis.runner import run_windows
+from ckptprobe.analysis.runner import run_windows, scratch
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
 from ckptprobe.io.sources import TensorSource
 
-WINDOW = 8 << 20  # elements per read: 16 MiB of bf16 per side
+WINDOW = 8 << 20  # elements per task of a worker
+READ = 1 << 20  # bytes per side per read: small enough to stay in cache for the count that follows
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,15 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
 
     def count(p: TensorPlan, start: int, stop: int) -> tuple[int, int]:
         ft = p.runs[0]
-        return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),
-                             p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
+        step = READ // max(p.info.itemsize, ft.info.itemsize)
+        changed = nonfinite = 0
+        for lo in range(start, stop, step):
+            hi = min(lo + step, stop)
+            c, n = count_changes(base.read(p.name, lo, hi, scratch(0, READ)),
+                                 finetuned.read(p.name, lo, hi, scratch(1, READ)),
+                                 p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
+            changed, nonfinite = changed + c, nonfinite + n
+        return changed, nonfinite
 
     tensors = []
     for p, windows in run_windows(plan.tensors, count, lambda p: WINDOW, workers, progress):

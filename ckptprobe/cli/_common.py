@@ -3,6 +3,7 @@ open the checkpoints, label them, report what was skipped, and write the result.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -124,22 +125,19 @@ def report_skipped(skipped: Sequence, verbose: bool) -> None:
     """One line on stderr counting what was skipped and why; every tensor and its reason with `verbose`.
     Never a table on stdout: the full list is in JSON (and CSV with --by tensor where a command has it)."""
     from ckptprobe.analysis.plan import skip_summary
-    from ckptprobe.report.output import err
 
     if not skipped:
         return
     lines = [f"skipped {s.name}: {s.reason}" for s in skipped] if verbose else \
         [skip_summary(skipped) + "; --verbose lists them"]
     for line in lines:
-        err.print(line, highlight=False, markup=False)
+        print(line, file=sys.stderr)
 
 
 def wrote(paths: Sequence[Path]) -> None:
     """Say on stderr which files were written."""
-    from ckptprobe.report.output import err
-
     for p in paths:
-        err.print(f"wrote {p}", highlight=False, markup=False)
+        print(f"wrote {p}", file=sys.stderr)
 
 
 def emit(out: Output, data: dict, rows: Sequence[dict], tables: Sequence) -> None:

@@ -2,8 +2,9 @@
 
 Every source has the same small interface (the `TensorSource` protocol):
 `ref` (what the user typed), `keys()`, `info(name)` (dtype and shape, no data read),
-`read(name, start, stop)` (a flat element range in the storage dtype) and
-`get_array(name)` (the whole tensor, shaped). Local folders and Hub repos are both a
+`read(name, start, stop, out=None)` (a flat element range in the storage dtype; `out`, a
+uint8 buffer the source may fill and return a view of instead of mapping or allocating:
+use what `read` returns) and `get_array(name)` (the whole tensor, shaped). Local folders and Hub repos are both a
 `MultiFileSource` over their files.
 """
 
@@ -27,7 +28,7 @@ class TensorSource(Protocol):
 
     def keys(self) -> list[str]: ...
     def info(self, name: str) -> TensorInfo: ...
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray: ...
     def get_array(self, name: str) -> np.ndarray: ...
 
 
@@ -60,8 +61,8 @@ class MultiFileSource:
     def info(self, name: str) -> TensorInfo:
         return self._where[name].info(name)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._where[name].read(name, start, stop)
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self._where[name].read(name, start, stop, out)
 
     def get_array(self, name: str) -> np.ndarray:
         return self.read(name).reshape(self.info(name).shape)

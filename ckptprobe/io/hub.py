@@ -81,8 +81,8 @@ class HubSource:
     def info(self, name: str) -> TensorInfo:
         return self._files.info(name)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._files.read(name, start, stop)
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self._files.read(name, start, stop, out)
 
     def get_array(self, name: str) -> np.ndarray:
         return self._files.get_array(name)
@@ -323,9 +323,9 @@ class _RemoteFile:
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         if self._hub._download:
-            return self._downloaded().read(name, start, stop)
+            return self._downloaded().read(name, start, stop, out)
         dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
         if end <= begin:
             return np.empty(0, dtype)

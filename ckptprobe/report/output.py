@@ -6,34 +6,44 @@ stdout carries data only; progress, warnings and hints go to stderr (`err`).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from rich.console import Console
-from rich.table import Table
-
 from ckptprobe.io.writer import atomic_write
 
 UNBOUNDED = 100_000  # console width for pipes and files: a table is as wide as its content
+TEXT_COLUMNS = ("name", "module", "group", "reason", "finding", "checkpoint", "run", "finetuned", "error")
 
 
-def _console(**kwargs) -> Console:
+def _console(**kwargs):
     """A console that caps tables at the terminal's width, and at nothing when not on a terminal."""
+    from rich.console import Console
+
     c = Console(soft_wrap=True, **kwargs)
     if not c.is_terminal:
         c = Console(soft_wrap=True, width=UNBOUNDED, **kwargs)
     return c
 
 
-out = _console()
-err = _console(stderr=True)  # one warning per line, even in a log file
-TEXT_COLUMNS = ("name", "module", "group", "reason", "finding", "checkpoint", "run", "finetuned", "error")
+@functools.cache
+def _stream(stderr: bool):
+    return _console(stderr=stderr)
+
+
+def __getattr__(name: str):
+    """`out` and `err`, the consoles of stdout and stderr, made on first use: rich costs ~50 ms to
+    import, which a run writing JSON or CSV never needs."""
+    if name in ("out", "err"):
+        return _stream(name == "err")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Format(str, Enum):
@@ -43,7 +53,7 @@ class Format(str, Enum):
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]Warning:[/] {message}", highlight=False)
+    _stream(True).print(f"[yellow]Warning:[/] {message}", highlight=False)
 
 
 def fmt_num(x, digits: int = 4) -> str:
@@ -63,34 +73,48 @@ def fmt_num(x, digits: int = 4) -> str:
     return str(x)
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table to show: `rows` (dicts) under `columns`; made into a rich table only when shown."""
+
+    title: str
+    rows: Sequence[dict]
+    columns: Sequence[str]
+    caption: str | None = None
+
+    def rich(self):
+        """The rich table. Numbers are never cut: a number column is as wide as its widest cell. On a
+        narrow terminal, text columns (names, reasons) wrap instead; off a terminal there is no width
+        limit at all."""
+        from rich.table import Table as RichTable
+
+        cells = [[fmt_num(r.get(c)) for c in self.columns] for r in self.rows]
+        widths = []  # the narrowest each column may get: numbers whole, text wrapped at 24 characters
+        for i, c in enumerate(self.columns):
+            longest = max([len(c), *(len(row[i]) for row in cells)])
+            widths.append(min(longest, 24) if c in TEXT_COLUMNS else longest)
+        t = RichTable(title=self.title, caption=self.caption, title_justify="left", caption_justify="left",
+                      min_width=sum(widths) + 3 * len(widths) + 1)  # + padding and borders
+        for c, w in zip(self.columns, widths):
+            if c in TEXT_COLUMNS:
+                t.add_column(c, justify="left", overflow="fold", min_width=w)
+            else:
+                t.add_column(c, justify="right", no_wrap=True, min_width=w)
+        for row in cells:
+            t.add_row(*row)
+        return t
+
+
 def table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None, caption: str | None = None) -> Table:
-    columns = list(columns or (rows[0].keys() if rows else []))
-    """A table of `rows` (dicts) with `columns` (default: the first row's keys).
-
-    Numbers are never cut: a number column is as wide as its widest cell. On a narrow terminal, text
-    columns (names, reasons) wrap instead; off a terminal there is no width limit at all.
-    """
-    cells = [[fmt_num(r.get(c)) for c in columns] for r in rows]
-    widths = []  # the narrowest each column may get: numbers whole, text wrapped at 24 characters
-    for i, c in enumerate(columns):
-        longest = max([len(c), *(len(row[i]) for row in cells)])
-        widths.append(min(longest, 24) if c in TEXT_COLUMNS else longest)
-    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-              min_width=sum(widths) + 3 * len(widths) + 1)  # + padding and borders
-    for c, w in zip(columns, widths):
-        if c in TEXT_COLUMNS:
-            t.add_column(c, justify="left", overflow="fold", min_width=w)
-        else:
-            t.add_column(c, justify="right", no_wrap=True, min_width=w)
-    for row in cells:
-        t.add_row(*row)
-    return t
+    """A table of `rows` (dicts) with `columns` (default: the first row's keys)."""
+    return Table(title, rows, list(columns or (rows[0].keys() if rows else [])), caption)
 
 
-def show(t: Table, console: Console | None = None) -> None:
+def show(t: Table, console=None) -> None:
     """Print a table: on a narrow terminal text columns wrap, but numbers are never cut: a table that
     cannot fit is printed wider than the terminal (which then wraps its lines)."""
-    console = console or out
+    console = console or _stream(False)
+    t = t.rich()
     width = console.width
     if t.min_width and t.min_width > width:
         console.width = t.min_width
@@ -147,10 +171,12 @@ def emit(fmt: Format, data: dict, rows: Sequence[dict], tables: Sequence[Table],
     """Write `data` (json), `rows` (csv) or `tables` (table) to `output` or stdout."""
     if fmt == Format.table:
         if output:
+            from rich.console import Console
+
             with atomic_write(output, "w") as f:
                 c = Console(file=f, width=UNBOUNDED, soft_wrap=True)
                 for t in tables:
-                    c.print(t)
+                    c.print(t.rich())
         else:
             for t in tables:
                 show(t)
@@ -159,7 +185,7 @@ def emit(fmt: Format, data: dict, rows: Sequence[dict], tables: Sequence[Table],
     if output:
         with atomic_write(output, "w") as f:
             f.write(text)
-        err.print(f"wrote {output}", highlight=False)
+        print(f"wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
 
@@ -167,12 +193,12 @@ def emit(fmt: Format, data: dict, rows: Sequence[dict], tables: Sequence[Table],
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator:
     """A transient progress bar on stderr (shown only on a terminal); yields `advance(n)`."""
-    if not err.is_terminal or not total:
+    if not total or not sys.stderr.isatty() or not _stream(True).is_terminal:
         yield lambda n: None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True) as p:
+                  TimeRemainingColumn(), console=_stream(True), transient=True) as p:
         task = p.add_task(description, total=total)
         yield lambda n: p.advance(task, n)

@@ -31,9 +31,9 @@ class Reads:
     def info(self, name):
         return self.source.info(name)
 
-    def read(self, *args):
+    def read(self, *args, **kwargs):
         self.reads += 1
-        return self.source.read(*args)
+        return self.source.read(*args, **kwargs)
 
     def get_array(self, name):
         self.reads += 1

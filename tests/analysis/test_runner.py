@@ -33,8 +33,8 @@ class NoFork:
     def info(self, name):
         return self.source.info(name)
 
-    def read(self, *args):
-        return self.source.read(*args)
+    def read(self, *args, **kwargs):
+        return self.source.read(*args, **kwargs)
 
     def get_array(self, name):
         return self.source.get_array(name)

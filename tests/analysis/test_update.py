@@ -323,6 +323,9 @@ def test_pair_proof_against_brute_force(dtype, n, codes, seed):
     finite = lambda b: bool(((b & exp) != exp).all())  # noqa: E731
     assert update.surely_finite16(x, exp) == finite(x)
     values = lambda b: bf16_bits_to_float32(b) if dtype == "BF16" else b.view(np.float16).astype(np.float32)  # noqa: E731
+    with np.errstate(invalid="ignore"):
+        below_two = bool((np.abs(values(x)) < 2).all())  # False for NaN
+    assert (update.finiteness16(x, exp) == update.BELOW_TWO) == below_two
     proof = update.plain_bits16(x, y, x ^ y, exp)
     assert proof == (finite(x) and finite(y) and not ((x ^ y) == 0x8000).any())
     if proof:  # and what it proves: bits differ exactly where values do
