@@ -1,11 +1,10 @@
 """Update masks of several runs against one base, streamed in row blocks: the counts behind
 `consensus` (R runs) and `profile` (one checkpoint at a time).
 
-Memory is bounded by a row block, not by the model or by R: tensors are read in blocks
-of whole rows (the base's and all runs' blocks together map about BLOCK_BYTES), on the
-window runner; each run's mask is bit-packed (`np.packbits`) and added into a small
-per-entry counter, chunk by chunk; Jaccard intersections are popcounts of ANDed packed
-words. A tensor that is not a matrix is seen as (numel, 1): counted, with no profiles.
+Memory is bounded by a row block, not by the model or by R: a task of the window runner
+is a block of whole rows (the base's and all runs' blocks together about BLOCK_BYTES of
+data), read chunk by chunk; each run's mask is bit-packed (`np.packbits`) and added into
+a small per-entry counter; Jaccard intersections are popcounts of ANDed packed words. A tensor that is not a matrix is seen as (numel, 1): counted, with no profiles.
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ import numpy as np
 from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
-from ckptprobe.analysis.runner import run_windows
-from ckptprobe.analysis.update import (DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
+from ckptprobe.analysis.runner import forkable, run_windows, scratch
+from ckptprobe.analysis.update import (BELOW_TWO, DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
                                       plain_bits16, update_mask)
 
-BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together (mapped page cache)
-CHUNK = 1 << 17  # entries per numpy step inside a block: base, run, mask and counts stay in L2 (~1 MB)
+BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together
+CHUNK = 1 << 19  # entries per numpy step inside a block: each chunk is read just before use, into cache
 HEAT_SIZE = 256  # heatmaps are block-averaged to at most this many cells per side
 SMALL = 4096  # entries: a one-chunk block this small takes `_small_block` (its cost is per-block overhead)
 
@@ -36,29 +35,59 @@ def rows_cols(plan: TensorPlan) -> tuple[int, int]:
     return (shape[0], shape[1]) if len(shape) == 2 else (plan.info.numel, 1)
 
 
+def base_chunk(x: np.ndarray, exp: int | None, xor: np.ndarray, out: np.ndarray) -> tuple[int, np.ndarray | None]:
+    """What the runs' fast path needs to know of a base chunk, found once for every run:
+    (`finiteness16` of its bits, or 0 without `exp`; for a chunk below 2 in magnitude, the
+    indices of its +-0 entries, else None). Zeros are found by two min reductions: below 2,
+    +0 is the smallest uint16 and -0 (0x8000) the smallest int16. `xor` and `out` are
+    scratch buffers (uint16, bool) of x's size or more."""
+    if exp is None:
+        return 0, None
+    xu = x.view(np.uint16)
+    state = finiteness16(xu, exp)
+    if state != BELOW_TWO:
+        return state, None
+    if xu.size and (xu.min() == 0 or xu.view(np.int16).min() == -0x8000):
+        magnitude = np.bitwise_and(xu, 0x7FFF, out=xor[:xu.size])
+        return state, np.flatnonzero(np.equal(magnitude, 0, out=out[:xu.size]))
+    return state, _NO_ZEROS
+
+
+_NO_ZEROS = np.empty(0, np.intp)
+
+
 def _chunk_mask(x: np.ndarray, y: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode, eta: float,
-                atol: float, exp: int | None, base_state: int, xor: np.ndarray,
+                atol: float, exp: int | None, base: tuple[int, np.ndarray | None], xor: np.ndarray,
                 out: np.ndarray) -> tuple[np.ndarray, int]:
     """One chunk's update mask: flat storage arrays -> (changed bool (n,), nonfinite count).
 
     `exp` is given (the 16-bit exponent mask) when the fast path may apply: bitwise mode and
-    one 16-bit float dtype on both sides. Then, where the pair proof holds (`plain_bits16`;
-    `base_state` is the base chunk's `finiteness16`, found once for every run), "changed" is
-    "bits differ"; other chunks take `update_mask`. `xor` and `out` are scratch buffers.
+    one 16-bit float dtype on both sides; `base` is what `base_chunk` found. When base and run
+    are both below 2 in magnitude (finite), "changed" is "bits differ" except at a +-0 pair,
+    which can only sit where the base is zero: one compare, then a look at those few entries.
+    Else, where the pair proof holds (`plain_bits16`), "changed" is "bits differ"; other
+    chunks take `update_mask`. `xor` and `out` are scratch buffers.
     """
-    if exp is not None:
+    if exp is not None and base[0]:
         xu, yu = x.view(np.uint16), y.view(np.uint16)
+        zeros = base[1]
+        if zeros is not None and finiteness16(yu, exp) == BELOW_TWO:
+            m = np.not_equal(xu, yu, out=out[:x.size])
+            if zeros.size:
+                m[zeros[yu[zeros] == xu[zeros] ^ 0x8000]] = False
+            return m, 0
         d = np.bitwise_xor(xu, yu, out=xor[:x.size])
-        if base_state and plain_bits16(xu, yu, d, exp, base_state):
+        if plain_bits16(xu, yu, d, exp, base[0]):
             return np.not_equal(d, 0, out=out[:x.size]), 0
     changed, nonfinite = update_mask(x, y, dtype_a, dtype_b, mode, eta, atol)
     return changed, int(np.count_nonzero(nonfinite))
 
 
-def _histogram(counter: np.ndarray, n_runs: int) -> np.ndarray:
-    """(n,) per-entry counts in 0..n_runs -> (n_runs+1,) int64 histogram."""
+def _histogram(counter: np.ndarray, n_runs: int, buf: np.ndarray) -> np.ndarray:
+    """(n,) per-entry counts in 0..n_runs -> (n_runs+1,) int64 histogram; `buf`: room for n bools."""
     if n_runs < 24:  # a SIMD compare-and-count per value beats bincount's cast to intp for small R
-        h = [np.count_nonzero(counter == k) for k in range(1, n_runs + 1)]
+        eq = buf[:counter.size]
+        h = [np.count_nonzero(np.equal(counter, k, out=eq)) for k in range(1, n_runs + 1)]
         return np.array([counter.size - sum(h), *h], np.int64)
     return np.bincount(counter, minlength=n_runs + 1).astype(np.int64)
 
@@ -102,57 +131,75 @@ def _pair_counts(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     `inter[k, l]` (k < l, strict upper triangle) is `|M_k n M_l|`: AND the words of run k
     with those of every later run at once, count bits, sum.
     """
-    R = len(words)
+    R, W = words.shape
     inter = np.zeros((R, R), np.int64)
+    both, bits = scratch(6, (max(R - 1, 1), W), np.uint64), scratch(7, (R, W))
     for k in range(R - 1):
-        inter[k, k + 1:] = np.bitwise_count(words[k] & words[k + 1:]).sum(axis=1, dtype=np.int64)
-    return np.bitwise_count(words).sum(axis=1, dtype=np.int64), inter
+        np.bitwise_and(words[k], words[k + 1:], out=both[:R - k - 1])
+        inter[k, k + 1:] = np.bitwise_count(both[:R - k - 1], out=bits[:R - k - 1]).sum(axis=1, dtype=np.int64)
+    return np.bitwise_count(words, out=bits).sum(axis=1, dtype=np.int64), inter
+
+
+def _reader(plan: TensorPlan, first: int, n: int) -> Callable[[int, int, int], np.ndarray]:
+    """`read(k, a, b)`: entries [a, b) of a block of `n` entries from `first` on, in source k
+    (0 the base, k the run k - 1).
+
+    Local files are read chunk by chunk into this worker's two buffers (the base's and the
+    run's), so each chunk arrives in cache just before it is used; other sources (the Hub)
+    are read a block at a time, one request per source.
+    """
+    sources = [plan.base, *(r.source for r in plan.runs)]
+    if forkable([plan]):
+        size = [plan.info.itemsize, *(r.info.itemsize for r in plan.runs)]
+        return lambda k, a, b: sources[k].read(plan.name, first + a, first + min(b, n),
+                                               scratch(min(k, 1), (min(b, n) - a) * size[k]))
+    blocks = [s.read(plan.name, first, first + n) for s in sources]
+    return lambda k, a, b: blocks[k][a:b]
 
 
 def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, keep: bool) -> _Block:
     """Rows [lo, hi) of one tensor in the base and every run taking part; `keep`: keep the profiles.
 
-    The base's and the runs' blocks are mapped once; work then goes chunk by chunk
-    (a few rows), every run in turn, so that the chunk's base, run, mask and counter
-    stay in cache, and the histogram and row/column sums of the chunk's counts are
-    taken while they are there.
+    Work goes chunk by chunk (a few rows), every run in turn, so that the chunk's base,
+    run, mask and counter stay in cache, and the histogram and row/column sums of the
+    chunk's counts are taken while they are there.
     """
     rows, cols = rows_cols(plan)
     n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
     matrix = len(plan.info.shape) == 2
-    x = plan.base.read(plan.name, lo * cols, hi * cols)
-    ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]
     exp = EXPONENT16.get(dtype)
     fast = [exp if r.mode == CompareMode.bitwise and r.info.dtype == dtype else None for r in plan.runs]
     if 0 < n <= min(SMALL, _chunk_rows(cols) * cols) and not keep:  # one chunk, and small
+        x = plan.base.read(plan.name, lo * cols, hi * cols)
+        ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]
         return _small_block(plan, x, ys, cols if matrix else None, eta, atol, exp, fast)
+    read = _reader(plan, lo * cols, n)
     step = _chunk_rows(cols) * cols
-    packed = np.zeros((R, -(-n // 64) * 8), np.uint8)  # per run, the mask bit-packed, in whole uint64 words
+    packed = scratch(2, (R, -(-n // 64) * 8))  # per run, the mask bit-packed, in whole uint64 words
+    packed[:, n // 8:] = 0  # the padding, and a last partial byte
     nonfinite, hist = np.zeros(R, np.int64), np.zeros(R + 1, np.int64)
-    counts = np.zeros(n if keep else min(step, n), np.uint8 if R < 256 else np.uint16)
-    ne, xor = np.empty(min(step, n), bool), np.empty(min(step, n), np.uint16)
+    counts = scratch(3, n if keep else min(step, n), np.uint8 if R < 256 else np.uint16)
+    ne, xor = scratch(4, min(step, n), bool), scratch(5, min(step, n), np.uint16)
     row_sums = np.zeros(hi - lo, np.int64) if matrix else None
     col_sums = np.zeros(cols, np.int64) if matrix else None
     for c in range(0, n, step):
-        xc = x[c:c + step]
+        xc = read(0, c, c + step)
         cc = counts[c:c + step] if keep else counts[:xc.size]
         cc[:] = 0
-        # the base's half of the pair proof, once for every run
-        base_state = finiteness16(xc.view(np.uint16), exp) if exp is not None and any(fast) else 0
+        base = base_chunk(xc, exp if any(fast) else None, xor, ne)
         for k, r in enumerate(plan.runs):
-            m, nf = _chunk_mask(xc, ys[k][c:c + step], dtype, r.info.dtype, r.mode, eta, atol, fast[k],
-                                base_state, xor, ne)
+            m, nf = _chunk_mask(xc, read(k + 1, c, c + step), dtype, r.info.dtype, r.mode, eta, atol, fast[k],
+                                base, xor, ne)
             nonfinite[k] += nf
             packed[k, c // 8:(c + m.size + 7) // 8] = np.packbits(m, bitorder="little")
             np.add(cc, m.view(np.uint8), out=cc, casting="unsafe")
-        hist += _histogram(cc, R)
+        hist += _histogram(cc, R, ne)
         if matrix:
             c2 = cc.reshape(-1, cols)
             # Sums in the narrowest type that cannot overflow: summing into uint16 is ~4x faster than int64.
             r0 = c // cols
             row_sums[r0:r0 + len(c2)] = c2.sum(axis=1, dtype=np.uint16 if cols * R < 1 << 16 else np.int64)
             col_sums += c2.sum(axis=0, dtype=np.uint16 if len(c2) * R < 1 << 16 else np.int64)
-    del x, ys  # unmap
     changed, inter = _pair_counts(packed.view(np.uint64))
     heat = None
     if keep and n:
@@ -172,11 +219,11 @@ def _small_block(plan: TensorPlan, x: np.ndarray, ys: list[np.ndarray], cols: in
     of exact integers. The same counts as the streamed path; `cols` is None for a tensor that is not a
     matrix (no row/column sums)."""
     R, dtype = len(plan.runs), plan.info.dtype
-    base_state = finiteness16(x.view(np.uint16), exp) if exp is not None and any(fast) else 0
     masks, nonfinite = np.empty((R, x.size), bool), np.zeros(R, np.int64)
     xor, ne = np.empty(x.size, np.uint16), np.empty(x.size, bool)
+    base = base_chunk(x, exp if any(fast) else None, xor, ne)
     for k, r in enumerate(plan.runs):
-        masks[k], nonfinite[k] = _chunk_mask(x, ys[k], dtype, r.info.dtype, r.mode, eta, atol, fast[k], base_state,
+        masks[k], nonfinite[k] = _chunk_mask(x, ys[k], dtype, r.info.dtype, r.mode, eta, atol, fast[k], base,
                                              xor, ne)
     ints = masks.astype(np.int64)
     gram = ints @ ints.T  # (R, R): |M_k n M_l|, changed counts on the diagonal

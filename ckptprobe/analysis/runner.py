@@ -14,10 +14,9 @@ parent's HTTP connections) and the platform can fork; else threads.
 
 from __future__ import annotations
 
-import multiprocessing
+import math
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -37,18 +36,19 @@ def default_workers() -> int:
     return _threads.usable_cpus()
 
 
-def scratch(slot: int, nbytes: int) -> np.ndarray:
-    """A uint8 buffer of at least `nbytes`, this thread's own for `slot`, kept from call to call.
+def scratch(slot: int, shape: int | tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+    """An uninitialized array of `shape` and `dtype`, on a buffer this thread keeps for `slot`.
 
-    For `source.read(..., out=scratch(k, n))`: windows read into the same few buffers find
-    them in cache, where mapping each window brings in fresh pages. What a read returns
-    is a view of the buffer, good until the next read into the same slot.
+    Work that runs per window (reads with `source.read(..., out=scratch(k, nbytes))`, masks,
+    counters) uses the same few buffers from call to call: they stay in cache, and no fresh
+    memory is faulted in per window. What a slot held is gone at its next use.
     """
+    nbytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * np.dtype(dtype).itemsize
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(slot)
     if buf is None or buf.size < nbytes:
-        buf = buffers[slot] = np.empty(nbytes, np.uint8)
-    return buf
+        buf = buffers[slot] = np.empty(max(nbytes, 1 << 16), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def forkable(plans: Sequence[TensorPlan]) -> bool:
@@ -71,6 +71,9 @@ def parallel_map(fn: Callable, tasks: Sequence, workers: int, fork: bool) -> Ite
     if workers <= 1:
         yield from (fn(*t) for t in tasks)
         return
+    import multiprocessing  # here, not at the top: ~25 ms that a run on one worker does without
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
     if fork and "fork" in multiprocessing.get_all_start_methods():
         _JOB = fn
         try:
