@@ -4,7 +4,8 @@
 Memory is bounded by a row block, not by the model or by R: a task of the window runner
 is a block of whole rows (the base's and all runs' blocks together about BLOCK_BYTES of
 data), read chunk by chunk; each run's mask is bit-packed (`np.packbits`) and added into
-a small per-entry counter; Jaccard intersections are popcounts of ANDed packed words. A tensor that is not a matrix is seen as (numel, 1): counted, with no profiles.
+a small per-entry counter; Jaccard intersections are popcounts of ANDed packed words.
+A tensor that is not a matrix is seen as (numel, 1): counted, with no profiles.
 """
 
 from __future__ import annotations

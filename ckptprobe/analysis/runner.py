@@ -108,14 +108,17 @@ def run_windows(plans: Sequence[TensorPlan], work: Callable[[TensorPlan, int, in
         return work(plans[i], start, stop)
 
     current, results = None, []
-    for (i, start, stop), r in zip(tasks, parallel_map(job, tasks, workers, forkable(plans))):
-        if progress:
-            p = plans[i]
-            progress((stop - start) * (p.info.itemsize + sum(s.info.itemsize for s in p.runs)))
-        if i != current:
-            if current is not None:
-                yield plans[current], results
-            current, results = i, []
-        results.append(r)
-    if current is not None:
-        yield plans[current], results
+    try:
+        for (i, start, stop), r in zip(tasks, parallel_map(job, tasks, workers, forkable(plans))):
+            if progress:
+                p = plans[i]
+                progress((stop - start) * (p.info.itemsize + sum(s.info.itemsize for s in p.runs)))
+            if i != current:
+                if current is not None:
+                    yield plans[current], results
+                current, results = i, []
+            results.append(r)
+        if current is not None:
+            yield plans[current], results
+    finally:
+        _SCRATCH.__dict__.pop("buffers", None)  # a run on this thread (one worker) keeps no buffer

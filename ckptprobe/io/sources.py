@@ -2,8 +2,9 @@
 
 Every source has the same small interface (the `TensorSource` protocol):
 `ref` (what the user typed), `keys()`, `info(name)` (dtype and shape, no data read),
-`read(name, start, stop)` (a flat element range in the storage dtype) and
-`get_array(name)` (the whole tensor, shaped). `open_source` turns a reference into one.
+`read(name, start, stop, out=None)` (a flat element range in the storage dtype, copied
+into the uint8 buffer `out` where the source can) and `get_array(name)` (the whole tensor,
+shaped). `open_source` turns a reference into one.
 """
 
 from __future__ import annotations

@@ -143,3 +143,21 @@ def test_thirty_thousand_tiny_tensors(tmp_path):
     assert r.total.changed == sum(int(np.count_nonzero(base[n] != ft[n])) for n in base)
     assert len(r.tensors) == 30000
     assert seconds < 20, f"{seconds:.1f} s of CPU for 30,000 tiny tensors"
+
+
+def test_scratch_buffers_are_per_slot_per_thread_and_reused(odd):
+    a = runner.scratch(0, 100)
+    b = runner.scratch(1, (3, 5), np.uint16)
+    assert a.dtype == np.uint8 and a.shape == (100,) and b.dtype == np.uint16 and b.shape == (3, 5)
+    assert not np.shares_memory(a, b)
+    assert np.shares_memory(runner.scratch(0, (10, 2), np.float32), a)  # the same memory, seen anew
+    grown = runner.scratch(0, 1 << 20)  # larger than the slot holds: a new buffer
+    assert grown.size == 1 << 20 and np.shares_memory(runner.scratch(0, 8), grown)
+    other = []
+    t = threading.Thread(target=lambda: other.append(runner.scratch(0, 8)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(other[0], grown)  # each thread has its own
+    base, ft, _, _ = odd
+    sparsity(base, ft, workers=1)
+    assert not np.shares_memory(runner.scratch(0, 8), grown)  # a run lets go of this thread's buffers

@@ -116,11 +116,25 @@ def test_read_ranges(tmp_path):
         n = flat.size
         cases = [(0, None), (0, n), (1, n - 1), (n - 1, n), (5, 5), (7, 3), (0, n + 1000), (n, None)]
         cases += [tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(20)]
+        big, small = np.zeros(flat.nbytes + 8, np.uint8), np.zeros(4, np.uint8)
         for start, stop in cases:
             got = f.read(name, start, stop)
             assert got.dtype == x.dtype
             np.testing.assert_array_equal(got, flat[start:stop])
+            into = f.read(name, start, stop, out=big)  # copied into the caller's buffer
+            np.testing.assert_array_equal(into, flat[start:stop])
+            assert into.dtype == x.dtype and (into.size == 0 or np.shares_memory(into, big))
+            np.testing.assert_array_equal(f.read(name, start, stop, out=small), flat[start:stop])  # too small: ignored
         assert not f.read(name, 0, 2).flags.writeable  # a view of the file: read-only
+
+
+def test_read_into_a_buffer_from_a_file_cut_short(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    write_safetensors(path, {"w": ("F32", np.arange(100_000, dtype=np.float32))})
+    f = SafetensorsFile(path)
+    os.truncate(path, path.stat().st_size - 1000)
+    with pytest.raises(InvalidCheckpointError, match=r"cut\.safetensors: tensor 'w': file shrank"):
+        f.read("w", 0, None, out=np.empty(400_000, np.uint8))
 
 
 def test_metadata_and_alignment_of_written_file(tmp_path):
