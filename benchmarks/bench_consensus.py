@@ -3,10 +3,9 @@
 Prints the seconds of the whole process as a user runs it (median of --repeat), the
 seconds of reading all R + 1 checkpoints from the page cache with `cat > /dev/null`,
 their ratio (the fraction of read throughput consensus reaches; target >= 0.8), and
-the peak RSS of the consensus process (target < 2 GB; it includes the mapped page
-cache of the blocks being read).
+the peak RSS of the consensus process (target < 2 GB).
 
-The CPU time (user + sys, including ~0.5 s of imports at start) is printed too: on a
+The CPU time (user + sys, including ~0.3 s of start-up and imports) is printed too: on a
 shared machine it is less disturbed by other processes than the wall time.
 
     python benchmarks/bench_consensus.py                      # 14 layers, 8 runs (~13.5 GB of files)
@@ -131,6 +130,7 @@ def main() -> None:
     size = sum(os.path.getsize(f) for f in files)
 
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # into the page cache
+    load = os.getloadavg()[0]
     read = statistics.median(timed(["cat", *files])[0] for _ in range(args.repeat))
     cmd = [sys.executable, "-m", "ckptprobe", "consensus", *files]
     results = [timed(cmd) for _ in range(args.repeat)]
@@ -140,7 +140,8 @@ def main() -> None:
     zero_cmd = [sys.executable, "-m", "ckptprobe", "consensus", str(zeros), *map(str, runs)]
     zero_wall = statistics.median(timed(zero_cmd)[0] for _ in range(args.repeat))
 
-    print(f"consensus of {args.runs} runs, {args.layers} layers, {len(files)} files, {size / 1e9:.2f} GB")
+    print(f"consensus of {args.runs} runs, {args.layers} layers, {len(files)} files, {size / 1e9:.2f} GB; "
+          f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end")
     print(f"ckptprobe consensus (whole process): {wall:.2f} s  ({size / wall / 1e9:.2f} GB/s; CPU time {cpu:.2f} s)")
     print(f"cat > /dev/null (page cache):        {read:.2f} s  ({size / read / 1e9:.2f} GB/s)")
     print(f"fraction of read throughput:         {read / wall:.2f}x  (target >= 0.8x)")

@@ -145,6 +145,7 @@ def main() -> None:
     size = a.stat().st_size + b.stat().st_size
     exe = Path(sys.executable).parent / "ckptprobe"
     out_json = str(folder / ".bench_sparsity.json")
+    load = os.getloadavg()[0]
     try:
         measure(["cat", str(a), str(b)])  # warm-up: both files into the page cache
         baseline = measure(["true"])
@@ -168,7 +169,8 @@ def main() -> None:
         return s, rss
 
     print(f"pair: {a.name} + {b.name} in {folder}: {gb(size)} in all; {os.cpu_count()} CPUs; "
-          f"median of {args.repeats} runs (naive: 1 run)")
+          f"median of {args.repeats} runs (naive: 1 run); load average {load:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
     print(f"{'':46}{'seconds':>8}{'GB/s':>8}{'peak RSS':>14}{'private':>14}")
     cat_s, _ = row("cat base ft > /dev/null (page cache)", cat)
     ours_s, ours_rss = row("ckptprobe sparsity --format json", ours)

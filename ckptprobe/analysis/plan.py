@@ -186,6 +186,14 @@ def _check_filters(base: TensorSource, include: Sequence[str], exclude: Sequence
                                      f"(include {list(include)}, exclude {list(exclude)})")
 
 
+def check_distinct(finetuned: Sequence[TensorSource]) -> None:
+    """Refuse a fine-tuned checkpoint named twice where results are kept per checkpoint reference
+    (spectrum, principal): its matrices would count twice in every group and total."""
+    twice = [ref for ref, n in Counter(f.ref for f in finetuned).items() if n > 1]
+    if twice:
+        raise UsageError(f"{twice[0]} is given twice", hint="name each fine-tuned checkpoint once")
+
+
 def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = Want.floating,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), compare: bool = False,
                  mode: CompareMode | None = None, k: int | None = None,

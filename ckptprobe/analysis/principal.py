@@ -23,7 +23,7 @@ import numpy as np
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.mask_select import DEFAULT_ALPHA, LowThreshold, check_alpha, default_rank
 from ckptprobe.analysis.masks import MaskSpec, MatrixMasks
-from ckptprobe.analysis.plan import Skipped, SkipCategory, Want, plan_tensors
+from ckptprobe.analysis.plan import Skipped, SkipCategory, Want, check_distinct, plan_tensors
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, update_mask
 from ckptprobe.analysis.weights import not_a_weight, read_matrix, read_raw
 from ckptprobe.errors import InvalidCheckpointError, UsageError
@@ -169,6 +169,7 @@ def principal_overlap(base: TensorSource, finetuned: Sequence[TensorSource], ran
     check_alpha(alpha)
     if not finetuned:
         raise UsageError("give at least one fine-tuned checkpoint")
+    check_distinct(finetuned)
     plan = plan_tensors(base, finetuned, Want.matrices, include, exclude, compare=True, mode=mode, k=rank,
                         default_k=default_rank)
     skipped = list(plan.skipped)

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ckptprobe.analysis.grouping import KEYS, grouped
-from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
+from ckptprobe.analysis.plan import Skipped, Want, check_distinct, plan_tensors
 from ckptprobe.analysis.svd import (SVDRequest, SVDOutput, TopkMethod, decompose, resolve_device, shape_batches,
                                     svd_bytes, use_randomized)
 from ckptprobe.analysis.weights import read_matrix
@@ -268,6 +268,7 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
     `bounds`, which needs all values. bounds: also `Bounds` per comparison (one more singular-value pass, of dW, per matrix and fine-tune).
     progress, if given, is called with the bytes read after each chunk.
     """
+    check_distinct(finetuned)
     dev = resolve_device(device)
     plan = plan_tensors(base, finetuned, Want.matrices, include, exclude, k=k, default_k=default_k, min_side=2)
     # one unit per matrix: (name, index in an expert stack or None) -> (analysed shape, transposed, k)

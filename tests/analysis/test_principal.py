@@ -1,6 +1,7 @@
 """`principal`: overlap of update masks with principal / low-magnitude masks, against brute force."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -109,10 +110,16 @@ def test_bad_input(tiny_pair):
 
 def test_cli_json_csv_plot(tiny_pair, tmp_path, capsys):
     base, ft = str(tiny_pair.base), str(tiny_pair.ft)
-    assert main(["principal", base, ft, ft, "-f", "json", "-k", "2"]) == 0
+    twin = str(tmp_path / "twin.safetensors")
+    shutil.copy(ft, twin)  # the same weights under another name
+    assert main(["principal", base, ft, twin, "-f", "json", "-k", "2"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["command"] == "principal" and data["finetuned"] == [ft, ft] and data["rank"] == 2
-    assert len(data["matrices"]) == 2 * 16 and data["total"][0] == data["total"][1]
+    assert data["command"] == "principal" and data["finetuned"] == [ft, twin] and data["rank"] == 2
+    assert len(data["matrices"]) == 2 * 16
+    first, second = data["total"]
+    assert first["finetuned"] == ft and second["finetuned"] == twin
+    assert first["updated"] == sum(m["updated"] for m in data["matrices"] if m["finetuned"] == ft)
+    assert {**first, "finetuned": twin} == second
     assert {g["layer"] for g in data["groups"]["layer"]} == {0, 1, None}
     assert main(["principal", base, ft, "-f", "csv", "--by", "layer"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -130,9 +137,10 @@ def test_cli_json_csv_plot(tiny_pair, tmp_path, capsys):
     (["--plot", "{tmp}/f.png", "--matrix", "model.norm.weight"], "not a 2-D float matrix"),
     (["-k", "0"], "--rank: must be >= 1, got 0"),
     (["--alpha", "2"], "--alpha: must be a fraction in (0, 1], got 2"),
+    (["{ft}"], "is given twice"),
 ])
 def test_cli_errors_exit_2(tiny_pair, tmp_path, capsys, args, match):
-    args = [a.format(tmp=tmp_path) for a in args]
+    args = [a.format(tmp=tmp_path, ft=tiny_pair.ft) for a in args]
     assert main(["principal", str(tiny_pair.base), str(tiny_pair.ft), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and match in err

@@ -410,6 +410,10 @@ def test_cli_errors_are_one_line(ckpts, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.splitlines()[0].startswith("Error: --device cuda asked for, but torch sees no CUDA device")
     assert main(["spectrum", ckpts["base"], "nowhere.safetensors"]) == 1
+    capsys.readouterr()
+    assert main(["spectrum", ckpts["base"], ckpts["rl"], ckpts["rl"]]) == 2  # its matrices would count twice
+    assert capsys.readouterr().err.splitlines() == [f"Error: {ckpts['rl']} is given twice",
+                                                   "Hint: name each fine-tuned checkpoint once"]
 
 
 def test_cli_help_teaches():
