@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 from typer.core import TyperGroup
 
-from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, DeviceOpt, DownloadOpt, EtaOpt,
+from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt, EtaOpt,
                                     ExcludeOpt, FormatOpt, IncludeOpt, Kind, LowOpt, LowThreshold, ModeOpt, OutputOpt,
                                     RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, Vectors)
 
@@ -86,6 +86,7 @@ def build(
     topk_method: TopkMethodOpt = TopkMethod.auto,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    by: Annotated[By, typer.Option("--by", help="Rows of the table shown on stdout.")] = By.module,
     threads: ThreadsOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
@@ -113,7 +114,7 @@ def build(
     `ckptprobe masks ./base --expr 'low & ~principal' --include '*.mlp.*' --vectors freeze -o m.safetensors`
     """
     from ckptprobe.analysis.mask_expr import parse_expression
-    from ckptprobe.analysis.masks import MaskSpec, build_masks, group_densities
+    from ckptprobe.analysis.masks import MaskSpec, build_masks
     from ckptprobe.cli._common import configure_threads, open_sources, tolerances, writable
     from ckptprobe.errors import UsageError
     from ckptprobe.io.maskfile import write_packed
@@ -148,8 +149,9 @@ def build(
     density = f"{100 * total['density']:.1f}%" if total["numel"] else "no"
     err.print(f"{result.recipe['expression']}: {density} of entries trainable ({total['trainable']:,} of "
               f"{total['numel']:,}); wrote {output}", highlight=False, markup=False)
-    show(table(f"Mask {result.recipe['expression']} of {src.ref}, by module",
-               group_densities(result.tensors, "module"), ["module", "tensors", "numel", "trainable", "density"]))
+    cols = ["name", "shape", "numel", "trainable", "density"] if by == By.tensor else \
+        [by.value, "tensors", "numel", "trainable", "density"]
+    show(table(f"Mask {result.recipe['expression']} of {src.ref}, by {by.value}", result.rows(by.value), cols))
 
 
 @masks_app.command("info", no_args_is_help=True)

@@ -17,6 +17,7 @@ from ckptprobe.analysis.masks import MaskSpec, Vectors, build_masks
 from ckptprobe.cli import main
 from ckptprobe.errors import TensorMismatchError, UsageError
 from ckptprobe.io.maskfile import read_masks
+from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import open_source
 
 
@@ -321,6 +322,21 @@ def test_cli_build_and_info_round_trip(runs, tmp_path, capsys):
     assert read_masks(c).recipe["from"] == [str(root / "ft0.safetensors"), str(root / "ft1.safetensors")]
     name = "model.layers.1.mlp.down_proj.weight"
     assert np.array_equal(read_masks(c).mask(name), changed[0][name] & changed[1][name])
+    # --by: the table's rows, here per layer, counted from the file's bits
+    lm = tmp_path / "l.safetensors"
+    capsys.readouterr()
+    assert main(["masks", base, "--kind", "low", "--vectors", "train", "--by", "layer", "-o", str(lm)]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 5 and cells[0] != "layer":
+            rows[cells[0]] = cells[3].replace(",", "")
+    expected = {}
+    for n in read_masks(lm).keys():
+        layer = parse_name(n).layer
+        key = "-" if layer is None else str(layer)
+        expected[key] = expected.get(key, 0) + read_masks(lm).count(n)
+    assert rows == {k: str(v) for k, v in expected.items()} and len(rows) > 2
     # --expr, and random with the per-matrix density of an expression
     e, r = tmp_path / "e.safetensors", tmp_path / "r.safetensors"
     assert main(["masks", base, "--expr", "low & ~principal", "-x", "*embed*", "--vectors", "freeze",
