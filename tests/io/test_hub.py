@@ -131,6 +131,35 @@ def test_include_fetches_headers_and_selected_tensors_only(hf, tiny_pair, capsys
         print(f"{repo}: served {served} of {len(raw)} bytes (header {header_bytes(raw)}, tensors {selected})")
 
 
+def test_one_request_per_window_whatever_the_read_buffer(hf, tiny_pair, capsys, monkeypatch):
+    """Local files are read a small buffer at a time; a Hub source gets one request per window."""
+    from ckptprobe.analysis import sparsity as module
+
+    monkeypatch.setattr(module, "READ", 16)  # bytes: every tensor of the pair is larger
+    data = sparsity_json(capsys, "org/base", "org/ft", "--by", "tensor")
+    expected = {n: int(m.sum()) for n, m in tiny_pair.changed.items()}
+    assert {t["name"]: t["changed"] for t in data["tensors"]} == expected
+    src = open_source(str(tiny_pair.base))
+    assert all(src.info(n).nbytes > 16 for n in expected)
+    for repo in ("org/base", "org/ft"):
+        ranges = [r.range for r in hf.requests if r.path.startswith(f"/{repo}/resolve/")]
+        assert len(ranges) == 2 + len(data["tensors"])  # the header, then each tensor once
+
+
+def test_consensus_reads_a_block_per_request(hf, tiny_pair, capsys, monkeypatch):
+    """consensus reads local files a chunk at a time; from the Hub, a whole block per request."""
+    from ckptprobe.analysis import mask_scan
+
+    monkeypatch.setattr(mask_scan, "CHUNK", 64)  # entries: many chunks per tensor
+    code, out, err = cli(capsys, "consensus", "org/base", "org/ft", "org/ft-sharded", "-f", "json", "--by", "tensor")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [t["changed"] for t in data["tensors"]] == [[int(tiny_pair.changed[t["name"]].sum())] * 2
+                                                      for t in data["tensors"]]
+    ranges = [r.range for r in hf.requests if r.path.startswith("/org/base/resolve/")]
+    assert len(ranges) == 2 + len(data["tensors"])  # the header, then each tensor's one block
+
+
 def test_lfs_redirects_keep_the_range(hf, tiny_pair, capsys, monkeypatch):
     monkeypatch.setattr(hf, "redirect", True)  # 302 to a storage URL, like the real Hub's LFS files
     expected = local_json(capsys, tiny_pair.base, tiny_pair.ft, "--include", "*.mlp.*")
