@@ -168,20 +168,27 @@ def test_principal(corpus, capsys, name):
     assert data["matrices"]
     for m in data["matrices"]:
         e = m["expert"]
-        w0 = values(layout.base, m["name"], e)
-        n, count = w0.size, int(np.floor(m["alpha"] * w0.size + 0.5))
+        n = values(layout.base, m["name"], e).size
+        count = int(np.floor(m["alpha"] * n + 0.5))
         updated = changed(layout.base, Path(m["finetuned"]), m["name"])
         updated = updated if e is None else updated[e]
-        u, s, vt = svd64(layout.base, m["name"], e)
-        r = m["rank"]
-        principal = top_count(np.abs((u[:, :r] * s[:r]) @ vt[:r]), count, largest=True)
-        low = top_count(np.abs(w0.astype(np.float32)), count, largest=False)
+        principal, low = reference_masks(layout.base, m["name"], e, m["rank"], count)
         assert (m["numel"], m["principal"], m["low"]) == (n, count, count)
         assert (m["updated"], m["updated_low"]) == (updated.sum(), (updated & low).sum()), m["name"]
         # entries at the threshold of |W0^(k)| may order differently in fp32 than in float64
         assert abs(m["updated_principal"] - (updated & principal).sum()) <= max(2, 0.02 * count), m["name"]
     assert {(m["name"], m["expert"]) for m in data["matrices"]} <= matrices(layout.base)
     skipped_as_bias(data, layout.base)
+    reference_masks.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def reference_masks(base: Path, name: str, expert: int | None, rank: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(principal, low) of one base matrix from float64 references, once for every fine-tune."""
+    w0 = values(base, name, expert)
+    u, s, vt = svd64(base, name, expert)
+    principal = top_count(np.abs((u[:, :rank] * s[:rank]) @ vt[:rank]), count, largest=True)
+    return principal, top_count(np.abs(w0.astype(np.float32)), count, largest=False)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
