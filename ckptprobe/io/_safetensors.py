@@ -188,7 +188,7 @@ class SafetensorsFile:
     as a read-only numpy array of the storage dtype (uint16 for BF16): ranges above
     `SMALL_READ` bytes are backed by a memory map that lives exactly as long as the
     array, smaller ones are copied. With `out` (a 1-D uint8 array of at least the range's
-    bytes), the range is copied into `out` and returned as a view of it.
+    bytes), the range is copied into `out` and returned as a view of it; any other `out` is ignored.
     """
 
     forkable = True  # a forked child may read it (no connection or lock to share)
@@ -218,7 +218,7 @@ class SafetensorsFile:
             return np.empty(0, dtype)
         fd = os.open(self._fspath, os.O_RDONLY)
         try:
-            if out is not None and out.nbytes >= end - begin:
+            if out is not None and out.dtype == np.uint8 and out.flags.c_contiguous and out.size >= end - begin:
                 # Copied into the caller's buffer: about what a map costs the kernel, and the
                 # bytes arrive in cache, where the caller's next pass finds them.
                 view = out[:end - begin]

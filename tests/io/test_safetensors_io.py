@@ -124,7 +124,8 @@ def test_read_ranges(tmp_path):
             into = f.read(name, start, stop, out=big)  # copied into the caller's buffer
             np.testing.assert_array_equal(into, flat[start:stop])
             assert into.dtype == x.dtype and (into.size == 0 or np.shares_memory(into, big))
-            np.testing.assert_array_equal(f.read(name, start, stop, out=small), flat[start:stop])  # too small: ignored
+            for unfit in (small, big[::2], big.view(np.uint16)):  # too small, not contiguous, not bytes: ignored
+                np.testing.assert_array_equal(f.read(name, start, stop, out=unfit), flat[start:stop])
         assert not f.read(name, 0, 2).flags.writeable  # a view of the file: read-only
 
 
