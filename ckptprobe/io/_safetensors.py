@@ -187,8 +187,9 @@ class SafetensorsFile:
     `read(name, start, stop)` returns elements [start, stop) of the flattened tensor
     as a read-only numpy array of the storage dtype (uint16 for BF16): ranges above
     `SMALL_READ` bytes are backed by a memory map that lives exactly as long as the
-    array, smaller ones are copied. With `out` (a 1-D uint8 array of at least the range's
-    bytes), the range is copied into `out` and returned as a view of it; any other `out` is ignored.
+    array, smaller ones are copied. With `out` (a contiguous uint8 array of at least the
+    range's bytes), the range is copied into `out` and returned as a view of it; any other
+    `out` is ignored.
     """
 
     forkable = True  # a forked child may read it (no connection or lock to share)
