@@ -6,10 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt, HeadDimOpt,
-                                    IncludeOpt, LayerOpt, ModeOpt, OutputOpt, PlotOpt, RevisionOpt, RunsArg,
-                                    ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
+from ckptprobe.cli._options import (AddPrefixOpt, AtolOpt, BaseArg, By, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt,
+                                    HeadDimOpt, IncludeOpt, LayerOpt, ModeOpt, OutputOpt, PlotOpt, RevisionOpt, RunsArg,
+                                    StripPrefixOpt, ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
 
 # Table headers (JSON/CSV keep the long names).
 SHORT = {"density_mean": "density", "jaccard_mean": "jaccard", "bernoulli_mean": "E(J)", "lift": "lift",

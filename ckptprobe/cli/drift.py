@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (BaseArg, By, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt, OutputOpt, PlotOpt,
-                                    RevisionOpt, SeriesArg, ThreadsOpt, TokenOpt, VerboseOpt, WorkersOpt)
+from ckptprobe.cli._options import (AddPrefixOpt, BaseArg, By, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt,
+                                    OutputOpt, PlotOpt, RevisionOpt, SeriesArg, StripPrefixOpt, ThreadsOpt, TokenOpt,
+                                    VerboseOpt, WorkersOpt)
 
 
 def drift(

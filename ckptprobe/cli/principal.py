@@ -6,11 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt, EtaOpt,
-                                    ExcludeOpt, FinetunedArg, FormatOpt, IncludeOpt, LowOpt, LowThreshold, ModeOpt,
-                                    OutputOpt, PlotOpt, RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod,
-                                    TopkMethodOpt, VerboseOpt)
+from ckptprobe.cli._options import (DEFAULT_ALPHA, AddPrefixOpt, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt,
+                                    EtaOpt, ExcludeOpt, FinetunedArg, FormatOpt, IncludeOpt, LowOpt, LowThreshold,
+                                    ModeOpt, OutputOpt, PlotOpt, RankOpt, RevisionOpt, StripPrefixOpt, ThreadsOpt,
+                                    TokenOpt, TopkMethod, TopkMethodOpt, VerboseOpt)
 
 
 def _cell(counts, mask: str) -> str:

@@ -6,10 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (AtolOpt, BaseArg, By, DownloadOpt, EtaOpt,
-                                    ExcludeOpt, FormatOpt, IncludeOpt, ModeOpt, OutputOpt, RevisionOpt, ThreadsOpt,
-                                    TokenOpt, VerboseOpt, WorkersOpt)
+from ckptprobe.cli._options import (AddPrefixOpt, AtolOpt, BaseArg, By, DownloadOpt, EtaOpt, ExcludeOpt, FormatOpt,
+                                    IncludeOpt, ModeOpt, OutputOpt, RevisionOpt, StripPrefixOpt, ThreadsOpt, TokenOpt,
+                                    VerboseOpt, WorkersOpt)
 
 
 def sparsity(

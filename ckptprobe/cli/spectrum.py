@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ckptprobe.cli._options import AddPrefixOpt, StripPrefixOpt
-from ckptprobe.cli._options import (BaseArg, By, DeviceOpt, DownloadOpt, ExcludeOpt, FinetunedArg, FormatOpt,
-                                    IncludeOpt, LayerOpt, OutputOpt, PlotOpt, RankOpt, RevisionOpt, ThreadsOpt,
-                                    TokenOpt, TopkMethod, TopkMethodOpt, VerboseOpt)
+from ckptprobe.cli._options import (AddPrefixOpt, BaseArg, By, DeviceOpt, DownloadOpt, ExcludeOpt, FinetunedArg,
+                                    FormatOpt, IncludeOpt, LayerOpt, OutputOpt, PlotOpt, RankOpt, RevisionOpt,
+                                    StripPrefixOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, VerboseOpt)
 from ckptprobe.errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
