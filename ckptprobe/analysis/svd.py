@@ -139,11 +139,10 @@ def _gpu_possible() -> bool:
         return False
     if not sys.platform.startswith("linux"):
         return True
-    for lib in ("libcuda.so.1" if "cuda" in built else "libamdhip64.so",):
-        try:
-            ctypes.CDLL(lib)  # loads the driver's library only: no device is initialised
-        except OSError:
-            return False
+    try:
+        ctypes.CDLL("libcuda.so.1" if "cuda" in built else "libamdhip64.so")  # the driver's library only: no device
+    except OSError:
+        return False
     return True
 
 
