@@ -35,7 +35,7 @@ head's own `rel_step`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -244,6 +244,4 @@ def drift(base: TensorSource, series: Sequence[TensorSource], include: Sequence[
     if body:
         with np.errstate(divide="ignore", invalid="ignore"):  # a body that did not move: no ratio (NaN)
             ratio = ratio / sum(body[1:], body[0]).rel_step
-    found = surges(ratio.tolist(), result.checkpoints, z_threshold)
-    return DriftResult(result.base, result.checkpoints, result.tensors, head.name, tuple(found), z_threshold,
-                       plan.skipped)
+    return replace(result, head=head.name, surges=tuple(surges(ratio.tolist(), result.checkpoints, z_threshold)))
