@@ -12,8 +12,9 @@ from typing import Sequence
 import numpy as np
 
 from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
-from ckptprobe.analysis.plan import Skipped
 from ckptprobe.analysis.grouping import KEYS, grouped
+from ckptprobe.analysis.plan import Skipped
+
 
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
