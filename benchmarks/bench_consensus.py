@@ -6,7 +6,9 @@ their ratio (the fraction of read throughput consensus reaches; target >= 0.8), 
 the peak RSS of the consensus process (target < 2 GB).
 
 The CPU time (user + sys, including ~0.3 s of start-up and imports) is printed too: on a
-shared machine it is less disturbed by other processes than the wall time.
+shared machine it is less disturbed by other processes than the wall time. Then the scan
+alone, in this process (no start-up), with the compiled loops and on the numpy path that an
+install without a C compiler takes.
 
     python benchmarks/bench_consensus.py                      # 14 layers, 8 runs (~13.5 GB of files)
     python benchmarks/bench_consensus.py --layers 2 --runs 4 --dir /tmp/cons   # quick; files kept for reuse
@@ -50,6 +52,24 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
     return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # Linux reports KiB
+
+
+def scan_seconds(base: Path, runs: list[Path], repeat: int, compiled: bool = True) -> float:
+    """Median seconds of the `consensus` API in this process (every CPU): the scan without start-up.
+    `compiled=False` takes the numpy path, as an install without a C compiler does."""
+    from ckptprobe import consensus, open_source
+    from ckptprobe.analysis import kernels
+
+    kept, times = kernels.compiled, []
+    kernels.compiled = kept if compiled else None
+    try:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            consensus(open_source(str(base)), [open_source(str(r)) for r in runs])
+            times.append(time.perf_counter() - t)
+    finally:
+        kernels.compiled = kept
+    return statistics.median(times)
 
 
 def write_tiny(folder: Path, n: int) -> list[str]:
@@ -142,12 +162,20 @@ def main() -> None:
     rss = max(r[1] for r in results)
     cpu = statistics.median(r[2] for r in results)
     zero_wall = statistics.median(r[0] for r in zero_results)
+    from ckptprobe.analysis import kernels  # after the timed runs: they must not fork from a larger process
+
+    scan = scan_seconds(base, runs, args.repeat)
+    scan_numpy = scan_seconds(base, runs, args.repeat, compiled=False)
 
     print(f"consensus of {args.runs} runs, {args.layers} layers, {len(files)} files, {size / 1e9:.2f} GB; "
           f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end")
     print(f"ckptprobe consensus (whole process): {wall:.2f} s  ({size / wall / 1e9:.2f} GB/s; CPU time {cpu:.2f} s)")
     print(f"cat > /dev/null (page cache):        {read:.2f} s  ({size / read / 1e9:.2f} GB/s)")
     print(f"fraction of read throughput:         {read / wall:.2f}x  (target >= 0.8x)")
+    print(f"scan alone, in process:              {scan:.2f} s  ({read / scan:.2f}x cat; start-up and output: "
+          f"{wall - scan:.2f} s of the whole process)")
+    print(f"  the same on the numpy path:        {scan_numpy:.2f} s  ({read / scan_numpy:.2f}x cat; compiled loops "
+          f"{'built' if kernels.compiled is not None else 'NOT built: both lines take the numpy path'})")
     print(f"peak RSS of consensus:               {rss / 2**20:.0f} MiB  (target < 2048 MiB)")
     print(f"base with an exact zero per 4096:    {zero_wall:.2f} s  (slowdown {zero_wall / wall:.2f}x; target ~1.0x)")
     if tmp is not None:

@@ -9,7 +9,8 @@ Compares, in one run, three whole processes reading the same page-cached pair:
   count `~torch.isclose(a, b, atol=1e-5, rtol=0)` (run once: it is slow).
 
 then times the scan alone in this process (`ckptprobe.sparsity`, no interpreter or import start-up;
-one worker and the default, every CPU) to show where a whole run's time goes, and prints seconds, GB/s, peak RSS (`ru_maxrss` of each child from `os.wait4`; it counts the
+one worker and the default, every CPU; then every CPU on the numpy path, which an install without
+a C compiler takes) to show where a whole run's time goes, and prints seconds, GB/s, peak RSS (`ru_maxrss` of each child from `os.wait4`; it counts the
 file pages a process has mapped, so a reader that mmaps whole files shows their size), peak
 private memory, the ratios against the targets, and whether each count is right (a numpy
 reference counts the bitwise differences from the raw file bytes).
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synth import write_pair  # noqa: E402
 
 from ckptprobe import open_source, sparsity  # noqa: E402
+from ckptprobe.analysis import kernels  # noqa: E402
 from ckptprobe.analysis.runner import default_workers  # noqa: E402
 
 NAIVE = r"""
@@ -114,13 +116,18 @@ def reference_counts(a_path: Path, b_path: Path) -> tuple[int, int]:
     return changed, small
 
 
-def scan_seconds(a: Path, b: Path, workers: int | None, repeats: int) -> float:
-    """Median seconds of the `sparsity` API on the pair in this process: the scan without start-up."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sparsity(open_source(a), open_source(b), workers=workers)
-        times.append(time.perf_counter() - t)
+def scan_seconds(a: Path, b: Path, workers: int | None, repeats: int, compiled: bool = True) -> float:
+    """Median seconds of the `sparsity` API on the pair in this process: the scan without start-up.
+    `compiled=False` takes the numpy path, as an install without a C compiler does."""
+    kept, times = kernels.compiled, []
+    kernels.compiled = kept if compiled else None
+    try:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            sparsity(open_source(a), open_source(b), workers=workers)
+            times.append(time.perf_counter() - t)
+    finally:
+        kernels.compiled = kept
     return statistics.median(times)
 
 
@@ -154,6 +161,7 @@ def main() -> None:
                 for _ in range(args.repeats)]
         ours_changed = json.loads(ours[-1][3])["total"]["changed"]
         scans = {w: scan_seconds(a, b, w, args.repeats) for w in (1, None)}
+        scan_numpy = scan_seconds(a, b, None, args.repeats, compiled=False)
         naive = measure([sys.executable, "-c", NAIVE, str(a), str(b)], out_json)
         naive_changed = int(naive[3])
         ref_changed, ref_small = reference_counts(a, b)
@@ -178,6 +186,9 @@ def main() -> None:
     for w, s in scans.items():
         label = f"scan alone, in process, {'1 worker' if w == 1 else f'{default_workers()} workers (default)'}"
         print(f"{label:46}{s:8.2f}{size / s / 1e9:8.2f}   ({cat_s / s:.2f}x cat)")
+    label = "  the same on the numpy path"
+    print(f"{label:46}{scan_numpy:8.2f}{size / scan_numpy / 1e9:8.2f}   ({cat_s / scan_numpy:.2f}x cat; compiled loops "
+          f"{'built' if kernels.compiled is not None else 'NOT built: both lines take the numpy path'})")
     print(f"start-up and output of a whole run: {ours_s - scans[None]:.2f} s of its {ours_s:.2f} s")
     print(f"(peak RSS counts mapped file pages; a process that does nothing shows {baseline[1] / 2**20:.0f} MiB "
           "here, copied from the measuring helper at fork; private = RssAnon sampled every 10 ms)")

@@ -53,3 +53,16 @@ def tiny_pair(tmp_path_factory) -> TinyPair:
 def corpus(tmp_path_factory) -> Corpus:
     """Real layouts (see corpus.py), each built once per session when a test first asks for it."""
     return Corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def engine(request, monkeypatch) -> str:
+    """Run a test on both paths of the bitwise comparison: the compiled loops (`kernels`) and numpy.
+    Forked workers inherit the choice. `test_kernels.py` checks the loops are built wherever they can be."""
+    from ckptprobe.analysis import kernels
+
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "compiled", None)
+    elif kernels.compiled is None:
+        pytest.skip("ckptprobe was installed without its compiled loops (no C compiler)")
+    return request.param

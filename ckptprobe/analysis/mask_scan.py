@@ -5,7 +5,10 @@ Memory is bounded by a row block, not by the model or by R: a task of the window
 is a block of whole rows (the base's and all runs' blocks together about BLOCK_BYTES of
 data), read chunk by chunk; each run's mask is bit-packed (`np.packbits`) and added into
 a small per-entry counter; Jaccard intersections are popcounts of ANDed packed words.
-A tensor that is not a matrix is seen as (numel, 1): counted, with no profiles.
+With the compiled loops (`kernels`) and at most 8 runs, a chunk's masks are instead the
+bits of one byte per entry, and every count follows from the histogram of these bytes
+(`_code_block`). A tensor that is not a matrix is seen as (numel, 1): counted, with no
+profiles.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis import kernels
 from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
@@ -174,6 +178,8 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
         x = plan.base.read(plan.name, lo * cols, hi * cols)
         ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]
         return _small_block(plan, x, ys, cols if matrix else None, eta, atol, exp, fast)
+    if kernels.compiled is not None and R <= 8:
+        return _code_block(plan, lo, hi, eta, atol, keep, exp, fast)
     read = _reader(plan, lo * cols, n)
     step = _chunk_rows(cols) * cols
     packed = scratch(2, (R, -(-n // 64) * 8))  # per run, the mask bit-packed, in whole uint64 words
@@ -202,15 +208,68 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
             row_sums[r0:r0 + len(c2)] = c2.sum(axis=1, dtype=np.uint16 if cols * R < 1 << 16 else np.int64)
             col_sums += c2.sum(axis=0, dtype=np.uint16 if len(c2) * R < 1 << 16 else np.int64)
     changed, inter = _pair_counts(packed.view(np.uint64))
-    heat = None
-    if keep and n:
-        # Sums of the counts over heatmap cells of side b: columns first, then the rows of
-        # each cell that fall in this block (a cell may span two blocks; the caller adds).
-        b = heat_block(rows, cols)
-        by_col = np.add.reduceat(counts.reshape(hi - lo, cols), np.arange(0, cols, b), axis=1, dtype=np.int64)
-        starts = np.union1d([0], np.flatnonzero(np.arange(lo, hi) % b == 0))
-        heat = ((lo + starts) // b, np.add.reduceat(by_col, starts, axis=0))
+    heat = _heat(counts, lo, hi, rows, cols) if keep and n else None
     return _Block(changed, nonfinite, inter, hist, row_sums, col_sums, heat)
+
+
+def _heat(counts: np.ndarray, lo: int, hi: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of a block's per-entry counts ((hi - lo) * cols) over heatmap cells of side b: columns
+    first, then the rows of each cell that fall in this block (a cell may span two blocks; the
+    caller adds)."""
+    b = heat_block(rows, cols)
+    by_col = np.add.reduceat(counts.reshape(hi - lo, cols), np.arange(0, cols, b), axis=1, dtype=np.int64)
+    starts = np.union1d([0], np.flatnonzero(np.arange(lo, hi) % b == 0))
+    return (lo + starts) // b, np.add.reduceat(by_col, starts, axis=0)
+
+
+# Bit k of each byte value (256, 8) and its popcount (256,): what a histogram of codes holds.
+_CODE_BITS = (np.arange(256)[:, None] >> np.arange(8) & 1).astype(np.int64)
+_CODE_RUNS = _CODE_BITS.sum(axis=1)
+
+
+def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, keep: bool, exp: int | None,
+                fast: list) -> _Block:
+    """`_scan_block` with the compiled loops, for at most 8 runs.
+
+    Per chunk, bit k of one byte per entry (its code) says whether run k changed it: set in
+    one pass per run by `mark16` for a bitwise 16-bit run, from `update_mask` otherwise. One
+    `tally8` pass then adds the chunk's codes to a 256-bin histogram and writes each entry's
+    count of runs and their row/column sums. The histogram holds every other count exactly:
+    run k's changed entries are the codes with bit k, |M_k n M_l| those with bits k and l,
+    and the count histogram groups codes by popcount.
+    """
+    rows, cols = rows_cols(plan)
+    n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
+    matrix = len(plan.info.shape) == 2
+    read = _reader(plan, lo * cols, n)
+    step = _chunk_rows(cols) * cols
+    codes = scratch(2, min(step, n))
+    counts = scratch(3, n if keep else min(step, n)) if matrix else None
+    nonfinite, code_hist = np.zeros(R, np.int64), np.zeros(256, np.int64)
+    row_sums = np.zeros(hi - lo, np.int64) if matrix else None
+    col_sums = np.zeros(cols, np.int64) if matrix else None
+    for c in range(0, n, step):
+        x = read(0, c, c + step)
+        code = codes[:x.size]
+        code[:] = 0
+        for k, r in enumerate(plan.runs):
+            y = read(k + 1, c, c + step)
+            if fast[k] is not None:
+                nonfinite[k] += kernels.compiled.mark16(x, y, exp, k, code)
+                continue
+            changed, nf = update_mask(x, y, dtype, r.info.dtype, r.mode, eta, atol)
+            np.bitwise_or(code, changed.view(np.uint8) << k, out=code)
+            nonfinite[k] += int(np.count_nonzero(nf))
+        cc = None if counts is None else counts[c:c + x.size] if keep else counts[:x.size]
+        r0 = c // cols
+        kernels.compiled.tally8(code, cols, code_hist, cc, None if cc is None else row_sums[r0:],
+                                None if cc is None else col_sums)
+    bits = _CODE_BITS[:, :R]
+    inter = np.triu((bits * code_hist[:, None]).T @ bits, 1)  # (R, R) exact int64 sums, strict upper
+    hist = np.zeros(9, np.int64)
+    np.add.at(hist, _CODE_RUNS, code_hist)
+    heat = _heat(counts, lo, hi, rows, cols) if keep and n else None
+    return _Block(bits.T @ code_hist, nonfinite, inter, hist[:R + 1], row_sums, col_sums, heat)
 
 
 def _small_block(plan: TensorPlan, x: np.ndarray, ys: list[np.ndarray], cols: int | None, eta: float, atol: float,

@@ -1,10 +1,12 @@
 """Update sparsity: the fraction of weights a fine-tune left unchanged.
 
 Per tensor, then summed per module type, per layer and in total. Tensors are cut in
-windows of `WINDOW` elements, counted on every core (`run_windows`); a window of local
-files is read from both checkpoints `READ` bytes at a time into the same two buffers,
-so memory stays at a few megabytes per worker whatever the model size (a Hub window
-is fetched whole, one request per side).
+windows of `WINDOW` elements, counted on every core (`run_windows`). A bitwise pair of
+bf16 or fp16 tensors is counted in one compiled pass over both sides' mapped windows
+(`update.one_pass`); otherwise a window of local files is read from both checkpoints
+`READ` bytes at a time into the same two buffers, so the numpy passes that follow find
+it in cache. Memory stays at a few megabytes per worker whatever the model size (a Hub
+window is fetched whole, one request per side).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Callable, Sequence
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import forkable, run_windows, scratch
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
+from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes, one_pass
 from ckptprobe.io.sources import TensorSource
 
 WINDOW = 8 << 20  # elements per task of a worker
@@ -110,7 +112,8 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
 
     def count(p: TensorPlan, start: int, stop: int) -> tuple[int, int]:
         ft = p.runs[0]
-        if not forkable([p]):  # the Hub: one request per window and side, not per buffer
+        # One compiled pass over each side's mapped window; the Hub: one request per window and side.
+        if one_pass(p.info.dtype, ft.info.dtype, ft.mode) or not forkable([p]):
             return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),
                                  p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
         step = READ // max(p.info.itemsize, ft.info.itemsize)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ckptprobe.analysis import kernels
 from ckptprobe.analysis.bf16 import to_bf16_bits, to_float32
 from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
 from ckptprobe.errors import UsageError
@@ -123,18 +124,25 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     return changed & ~nonfinite, nonfinite
 
 
+def one_pass(dtype_a: str, dtype_b: str, mode: CompareMode) -> bool:
+    """Whether `count_changes` counts such a pair in one compiled pass (bitwise, one 16-bit float dtype)."""
+    return kernels.compiled is not None and mode == CompareMode.bitwise and dtype_a == dtype_b in EXPONENT16
+
+
 def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode,
                   eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL) -> tuple[int, int]:
     """Flat storage arrays -> (changed, nonfinite) counts; the same numbers as `update_mask`, faster.
 
-    The bitwise 16-bit case (every bf16 checkpoint) takes a fast path: xor and count the
-    nonzero words of each cache-sized chunk, after the pair proof (`plain_bits16`); a chunk
-    that fails the proof goes through `update_mask`.
+    The bitwise 16-bit case (every bf16 checkpoint) takes a fast path: one compiled pass
+    (`kernels`), or else, per cache-sized chunk, xor and count the nonzero words after the
+    pair proof (`plain_bits16`); a chunk that fails the proof goes through `update_mask`.
     """
     exp = EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
     if exp is None:
         changed, nonfinite = update_mask(a, b, dtype_a, dtype_b, mode, eta, atol)
         return int(np.count_nonzero(changed)), int(np.count_nonzero(nonfinite))
+    if kernels.compiled is not None and a.flags.c_contiguous and b.flags.c_contiguous:
+        return kernels.compiled.count16(a, b, exp)
     changed = nonfinite = 0
     buf = np.empty(min(_CHUNK, a.size), np.uint16)
     ua, ub = a.view(np.uint16), b.view(np.uint16)  # F16 storage is float16: work on its bits

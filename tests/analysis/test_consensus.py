@@ -91,7 +91,7 @@ def check_against_masks(result, masks, heat_size):
     assert total.hist.tolist() == np.bincount(sum(f.astype(int) for f in flat), minlength=R + 1).tolist()
 
 
-def test_matches_brute_force_in_small_blocks_and_chunks(family, monkeypatch):
+def test_matches_brute_force_in_small_blocks_and_chunks(engine, family, monkeypatch):
     base, runs, masks = family
     # Blocks of a few rows, chunks that do not divide them: every edge of the streaming is crossed.
     monkeypatch.setattr(cons, "BLOCK_BYTES", 1500)
@@ -102,7 +102,7 @@ def test_matches_brute_force_in_small_blocks_and_chunks(family, monkeypatch):
     check_against_masks(result, masks, 10)
 
 
-def test_matches_brute_force_with_default_blocks(family):
+def test_matches_brute_force_with_default_blocks(engine, family):
     base, runs, masks = family
     result = consensus(*sources(base, runs), layer=1)
     check_against_masks(result, masks, cons.HEAT_SIZE)
@@ -238,7 +238,7 @@ def test_mismatched_runs_are_left_out_per_tensor(family, tmp_path, capsys):
     assert "skipped model.layers.0.self_attn.q_proj.weight: missing in run 2" in capsys.readouterr().err
 
 
-def test_update_rule_special_values_and_other_dtypes(tmp_path):
+def test_update_rule_special_values_and_other_dtypes(engine, tmp_path):
     """The fast bitwise path and the exact rule agree on +-0, inf, NaN (bf16, f16) and in eta mode (f32)."""
     rng = np.random.default_rng(3)
     n = 3000
@@ -348,7 +348,7 @@ def test_example_family(tmp_path):
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_a_base_with_exact_zeros_stays_on_the_fast_path(tmp_path, monkeypatch):
+def test_a_base_with_exact_zeros_stays_on_the_fast_path(engine, tmp_path, monkeypatch):
     """Exact zeros in the base (one in 64 entries) cost nothing: no chunk is compared value by value,
     not even the one holding a +0/-0 pair (bitwise different, the same weight), which is found among
     the base's zeros."""

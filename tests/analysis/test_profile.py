@@ -61,7 +61,7 @@ def test_correlation():
     assert correlation(a, np.array([1.0, np.nan, 2.0, 3.0])) is None
 
 
-def test_profile_matches_brute_force(run):
+def test_profile_matches_brute_force(engine, run):
     base, paths, masks = run
     res = profile(open_source(str(base)), [open_source(str(p)) for p in paths], layer=1, smooth=3)
     assert res.changed == tuple(sum(int(m.sum()) for m in step.values()) for step in masks)

@@ -41,7 +41,7 @@ def sums(changed: dict[str, np.ndarray], key: str) -> dict:
 
 
 @pytest.mark.parametrize("layout", ["file", "sharded"])
-def test_planted_counts(tiny_pair, layout):
+def test_planted_counts(engine, tiny_pair, layout):
     base, ft = (tiny_pair.base, tiny_pair.ft) if layout == "file" else (tiny_pair.base_dir, tiny_pair.ft_dir)
     r = sparsity(open_source(str(base)), open_source(str(ft)))
     assert r.mode == "auto" and r.skipped == ()
@@ -64,7 +64,7 @@ def test_planted_counts(tiny_pair, layout):
     assert 0.7 < r.total.sparsity < 0.9  # 10% / 30% of entries were bumped
 
 
-def test_windows_and_workers_do_not_change_counts(tiny_pair, monkeypatch):
+def test_windows_and_workers_do_not_change_counts(engine, tiny_pair, monkeypatch):
     a, b = open_source(str(tiny_pair.base)), open_source(str(tiny_pair.ft))
     reference = sparsity(a, b).to_dict()
     monkeypatch.setattr(sparsity_module, "WINDOW", 37)  # many windows per tensor, ragged last ones
@@ -166,7 +166,7 @@ def test_filters_apply_to_skipped(tiny_pair, tmp_path):
     assert sparsity(a, b, exclude=["lm_head*"]).skipped == ()
 
 
-def test_nonfinite_and_empty_tensors(tmp_path):
+def test_nonfinite_and_empty_tensors(engine, tmp_path):
     x = np.array([1.0, np.nan, np.inf, 0.0, 2.0], np.float32)
     y = np.array([1.0, 1.0, np.inf, -0.0, 3.0], np.float32)
     write_safetensors(tmp_path / "a.safetensors", {"w": ("F32", x), "e": ("F32", np.zeros((0, 3), np.float32)),
@@ -182,7 +182,7 @@ def test_nonfinite_and_empty_tensors(tmp_path):
     assert r.to_dict()["total"] == {"numel": 7, "changed": 1, "nonfinite": 4, "sparsity": pytest.approx(2 / 3)}
 
 
-def test_worker_processes_count_what_one_process_counts(tiny_pair, monkeypatch):
+def test_worker_processes_count_what_one_process_counts(engine, tiny_pair, monkeypatch):
     import ckptprobe.analysis.sparsity as sp
 
     monkeypatch.setattr(sp, "WINDOW", 1000)  # many windows per tensor, split over the workers

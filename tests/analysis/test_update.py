@@ -248,13 +248,13 @@ def storage(bits: np.ndarray, dtype: str) -> np.ndarray:
     return bits if dtype == "BF16" else bits.view(np.float16)
 
 
-@SETTINGS
+@settings(SETTINGS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(dtype=st.sampled_from(["BF16", "F16"]),
        n=st.sampled_from([1, 7, update._CHUNK, 2 * update._CHUNK + 777]),
        seed=st.integers(0, 2 ** 32 - 1),
        fraction=st.sampled_from([0.0, 0.01, 0.4, 1.0]),
        plants=st.lists(st.tuples(st.sampled_from(KINDS), st.floats(0, 1, exclude_max=True)), max_size=12))
-def test_count_changes_matches_mask_and_torch(dtype, n, seed, fraction, plants):
+def test_count_changes_matches_mask_and_torch(engine, dtype, n, seed, fraction, plants):
     a, b = random_pair(dtype, n, seed, fraction)
     for kind, where in plants:
         plant(a, b, dtype, kind, int(where * n))
@@ -290,8 +290,9 @@ def test_count_changes_mixed_dtypes(mode, seed, plants):
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
-def test_fast_path_only_where_it_is_safe(dtype, monkeypatch):
-    """Clean chunks are counted by xor alone; only a chunk holding a special entry takes the exact path."""
+def test_fast_path_only_where_it_is_safe(engine, dtype, monkeypatch):
+    """Clean chunks are counted by xor alone; only a chunk holding a special entry takes the exact path
+    (none does with the compiled loops, which apply the rule entry by entry)."""
     a, b = random_pair(dtype, 3 * update._CHUNK, 0, 0.4)
     plant(a, b, dtype, "zeros", update._CHUNK + 5)  # -0 vs +0 differ in bits, not in value
     calls = []
@@ -306,7 +307,7 @@ def test_fast_path_only_where_it_is_safe(dtype, monkeypatch):
     monkeypatch.setattr(update, "update_mask", spy)
     expected = int(reference_bitwise(a, b, dtype)[0].sum())
     assert count_changes(storage(a, dtype), storage(b, dtype), dtype, dtype, CompareMode.bitwise) == (expected, 0)
-    assert calls == [update._CHUNK]
+    assert calls == ([update._CHUNK] if engine == "numpy" else [])
     assert expected == int(np.count_nonzero(a != b)) - 1  # the +-0 pair is not a change
 
 

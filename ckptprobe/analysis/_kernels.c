@@ -1,0 +1,290 @@
+/* One-pass loops for the bitwise comparison of 16-bit floats (bf16, fp16).
+
+Optional: the package builds without a C compiler, and then `update.count_changes` and
+`mask_scan` run the same counts as several numpy passes. Each pass there is fast; the
+time goes in making one pass per step (xor, proof, compare, pack, add, count) over the
+same bytes. Here every step happens while one vector of values is in registers.
+
+The rule is `update.update_mask`'s for bitwise mode, entry by entry: a pair holding an inf
+or NaN (every exponent bit set, on either side) is non-finite; else it changed iff the bits
+differ and it is not a +0/-0 pair (all bits but the sign zero on both sides).
+
+Buffers arrive through the buffer protocol (numpy arrays, memory maps) and are only read
+or written in place; the GIL is released while a loop runs.
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Loops are written for the compiler's vectorizer; on x86-64 GCC also builds an AVX2
+   (x86-64-v3) copy of each and picks one at load time. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#define TILE 4096 /* entries per step: a tile with an inf or NaN is counted again, entry by entry */
+#define WIDE 8192 /* 8 runs x (WIDE - 1) < 2^16: counts summed in 16 bits */
+
+/* Changed (1) or not (0) for one pair, non-finite pairs excluded. */
+#define CHANGED(a, b, e) \
+    ((uint8_t)(((a) != (b)) & ((((a) | (b)) & 0x7FFF) != 0) & (((a) & (e)) != (e)) & (((b) & (e)) != (e))))
+#define NONFINITE(a, b, e) ((uint8_t)((((a) & (e)) == (e)) | (((b) & (e)) == (e))))
+
+/* Helpers for the vector loops, on 16-bit lanes throughout (no C integer promotion to
+   32 bits, which would halve the lanes). CHANGED16 is 0xFFFF where the bits differ and the
+   pair is not +0/-0, else 0; MAGNITUDE is a value's bits without the sign. Any inf/NaN in a
+   tile shows as a magnitude at or above the exponent mask `e`: such a tile is counted again
+   entry by entry (CHANGED, NONFINITE). */
+#define CHANGED16(a, b) ((uint16_t)(-(uint16_t)((a) != (b)) & -(uint16_t)((((a) | (b)) & 0x7FFF) != 0)))
+#define MAGNITUDE(a) ((uint16_t)((a) & 0x7FFF))
+#define MAX16(p, q) ((p) > (q) ? (p) : (q))
+
+/* (changed, non-finite) counts of n pairs. */
+VECTOR_CLONES
+static void count16_loop(const uint16_t *restrict x, const uint16_t *restrict y, Py_ssize_t n, uint16_t e,
+                         uint64_t *changed, uint64_t *nonfinite) {
+    uint64_t c = 0, f = 0;
+    for (Py_ssize_t lo = 0; lo < n; lo += TILE) {
+        Py_ssize_t hi = n - lo < TILE ? n : lo + TILE;
+        uint16_t cs = 0, top = 0;  /* TILE < 2^16: the tile's count fits in 16 bits */
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            uint16_t a = x[i], b = y[i], ma = MAGNITUDE(a), mb = MAGNITUDE(b);
+            cs -= CHANGED16(a, b);  /* 0xFFFF is -1 */
+            top = MAX16(top, MAX16(ma, mb));
+        }
+        if (top >= e) {
+            cs = 0;
+            for (Py_ssize_t i = lo; i < hi; i++) {
+                cs += CHANGED(x[i], y[i], e);
+                f += NONFINITE(x[i], y[i], e);
+            }
+        }
+        c += cs;
+    }
+    *changed = c;
+    *nonfinite = f;
+}
+
+/* Bit `bit` of codes[i] := pair i changed; returns the non-finite count. */
+VECTOR_CLONES
+static uint64_t mark16_loop(const uint16_t *restrict x, const uint16_t *restrict y, Py_ssize_t n, uint16_t e,
+                            int bit, uint8_t *restrict codes) {
+    uint64_t nonfinite = 0;
+    uint8_t set = (uint8_t)(1u << bit), keep = (uint8_t)~set;
+    for (Py_ssize_t lo = 0; lo < n; lo += TILE) {
+        Py_ssize_t hi = n - lo < TILE ? n : lo + TILE;
+        uint16_t top = 0;
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            uint16_t a = x[i], b = y[i], ma = MAGNITUDE(a), mb = MAGNITUDE(b);
+            codes[i] = (uint8_t)((codes[i] & keep) | ((uint8_t)CHANGED16(a, b) & set));
+            top = MAX16(top, MAX16(ma, mb));
+        }
+        if (top < e)
+            continue;
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            if (NONFINITE(x[i], y[i], e)) {
+                codes[i] &= keep;
+                nonfinite++;
+            }
+        }
+    }
+    return nonfinite;
+}
+
+/* The histogram of the codes (256 bins); with `counts`, each entry's number of runs (the
+   popcount of its code) and, with `row_sums`, their sums by row and by column. */
+VECTOR_CLONES
+static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize_t cols, int64_t *restrict hist,
+                        uint8_t *restrict counts, int64_t *restrict row_sums, int64_t *restrict col_sums) {
+    uint32_t h[4][256];  /* four histograms: no increment waits on the one before */
+    Py_ssize_t n = rows * cols, i = 0;
+    while (i < n) {
+        Py_ssize_t stop = n - i < (Py_ssize_t)1 << 31 ? n : i + ((Py_ssize_t)1 << 31);  /* 2^31 / 4 per bin */
+        memset(h, 0, sizeof h);
+        for (; i + 4 <= stop; i += 4) {
+            h[0][codes[i]]++;
+            h[1][codes[i + 1]]++;
+            h[2][codes[i + 2]]++;
+            h[3][codes[i + 3]]++;
+        }
+        for (; i < stop; i++)
+            h[0][codes[i]]++;
+        for (int v = 0; v < 256; v++)
+            hist[v] += (int64_t)h[0][v] + h[1][v] + h[2][v] + h[3][v];
+    }
+    if (!counts)
+        return;
+    for (i = 0; i < n; i++) {  /* popcount of a byte, in steps the vectorizer takes */
+        uint8_t v = codes[i];
+        v = v - ((v >> 1) & 0x55);
+        v = (v & 0x33) + ((v >> 2) & 0x33);
+        counts[i] = (v + (v >> 4)) & 0x0F;
+    }
+    if (!row_sums)
+        return;
+    if (cols >= WIDE) {  /* rows this wide are rare: plain 64-bit sums */
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const uint8_t *c = counts + r * cols;
+            int64_t s = 0;
+            for (Py_ssize_t j = 0; j < cols; j++) {
+                s += c[j];
+                col_sums[j] += c[j];
+            }
+            row_sums[r] = s;
+        }
+        return;
+    }
+    /* Sums in 16-bit lanes, which take 16 entries a vector: a row holds < WIDE counts of at most
+       8, and the column sums are added out every WIDE - 1 rows. */
+    uint16_t acc[WIDE];
+    memset(acc, 0, sizeof acc);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint8_t *c = counts + r * cols;
+        uint16_t s = 0;
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            s += c[j];
+            acc[j] += c[j];
+        }
+        row_sums[r] = s;
+        if (r % (WIDE - 1) == WIDE - 2 || r == rows - 1)
+            for (Py_ssize_t j = 0; j < cols; j++) {
+                col_sums[j] += acc[j];
+                acc[j] = 0;
+            }
+    }
+}
+
+/* Get a buffer of at least `min_len` bytes (writable or not), or set an error. */
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t min_len, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (view->len < min_len) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, %zd needed", what, view->len, min_len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *count16(PyObject *self, PyObject *args) {
+    PyObject *xo, *yo;
+    unsigned int e;
+    Py_buffer x, y;
+    if (!PyArg_ParseTuple(args, "OOI", &xo, &yo, &e))
+        return NULL;
+    if (get_buffer(xo, &x, 0, 0, "x") < 0)
+        return NULL;
+    if (get_buffer(yo, &y, 0, x.len, "y") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    uint64_t changed, nonfinite;
+    Py_BEGIN_ALLOW_THREADS
+    count16_loop(x.buf, y.buf, x.len / 2, (uint16_t)e, &changed, &nonfinite);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    return Py_BuildValue("KK", (unsigned long long)changed, (unsigned long long)nonfinite);
+}
+
+static PyObject *mark16(PyObject *self, PyObject *args) {
+    PyObject *xo, *yo, *co;
+    unsigned int e;
+    int bit;
+    Py_buffer x, y, codes;
+    if (!PyArg_ParseTuple(args, "OOIiO", &xo, &yo, &e, &bit, &co))
+        return NULL;
+    if (bit < 0 || bit > 7) {
+        PyErr_SetString(PyExc_ValueError, "bit must be in 0..7");
+        return NULL;
+    }
+    if (get_buffer(xo, &x, 0, 0, "x") < 0)
+        return NULL;
+    if (get_buffer(yo, &y, 0, x.len, "y") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    if (get_buffer(co, &codes, 1, x.len / 2, "codes") < 0) {
+        PyBuffer_Release(&y);
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    uint64_t nonfinite;
+    Py_BEGIN_ALLOW_THREADS
+    nonfinite = mark16_loop(x.buf, y.buf, x.len / 2, (uint16_t)e, bit, codes.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&x);
+    return PyLong_FromUnsignedLongLong(nonfinite);
+}
+
+static PyObject *tally8(PyObject *self, PyObject *args) {
+    PyObject *co, *ho, *no, *ro, *so;
+    Py_ssize_t cols;
+    Py_buffer codes, hist, counts = {0}, rs = {0}, cs = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OnOOOO", &co, &cols, &ho, &no, &ro, &so))
+        return NULL;
+    if (cols < 1) {
+        PyErr_SetString(PyExc_ValueError, "cols must be at least 1");
+        return NULL;
+    }
+    if (get_buffer(co, &codes, 0, 0, "codes") < 0)
+        return NULL;
+    Py_ssize_t n = codes.len, rows = n / cols;
+    int with_counts = no != Py_None, with_sums = with_counts && ro != Py_None;
+    if (with_sums && rows * cols != n) {
+        PyErr_SetString(PyExc_ValueError, "codes do not hold whole rows");
+        goto done_codes;
+    }
+    if (get_buffer(ho, &hist, 1, 256 * 8, "hist") < 0)
+        goto done_codes;
+    if (with_counts && get_buffer(no, &counts, 1, n, "counts") < 0)
+        goto done_hist;
+    if (with_sums && get_buffer(ro, &rs, 1, rows * 8, "row_sums") < 0)
+        goto done_counts;
+    if (with_sums && get_buffer(so, &cs, 1, cols * 8, "col_sums") < 0)
+        goto done_rs;
+    Py_BEGIN_ALLOW_THREADS
+    tally8_loop(codes.buf, with_sums ? rows : 1, with_sums ? cols : n, hist.buf, with_counts ? counts.buf : NULL,
+                with_sums ? rs.buf : NULL, with_sums ? cs.buf : NULL);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+    if (with_sums)
+        PyBuffer_Release(&cs);
+done_rs:
+    if (with_sums)
+        PyBuffer_Release(&rs);
+done_counts:
+    if (with_counts)
+        PyBuffer_Release(&counts);
+done_hist:
+    PyBuffer_Release(&hist);
+done_codes:
+    PyBuffer_Release(&codes);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"count16", count16, METH_VARARGS,
+     "count16(x, y, exp) -> (changed, nonfinite): the counts over two buffers of 16-bit float bits "
+     "(exponent mask exp)."},
+    {"mark16", mark16, METH_VARARGS,
+     "mark16(x, y, exp, bit, codes) -> nonfinite: writes whether pair i changed into bit `bit` (0..7) of "
+     "codes[i] (uint8); returns the non-finite count."},
+    {"tally8", tally8, METH_VARARGS,
+     "tally8(codes, cols, hist, counts, row_sums, col_sums): adds the histogram of the uint8 codes into "
+     "hist (256 int64); unless counts is None, writes each code's popcount there (uint8) and, unless "
+     "row_sums is None, sets row_sums (rows int64) and adds into col_sums (cols int64) the counts' sums "
+     "of the codes seen as (rows, cols)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

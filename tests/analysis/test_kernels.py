@@ -1,0 +1,145 @@
+"""The compiled loops (`_kernels.c`) against numpy references, on every bit pattern that matters."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckptprobe.analysis import kernels
+
+EXPONENT = {"BF16": 0x7F80, "F16": 0x7C00}
+POPCOUNT = np.array([bin(v).count("1") for v in range(256)], np.uint8)
+
+
+def test_kernels_are_built_where_a_compiler_is():
+    """A silent build failure would leave every user on the slow path: where a C compiler and
+    Python's headers are at hand, the module must be there."""
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    if shutil.which("cc") and headers:
+        assert kernels.compiled is not None
+    else:
+        pytest.skip("no C compiler or Python headers here: the package runs on its numpy path")
+
+
+@pytest.fixture
+def K():
+    if kernels.compiled is None:
+        pytest.skip("ckptprobe was installed without its compiled loops (no C compiler)")
+    return kernels.compiled
+
+
+def values(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """16-bit float bits -> float32 values (exact), the reference's view of them."""
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def reference(x: np.ndarray, y: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(changed, nonfinite) from the values: a pair with an inf/NaN is non-finite; otherwise it
+    changed where the values differ (+0 == -0) -- for finite values, exactly where the bits do."""
+    a, b = values(x, dtype), values(y, dtype)
+    nonfinite = ~(np.isfinite(a) & np.isfinite(b))
+    return (a != b) & ~nonfinite, nonfinite
+
+
+def pairs(dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every 16-bit pattern as x, against itself, its sign flip, its neighbours, a random pattern
+    and the specials (+-0, +-inf, NaN); then the same in a random order, so specials fall in
+    every tile of the loops (4,096 entries)."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(1 << 16, dtype=np.uint16)
+    inf = EXPONENT[dtype]
+    ys = [x, x ^ 0x8000, x + 1, x - 1, rng.integers(0, 1 << 16, x.size, dtype=np.uint16),
+          rng.choice(np.array([0, 0x8000, inf, inf | 0x8000, inf | 1, 0x3C00], np.uint16), x.size)]
+    xs = np.concatenate([x] * len(ys))
+    y = np.concatenate(ys).astype(np.uint16)
+    order = rng.permutation(xs.size)
+    return np.concatenate([xs, xs[order]]), np.concatenate([y, y[order]])
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_count16_is_the_rule_on_every_bit_pattern(K, dtype):
+    x, y = pairs(dtype, 0)
+    changed, nonfinite = reference(x, y, dtype)
+    assert K.count16(x, y, EXPONENT[dtype]) == (int(changed.sum()), int(nonfinite.sum()))
+    # Lengths and offsets that cut the tiles anywhere; clean stretches between the specials.
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5):
+        lo = int(rng.integers(0, x.size - n))
+        c, f = reference(x[lo:lo + n], y[lo:lo + n], dtype)
+        assert K.count16(x[lo:lo + n], y[lo:lo + n], EXPONENT[dtype]) == (int(c.sum()), int(f.sum()))
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("special", ["inf", "-inf", "nan", "-0"])
+@pytest.mark.parametrize("at", [0, 4095, 4096, 9000])
+def test_one_special_value_in_clean_weights(K, dtype, special, at):
+    """A lone inf (the smallest magnitude the tile check must catch), NaN or -0 among small
+    weights, on either side, at a tile's first or last entry or inside one."""
+    rng = np.random.default_rng(at)
+    x = rng.integers(0, 0x3C00, 9001, dtype=np.uint16)  # below 1.0 in bf16 and fp16
+    y = np.where(rng.random(x.size) < 0.3, x + 1, x).astype(np.uint16)
+    x[at] = 0
+    bits = {"inf": EXPONENT[dtype], "-inf": EXPONENT[dtype] | 0x8000, "nan": EXPONENT[dtype] | 1, "-0": 0x8000}
+    for a, b in ((x, y.copy()), (y.copy(), x)):
+        b[at] = bits[special]
+        changed, nonfinite = reference(a, b, dtype)
+        assert K.count16(a, b, EXPONENT[dtype]) == (int(changed.sum()), int(nonfinite.sum()))
+        codes = np.zeros(a.size, np.uint8)
+        assert K.mark16(a, b, EXPONENT[dtype], 1, codes) == int(nonfinite.sum())
+        np.testing.assert_array_equal(codes, changed.astype(np.uint8) << 1)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("bit", [0, 5, 7])
+def test_mark16_writes_one_bit_and_keeps_the_others(K, dtype, bit):
+    x, y = pairs(dtype, 2)
+    changed, nonfinite = reference(x, y, dtype)
+    codes = np.random.default_rng(3).integers(0, 256, x.size, dtype=np.uint8)
+    before = codes.copy()
+    assert K.mark16(x, y, EXPONENT[dtype], bit, codes) == int(nonfinite.sum())
+    np.testing.assert_array_equal(codes, before & ~np.uint8(1 << bit) | changed.astype(np.uint8) << bit)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (37, 3), (9000, 2), (5, 8191), (3, 8192), (2, 10001)])
+def test_tally8_against_numpy(K, rows, cols):
+    """The histogram, per-entry counts and row/column sums; 9,000 rows cross the 16-bit column
+    sums' flush (every 8,191 rows) with every count at its maximum, 8192 columns take the wide sums."""
+    rng = np.random.default_rng(rows * cols)
+    codes = rng.integers(0, 256, rows * cols, dtype=np.uint8)
+    codes[: cols * min(rows, 8500)] = 0xFF
+    hist, counts = np.arange(256, dtype=np.int64), np.empty(codes.size, np.uint8)
+    row_sums, col_sums = np.full(rows, -1, np.int64), np.arange(cols, dtype=np.int64)
+    K.tally8(codes, cols, hist, counts, row_sums, col_sums)
+    np.testing.assert_array_equal(hist, np.arange(256) + np.bincount(codes, minlength=256))
+    np.testing.assert_array_equal(counts, POPCOUNT[codes])
+    per_entry = POPCOUNT[codes].astype(np.int64).reshape(rows, cols)
+    np.testing.assert_array_equal(row_sums, per_entry.sum(axis=1))
+    np.testing.assert_array_equal(col_sums, np.arange(cols) + per_entry.sum(axis=0))
+    hist2 = np.zeros(256, np.int64)
+    K.tally8(codes, cols, hist2, None, None, None)  # the histogram alone
+    np.testing.assert_array_equal(hist2, np.bincount(codes, minlength=256))
+
+
+def test_bad_buffers_are_refused(K):
+    x = np.zeros(100, np.uint16)
+    with pytest.raises(ValueError, match="y: 100 bytes, 200 needed"):
+        K.count16(x, np.zeros(50, np.uint16), 0x7F80)
+    with pytest.raises(ValueError, match="codes"):
+        K.mark16(x, x, 0x7F80, 0, np.zeros(99, np.uint8))
+    with pytest.raises(ValueError, match="bit"):
+        K.mark16(x, x, 0x7F80, 8, np.zeros(100, np.uint8))
+    with pytest.raises((BufferError, TypeError)):  # a read-only buffer cannot take the codes
+        K.mark16(x, x, 0x7F80, 0, bytes(100))
+    with pytest.raises(ValueError, match="whole rows"):
+        K.tally8(np.zeros(10, np.uint8), 3, np.zeros(256, np.int64), np.zeros(10, np.uint8),
+                 np.zeros(4, np.int64), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="hist"):
+        K.tally8(np.zeros(10, np.uint8), 1, np.zeros(255, np.int64), None, None, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.count16(x[::2], x[::2], 0x7F80)
