@@ -1,9 +1,11 @@
-/* One-pass loops for the bitwise comparison of 16-bit floats (bf16, fp16).
+/* Compiled loops for the bitwise comparison of 16-bit floats (bf16, fp16): `count16` counts
+a pair of tensors for `sparsity`; `mark16` and `tally8` set each run's bit of a byte per entry
+and take the histogram of these bytes for `consensus` and `profile` (`mask_scan._code_block`).
 
-Optional: the package builds without a C compiler, and then `update.count_changes` and
-`mask_scan` run the same counts as several numpy passes. Each pass there is fast; the
-time goes in making one pass per step (xor, proof, compare, pack, add, count) over the
-same bytes. Here every step happens while one vector of values is in registers.
+Optional: without a C compiler the package installs all the same, and `update.count_changes`
+and `mask_scan` compute the same counts in numpy passes. Each numpy pass is fast; the cost is
+their number (xor, proof, compare, pack, add, count: one pass each over the same bytes). Here
+they are one pass, on a vector of values held in registers.
 
 The rule is `update.update_mask`'s for bitwise mode, entry by entry: a pair holding an inf
 or NaN (every exponent bit set, on either side) is non-finite; else it changed iff the bits
@@ -23,6 +25,9 @@ or written in place; the GIL is released while a loop runs.
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define VECTOR_CLONES
+#endif
+#if defined(_MSC_VER)
+#define restrict __restrict
 #endif
 
 #define TILE 4096 /* entries per step: a tile with an inf or NaN is counted again, entry by entry */
