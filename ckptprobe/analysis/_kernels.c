@@ -31,7 +31,7 @@ or written in place; the GIL is released while a loop runs.
 #endif
 
 #define TILE 4096 /* entries per step: a tile with an inf or NaN is counted again, entry by entry */
-#define WIDE 8192 /* 8 runs x (WIDE - 1) < 2^16: counts summed in 16 bits */
+#define WIDE 8192 /* 8 runs x (WIDE - 1) < 2^16: counts summed in 16 bits, WIDE - 1 at a time */
 
 /* Changed (1) or not (0) for one pair, non-finite pairs excluded. */
 #define CHANGED(a, b, e) \
@@ -130,35 +130,28 @@ static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize
     }
     if (!row_sums)
         return;
-    if (cols >= WIDE) {  /* rows this wide are rare: plain 64-bit sums */
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            const uint8_t *c = counts + r * cols;
-            int64_t s = 0;
-            for (Py_ssize_t j = 0; j < cols; j++) {
-                s += c[j];
-                col_sums[j] += c[j];
-            }
-            row_sums[r] = s;
-        }
-        return;
-    }
-    /* Sums in 16-bit lanes, which take 16 entries a vector: a row holds < WIDE counts of at most
-       8, and the column sums are added out every WIDE - 1 rows. */
+    /* Sums in 16-bit lanes, which take 16 entries a vector, over strips of at most WIDE - 1
+       columns: a row's strip holds at most 8 (WIDE - 1) < 2^16, and the column sums are added
+       out every WIDE - 1 rows. */
     uint16_t acc[WIDE];
-    memset(acc, 0, sizeof acc);
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const uint8_t *c = counts + r * cols;
-        uint16_t s = 0;
-        for (Py_ssize_t j = 0; j < cols; j++) {
-            s += c[j];
-            acc[j] += c[j];
-        }
-        row_sums[r] = s;
-        if (r % (WIDE - 1) == WIDE - 2 || r == rows - 1)
-            for (Py_ssize_t j = 0; j < cols; j++) {
-                col_sums[j] += acc[j];
-                acc[j] = 0;
+    memset(row_sums, 0, (size_t)rows * sizeof *row_sums);
+    for (Py_ssize_t j0 = 0; j0 < cols; j0 += WIDE - 1) {
+        Py_ssize_t w = cols - j0 < WIDE - 1 ? cols - j0 : WIDE - 1;
+        memset(acc, 0, sizeof acc);
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const uint8_t *c = counts + r * cols + j0;
+            uint16_t s = 0;
+            for (Py_ssize_t j = 0; j < w; j++) {
+                s += c[j];
+                acc[j] += c[j];
             }
+            row_sums[r] += s;
+            if (r % (WIDE - 1) == WIDE - 2 || r == rows - 1)
+                for (Py_ssize_t j = 0; j < w; j++) {
+                    col_sums[j0 + j] += acc[j];
+                    acc[j] = 0;
+                }
+        }
     }
 }
 

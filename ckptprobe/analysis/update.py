@@ -102,7 +102,8 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     """Storage arrays of one shape -> (changed, nonfinite) bool arrays of that shape.
 
     `a` is the base, `b` the fine-tune, each in its storage dtype (BF16 as uint16 bits).
-    `changed` is False wherever `nonfinite` is True.
+    `changed` is False wherever `nonfinite` is True. A bitwise 16-bit pair takes one compiled
+    pass (`kernels`) when it can.
     """
     if mode == CompareMode.bf16:
         a, b, dtype_a, dtype_b = to_bf16_bits(a, dtype_a), to_bf16_bits(b, dtype_b), "BF16", "BF16"
@@ -110,6 +111,13 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     if mode == CompareMode.bitwise and dtype_a != dtype_b:
         raise UsageError(f"bitwise comparison needs one dtype on both sides, got {dtype_a} and {dtype_b}",
                          hint="use --mode bf16 (round both to bf16) or --mode eta")
+    if one_pass(dtype_a, dtype_b, mode) and a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous:
+        exp = EXPONENT16[dtype_a]
+        changed = np.zeros(a.shape, bool)  # bit 0 of each byte, written by mark16: a bool array
+        if not kernels.compiled.mark16(a, b, exp, 0, changed.view(np.uint8)):
+            return changed, np.zeros(a.shape, bool)
+        ua, ub = a.view(np.uint16), b.view(np.uint16)
+        return changed, ((ua & exp) == exp) | ((ub & exp) == exp)
     if dtype_a not in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"):  # integers, bools: plain equality
         return a != b, np.zeros(a.shape, bool)
     fa, fb = _values(a, dtype_a), _values(b, dtype_b)

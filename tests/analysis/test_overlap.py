@@ -30,7 +30,7 @@ def four(tmp_path_factory):
     return [open_source(str(p)) for p in paths], m, m2
 
 
-def test_counts_and_chance_levels_match_brute_force(four, monkeypatch):
+def test_counts_and_chance_levels_match_brute_force(engine, four, monkeypatch):
     monkeypatch.setattr(overlap, "CHUNK", 1000)  # several chunks per tensor
     sources, m, m2 = four
     result = mask_overlap(*sources)

@@ -187,7 +187,7 @@ SPECIAL_NONFINITE = [True] * 8 + [False] * 3
 
 @pytest.mark.parametrize("dtype", ["F32", "F16", "BF16", "F64"])
 @pytest.mark.parametrize("mode", MODES)
-def test_nonfinite_counted_separately(dtype, mode):
+def test_nonfinite_counted_separately(engine, dtype, mode):
     a = np.array([p[0] for p in SPECIAL_PAIRS], np.float32)
     b = np.array([p[1] for p in SPECIAL_PAIRS], np.float32)
     convert = {"F32": lambda x: x, "F16": lambda x: x.astype(np.float16), "F64": lambda x: x.astype(np.float64),
@@ -198,7 +198,7 @@ def test_nonfinite_counted_separately(dtype, mode):
     assert count_changes(convert(a), convert(b), dtype, dtype, mode) == (1, 8)
 
 
-def test_nonfinite_mixed_dtypes():
+def test_nonfinite_mixed_dtypes(engine):
     a = np.array([p[0] for p in SPECIAL_PAIRS], np.float32)
     b = float32_to_bf16_bits(np.array([p[1] for p in SPECIAL_PAIRS], np.float32))
     for mode in (CompareMode.bf16, CompareMode.eta, CompareMode.atol):
