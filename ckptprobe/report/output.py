@@ -177,6 +177,7 @@ def emit(fmt: Format, data: dict, rows: Sequence[dict], tables: Sequence[Table],
                 c = Console(file=f, width=UNBOUNDED, soft_wrap=True)
                 for t in tables:
                     c.print(t.rich())
+            print(f"wrote {output}", file=sys.stderr)
         else:
             for t in tables:
                 show(t)
