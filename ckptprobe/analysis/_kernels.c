@@ -167,18 +167,23 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t m
     return 0;
 }
 
+/* x and y: buffers of 16-bit float bits, y at least as long as x. */
+static int get_pair(PyObject *xo, PyObject *yo, Py_buffer *x, Py_buffer *y) {
+    if (get_buffer(xo, x, 0, 0, "x") < 0)
+        return -1;
+    if (get_buffer(yo, y, 0, x->len, "y") < 0) {
+        PyBuffer_Release(x);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *count16(PyObject *self, PyObject *args) {
     PyObject *xo, *yo;
     unsigned int e;
     Py_buffer x, y;
-    if (!PyArg_ParseTuple(args, "OOI", &xo, &yo, &e))
+    if (!PyArg_ParseTuple(args, "OOI", &xo, &yo, &e) || get_pair(xo, yo, &x, &y) < 0)
         return NULL;
-    if (get_buffer(xo, &x, 0, 0, "x") < 0)
-        return NULL;
-    if (get_buffer(yo, &y, 0, x.len, "y") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
     uint64_t changed, nonfinite;
     Py_BEGIN_ALLOW_THREADS
     count16_loop(x.buf, y.buf, x.len / 2, (uint16_t)e, &changed, &nonfinite);
@@ -199,12 +204,8 @@ static PyObject *mark16(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bit must be in 0..7");
         return NULL;
     }
-    if (get_buffer(xo, &x, 0, 0, "x") < 0)
+    if (get_pair(xo, yo, &x, &y) < 0)
         return NULL;
-    if (get_buffer(yo, &y, 0, x.len, "y") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
     if (get_buffer(co, &codes, 1, x.len / 2, "codes") < 0) {
         PyBuffer_Release(&y);
         PyBuffer_Release(&x);

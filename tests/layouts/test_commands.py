@@ -153,11 +153,15 @@ def test_spectrum(corpus, capsys, name):
 
 
 def top_count(x: np.ndarray, count: int, largest: bool) -> np.ndarray:
-    """Bool mask of the `count` largest (smallest) entries, ties to the lowest row-major index."""
-    flat = x.ravel()
-    order = np.argsort(-flat if largest else flat, kind="stable")
-    out = np.zeros(flat.size, bool)
-    out[order[:count]] = True
+    """Bool mask of the `count` largest (smallest) entries, ties to the lowest row-major index: every
+    entry beyond the count-th value, then the first of those equal to it (a stable full sort of
+    BERT's 11.7M-entry embedding took seconds)."""
+    key = -x.ravel() if largest else x.ravel()  # select the `count` smallest keys
+    out = np.zeros(key.size, bool)
+    if count:
+        kth = np.partition(key, count - 1)[count - 1]
+        out[key < kth] = True
+        out[np.flatnonzero(key == kth)[:count - np.count_nonzero(out)]] = True
     return out.reshape(x.shape)
 
 
