@@ -23,12 +23,15 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
-    """Save `fig` atomically; the format follows the suffix (.png, .pdf, .svg). Closes the figure."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 130, fitted: bool = False) -> Path:
+    """Save `fig` atomically; the format follows the suffix (.png, .pdf, .svg). Closes the figure.
+
+    A figure is cropped to what it draws ("tight", one more drawing pass) unless it is already
+    fitted: it has a layout engine (constrained), or `fitted` says its margins were set by hand.
+    """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    # A figure with a layout engine (constrained) is already fitted; "tight" would draw it once more.
-    tight = None if fig.get_layout_engine() else "tight"
+    tight = None if fitted or fig.get_layout_engine() else "tight"
     with atomic_write(path) as f:
         fig.savefig(f, format=fmt, dpi=dpi, bbox_inches=tight)
     pyplot().close(fig)
