@@ -1,9 +1,10 @@
 /* Compiled loops for the bitwise comparison of 16-bit floats (bf16, fp16): `count16` counts
 a pair of tensors for `sparsity`; `mark16` and `tally8` set each run's bit of a byte per entry
-and take the histogram of these bytes for `consensus` and `profile` (`mask_scan._code_block`).
+and take the histogram of these bytes for `consensus` and `profile` (`mask_scan._code_block`);
+`mark16` with one run is also `update.update_mask`'s bool mask.
 
-Optional: without a C compiler the package installs all the same, and `update.count_changes`
-and `mask_scan` compute the same counts in numpy passes. Each numpy pass is fast; the cost is
+Optional: without a C compiler the package installs all the same, and `update` and
+`mask_scan` compute the same results in numpy passes. Each numpy pass is fast; the cost is
 their number (xor, proof, compare, pack, add, count: one pass each over the same bytes). Here
 they are one pass, on a vector of values held in registers.
 

@@ -1,7 +1,8 @@
 """The compiled loops of the bitwise comparison (`_kernels.c`), or None.
 
 The package builds them where a C compiler is at hand; without one it installs all the
-same and `update.count_changes` and `mask_scan` compute the same counts in numpy passes.
+same and `update.count_changes`, `update.update_mask` and `mask_scan` compute the same
+results in numpy passes.
 Every caller reads `kernels.compiled` at call time, so setting it to None selects the
 numpy path (the tests run both).
 """

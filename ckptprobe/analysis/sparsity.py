@@ -5,8 +5,8 @@ windows of `WINDOW` elements, counted on every core (`run_windows`). A bitwise p
 bf16 or fp16 tensors is counted in one compiled pass over both sides' mapped windows
 (`update.one_pass`); otherwise a window of local files is read from both checkpoints
 `READ` bytes at a time into the same two buffers, so the numpy passes that follow find
-it in cache. Memory stays at a few megabytes per worker whatever the model size (a Hub
-window is fetched whole, one request per side).
+it in cache. Private memory stays at a few megabytes per worker whatever the model size
+(a Hub window is fetched whole, one request per side).
 """
 
 from __future__ import annotations

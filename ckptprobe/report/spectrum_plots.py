@@ -47,7 +47,7 @@ def plot_spectrum(result: SpectrumResult, path: str | os.PathLike, layer: int | 
     ncols, nrows = max(len(modules), 2), 2 + len(fts)
     width, height = 3.2 * ncols, 2.8 * nrows
     # Fixed margins in inches, not a layout engine: fitting ~30 axes to their tick labels took
-    # matplotlib's constrained layout 3 s of the figure's 5.
+    # matplotlib's constrained layout about a third of the figure's 4-5 s.
     fig = plt.figure(figsize=(width, height))
     grid = fig.add_gridspec(nrows, ncols, left=0.75 / width, right=1 - 0.2 / width, bottom=0.55 / height,
                             top=1 - 0.35 / height, hspace=0.45, wspace=0.4)
