@@ -108,7 +108,8 @@ static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize
     uint32_t h[4][256];  /* four histograms: no increment waits on the one before */
     Py_ssize_t n = rows * cols, i = 0;
     while (i < n) {
-        Py_ssize_t stop = n - i < (Py_ssize_t)1 << 31 ? n : i + ((Py_ssize_t)1 << 31);  /* 2^31 / 4 per bin */
+        /* in pieces of 2^31 entries, so that a 32-bit bin counts at most 2^29 */
+        Py_ssize_t stop = n - i < (Py_ssize_t)1 << 31 ? n : i + ((Py_ssize_t)1 << 31);
         memset(h, 0, sizeof h);
         for (; i + 4 <= stop; i += 4) {
             h[0][codes[i]]++;
