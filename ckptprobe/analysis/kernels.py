@@ -4,10 +4,15 @@ The package builds them where a C compiler is at hand; without one it installs a
 same and `update.count_changes`, `update.update_mask` and `mask_scan` compute the same
 results in numpy passes.
 Every caller reads `kernels.compiled` at call time, so setting it to None selects the
-numpy path (the tests run both).
+numpy path (the tests run both). A module from an older build (an editable install whose
+C source changed since) has another VERSION and is not used: rebuild with `pip install -e .`.
 """
+
+VERSION = 1  # of the loops' signatures and meaning, as `_kernels.c` states it
 
 try:
     from ckptprobe.analysis import _kernels as compiled
 except ImportError:  # built without a C compiler
+    compiled = None
+if getattr(compiled, "VERSION", None) != VERSION:
     compiled = None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,23 @@ def test_kernels_are_built_where_a_compiler_is():
         assert kernels.compiled is not None
     else:
         pytest.skip("no C compiler or Python headers here: the package runs on its numpy path")
+
+
+def test_a_module_from_an_older_build_is_not_used(monkeypatch):
+    """An editable install keeps its compiled module when the C source changes: one whose VERSION
+    differs from kernels.VERSION is set aside, and the numpy path runs."""
+    import ckptprobe.analysis
+
+    stale = types.ModuleType("ckptprobe.analysis._kernels")
+    stale.VERSION = kernels.VERSION + 1
+    monkeypatch.setattr(ckptprobe.analysis, "_kernels", stale, raising=False)
+    monkeypatch.setitem(sys.modules, "ckptprobe.analysis._kernels", stale)
+    try:
+        assert importlib.reload(kernels).compiled is None
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)
+    assert kernels.compiled is None or kernels.compiled.VERSION == kernels.VERSION
 
 
 @pytest.fixture
