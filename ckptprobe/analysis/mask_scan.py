@@ -179,7 +179,7 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
         ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]
         return _small_block(plan, x, ys, cols if matrix else None, eta, atol, exp, fast)
     if kernels.compiled is not None and R <= 8:
-        return _code_block(plan, lo, hi, eta, atol, keep, exp, fast)
+        return _code_block(plan, lo, hi, eta, atol, keep, fast)
     read = _reader(plan, lo * cols, n)
     step = _chunk_rows(cols) * cols
     packed = scratch(2, (R, -(-n // 64) * 8))  # per run, the mask bit-packed, in whole uint64 words
@@ -227,8 +227,7 @@ _CODE_BITS = (np.arange(256)[:, None] >> np.arange(8) & 1).astype(np.int64)
 _CODE_RUNS = _CODE_BITS.sum(axis=1)
 
 
-def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, keep: bool, exp: int | None,
-                fast: list) -> _Block:
+def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, keep: bool, fast: list) -> _Block:
     """`_scan_block` with the compiled loops, for at most 8 runs.
 
     Per chunk, bit k of one byte per entry (its code) says whether run k changed it: set in
@@ -254,8 +253,8 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
         code[:] = 0
         for k, r in enumerate(plan.runs):
             y = read(k + 1, c, c + step)
-            if fast[k] is not None:
-                nonfinite[k] += kernels.compiled.mark16(x, y, exp, k, code)
+            if fast[k] is not None:  # the 16-bit exponent mask of a bitwise run
+                nonfinite[k] += kernels.compiled.mark16(x, y, fast[k], k, code)
                 continue
             changed, nf = update_mask(x, y, dtype, r.info.dtype, r.mode, eta, atol)
             np.bitwise_or(code, changed.view(np.uint8) << k, out=code)
