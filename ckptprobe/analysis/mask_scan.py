@@ -27,6 +27,7 @@ from ckptprobe.analysis.plan import TensorPlan
 from ckptprobe.analysis.runner import forkable, run_windows, scratch
 from ckptprobe.analysis.update import (BELOW_TWO, DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
                                       plain_bits16, update_mask)
+from ckptprobe.io.sources import READ_SLACK
 
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together
 CHUNK = 1 << 19  # entries per numpy step inside a block: each chunk is read just before use, into cache
@@ -157,7 +158,7 @@ def _reader(plan: TensorPlan, first: int, n: int) -> Callable[[int, int, int], n
     if forkable([plan]):
         size = [plan.info.itemsize, *(r.info.itemsize for r in plan.runs)]
         return lambda k, a, b: sources[k].read(plan.name, first + a, first + min(b, n),
-                                               scratch(min(k, 1), (min(b, n) - a) * size[k]))
+                                               scratch(min(k, 1), (min(b, n) - a) * size[k] + READ_SLACK))
     blocks = [s.read(plan.name, first, first + n) for s in sources]
     return lambda k, a, b: blocks[k][a:b]
 

@@ -1,12 +1,12 @@
 """Update sparsity: the fraction of weights a fine-tune left unchanged.
 
 Per tensor, then summed per module type, per layer and in total. Tensors are cut in
-windows of `WINDOW` elements, counted on every core (`run_windows`). A bitwise pair of
-bf16 or fp16 tensors is counted in one compiled pass over both sides' mapped windows
-(`update.one_pass`); otherwise a window of local files is read from both checkpoints
-`READ` bytes at a time into the same two buffers, so the numpy passes that follow find
-it in cache. Private memory stays at a few megabytes per worker whatever the model size
-(a Hub window is fetched whole, one request per side).
+windows of `WINDOW` elements, counted on every core (`run_windows`). A window of local
+files is read from both checkpoints `READ` bytes at a time into the same two buffers,
+so the count that follows (a compiled pass for a bitwise 16-bit pair, numpy passes
+otherwise: `update.count_changes`) finds it in cache. Private memory stays at a few
+megabytes per worker whatever the model size (a Hub window is fetched whole, one
+request per side).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import forkable, run_windows, scratch
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes, one_pass
-from ckptprobe.io.sources import TensorSource
+from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
+from ckptprobe.io.sources import READ_SLACK, TensorSource
 
 WINDOW = 8 << 20  # elements per task of a worker
 READ = 1 << 20  # bytes per side per read: small enough to stay in cache for the count that follows
@@ -112,16 +112,15 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
 
     def count(p: TensorPlan, start: int, stop: int) -> tuple[int, int]:
         ft = p.runs[0]
-        # One compiled pass over each side's mapped window; the Hub: one request per window and side.
-        if one_pass(p.info.dtype, ft.info.dtype, ft.mode) or not forkable([p]):
+        if not forkable([p]):  # the Hub: one request per window and side
             return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),
                                  p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
         step = READ // max(p.info.itemsize, ft.info.itemsize)
         changed = nonfinite = 0
         for lo in range(start, stop, step):
             hi = min(lo + step, stop)
-            c, n = count_changes(base.read(p.name, lo, hi, scratch(0, READ)),
-                                 finetuned.read(p.name, lo, hi, scratch(1, READ)),
+            c, n = count_changes(base.read(p.name, lo, hi, scratch(0, READ + READ_SLACK)),
+                                 finetuned.read(p.name, lo, hi, scratch(1, READ + READ_SLACK)),
                                  p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
             changed, nonfinite = changed + c, nonfinite + n
         return changed, nonfinite

@@ -4,7 +4,8 @@ Every source has the same small interface (the `TensorSource` protocol):
 `ref` (what the user typed), `keys()`, `info(name)` (dtype and shape, no data read),
 `read(name, start, stop, out=None)` (a flat element range in the storage dtype; `out`, a
 uint8 buffer the source may fill and return a view of instead of mapping or allocating:
-use what `read` returns) and `get_array(name)` (the whole tensor, shaped). Local folders and Hub repos are both a
+use what `read` returns; give it `READ_SLACK` bytes more than the range for the fastest
+copy) and `get_array(name)` (the whole tensor, shaped). Local folders and Hub repos are both a
 `MultiFileSource` over their files.
 """
 
@@ -15,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from ckptprobe.errors import InvalidCheckpointError
-from ckptprobe.io._safetensors import TensorInfo
+from ckptprobe.io._safetensors import READ_SLACK, TensorInfo
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; convert the checkpoint with "

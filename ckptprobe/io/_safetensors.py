@@ -23,6 +23,11 @@ from ckptprobe.errors import InvalidCheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 SMALL_READ = 1 << 16  # bytes: ranges up to this size are copied with one pread instead of mapped
+# Bytes an `out` buffer may hold beyond a range so that `read` can put the range at the file's
+# offset within a page. The kernel copies page-cached data 4-5x slower (1.6 against 7.5 GB/s on
+# AMD EPYC) when the destination sits a few bytes past the source modulo a page, a case a large
+# `np.empty` (16 bytes into a page) meets for some tensors and not others.
+READ_SLACK = 4096
 
 # safetensors dtype -> numpy storage dtype. BF16 and FP8 have no numpy type: their raw
 # bits are returned as unsigned integers of the same width (see `to_float32`).
@@ -188,8 +193,9 @@ class SafetensorsFile:
     as a read-only numpy array of the storage dtype (uint16 for BF16): ranges above
     `SMALL_READ` bytes are backed by a memory map that lives exactly as long as the
     array, smaller ones are copied. With `out` (a contiguous uint8 array of at least the
-    range's bytes), the range is copied into `out` and returned as a view of it; any other
-    `out` is ignored.
+    range's bytes), the range is copied into `out` and returned as a view of it, at the
+    file's offset within a page when `out` has `READ_SLACK` bytes to spare; any other `out`
+    is ignored.
     """
 
     forkable = True  # a forked child may read it (no connection or lock to share)
@@ -222,7 +228,9 @@ class SafetensorsFile:
             if out is not None and out.dtype == np.uint8 and out.flags.c_contiguous and out.size >= end - begin:
                 # Copied into the caller's buffer: about what a map costs the kernel, and the
                 # bytes arrive in cache, where the caller's next pass finds them.
-                view = out[:end - begin]
+                shift = (begin - out.ctypes.data) % READ_SLACK
+                shift = shift if out.size >= end - begin + shift else 0
+                view = out[shift:shift + end - begin]
                 if os.preadv(fd, [view], begin) != end - begin:
                     raise InvalidCheckpointError(f"{self.path}: tensor {name!r}: file shrank while being read")
                 return view.view(dtype)

@@ -126,6 +126,23 @@ def test_mark16_writes_one_bit_and_keeps_the_others(K, dtype, bit):
     np.testing.assert_array_equal(codes, before & ~np.uint8(1 << bit) | changed.astype(np.uint8) << bit)
 
 
+@pytest.mark.parametrize("offsets", [(1, 0), (0, 3), (1, 1), (5, 2)])
+def test_bits_at_odd_addresses(K, offsets):
+    """A file may hold a bf16 tensor at an odd byte offset (after an odd-sized U8 tensor), and a
+    read puts it at the file's offset within a page: the loops take 16-bit values at any address."""
+    x, y = pairs("BF16", 4)
+    changed, nonfinite = reference(x, y, "BF16")
+    moved = []
+    for bits, off in zip((x, y), offsets):
+        raw = np.zeros(bits.nbytes + 8, np.uint8)
+        moved.append(raw[off:off + bits.nbytes].view(np.uint16))
+        moved[-1][:] = bits
+    assert K.count16(*moved, EXPONENT["BF16"]) == (int(changed.sum()), int(nonfinite.sum()))
+    codes = np.zeros(x.size + 1, np.uint8)[1:]
+    assert K.mark16(*moved, EXPONENT["BF16"], 2, codes) == int(nonfinite.sum())
+    np.testing.assert_array_equal(codes, changed.astype(np.uint8) << 2)
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 1), (37, 3), (9000, 2), (5, 8191), (3, 8192), (2, 10001)])
 def test_tally8_against_numpy(K, rows, cols):
     """The histogram, per-entry counts and row/column sums; 9,000 rows cross the 16-bit column

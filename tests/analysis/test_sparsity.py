@@ -3,11 +3,13 @@ skipped tensors and name filters."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 from factory import bump, save, tiny_weights
+from safetensors import safe_open
 
 import ckptprobe.analysis.sparsity as sparsity_module
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
@@ -180,6 +182,29 @@ def test_nonfinite_and_empty_tensors(engine, tmp_path):
     assert t["n"] == Counts(2, 0, 2) and t["n"].sparsity is None
     assert r.total == Counts(7, 1, 4)
     assert r.to_dict()["total"] == {"numel": 7, "changed": 1, "nonfinite": 4, "sparsity": pytest.approx(2 / 3)}
+
+
+def test_tensors_at_odd_offsets_of_different_files(engine, tmp_path, monkeypatch):
+    # Each file holds its bf16 tensor after an odd number of bytes (a U8 tensor of another size),
+    # so the two sides sit at different, odd offsets; reads of a few KiB cut it anywhere.
+    rng = np.random.default_rng(8)
+    x = float32_to_bf16_bits(rng.standard_normal(30_001).astype(np.float32))
+    y = np.where(rng.random(x.size) < 0.2, x + 1, x).astype(np.uint16)
+    y[[5, 6, 7]] = [0x7F80, 0x7FC1, 0x8000]  # inf, NaN, and -0 against a nonzero base
+    for name, pad, bits in (("a", 13, x), ("b", 6, y)):
+        path = tmp_path / f"{name}.safetensors"
+        write_safetensors(path, {"pad": ("U8", np.zeros(pad, np.uint8)), "w": ("BF16", bits)})
+        with safe_open(path, "np") as f:
+            assert f.get_slice("w").get_shape() == [x.size]
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert json.loads(raw[8:8 + n])["w"]["data_offsets"][0] == pad  # odd: 8 + n is a multiple of 8
+    monkeypatch.setattr(sparsity_module, "READ", 4098)
+    r = sparsity(open_source(str(tmp_path / "a.safetensors")), open_source(str(tmp_path / "b.safetensors")),
+                 include=["w"])
+    fa, fb = bf16_bits_to_float32(x), bf16_bits_to_float32(y)
+    nonfinite = ~(np.isfinite(fa) & np.isfinite(fb))
+    assert r.tensors[0].counts == Counts(x.size, int(((fa != fb) & ~nonfinite).sum()), int(nonfinite.sum()))
 
 
 def test_worker_processes_count_what_one_process_counts(engine, tiny_pair, monkeypatch):

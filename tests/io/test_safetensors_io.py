@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ckptprobe.errors import InvalidCheckpointError
-from ckptprobe.io._safetensors import SafetensorsFile
+from ckptprobe.io._safetensors import READ_SLACK, SafetensorsFile
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import atomic_write, write_safetensors
 
@@ -127,6 +127,31 @@ def test_read_ranges(tmp_path):
             for unfit in (small, big[::2], big.view(np.uint16)):  # too small, not contiguous, not bytes: ignored
                 np.testing.assert_array_equal(f.read(name, start, stop, out=unfit), flat[start:stop])
         assert not f.read(name, 0, 2).flags.writeable  # a view of the file: read-only
+
+
+def test_read_into_a_buffer_with_slack_keeps_the_files_offset_within_a_page(tmp_path):
+    # The range lands where its address and its file offset agree modulo a page (the kernel's fast
+    # copy), for buffers at every alignment; without the slack it lands at the buffer's start.
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 1 << 16, 50_001, dtype=np.uint16)
+    path = tmp_path / "s.safetensors"
+    write_safetensors(path, {"pad": ("U8", np.zeros(13, np.uint8)), "w": ("BF16", x)})
+    f = SafetensorsFile(path)
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    begin = 8 + header + 13  # the file offset of "w"'s first byte: the header, then "pad"
+    raw = np.zeros(x.nbytes + 3 * READ_SLACK, np.uint8)
+    for start, stop in [(0, None), (1, 40_000), (2_049, 2_050), (50_000, 50_001)]:
+        want = x[start:stop]
+        for skew in (0, 1, 16, 2_048, 4_095):
+            page = -raw.ctypes.data % READ_SLACK
+            out = raw[page + skew:page + skew + want.nbytes + READ_SLACK]
+            got = f.read("w", start, stop, out=out)
+            np.testing.assert_array_equal(got, want)
+            assert np.shares_memory(got, out)
+            assert (got.ctypes.data - (begin + 2 * start)) % READ_SLACK == 0
+            exact = f.read("w", start, stop, out=out[:want.nbytes])
+            np.testing.assert_array_equal(exact, want)
+            assert exact.ctypes.data == out.ctypes.data
 
 
 def test_read_into_a_buffer_from_a_file_cut_short(tmp_path):
