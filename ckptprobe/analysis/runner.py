@@ -39,9 +39,9 @@ def default_workers() -> int:
 def scratch(slot: int, shape: int | tuple[int, ...], dtype=np.uint8) -> np.ndarray:
     """An uninitialized array of `shape` and `dtype`, on a buffer this thread keeps for `slot`.
 
-    Work that runs per window (reads with `source.read(..., out=scratch(k, nbytes))`, masks,
-    counters) uses the same few buffers from call to call: they stay in cache, and no fresh
-    memory is faulted in per window. What a slot held is gone at its next use.
+    Work that runs per window (reads with `source.read(..., out=scratch(k, nbytes + READ_SLACK))`,
+    masks, counters) uses the same few buffers from call to call: they stay in cache, and no
+    fresh memory is faulted in per window. What a slot held is gone at its next use.
     """
     nbytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * np.dtype(dtype).itemsize
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
