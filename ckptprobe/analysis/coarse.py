@@ -21,6 +21,7 @@ trainable entries it keeps trainable, and how many entries it unfreezes that the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ from ckptprobe.analysis.choices import Target
 from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import FLOAT_DTYPES
 from ckptprobe.io.maskfile import MaskFile
-from ckptprobe.io.names import parse_name
+from ckptprobe.io.names import LAYER, TOWERS, parse_name
 
 ROW_BLOCKS = 64  # axolotl: each matrix is cut into at most this many row blocks (fewer, longer ranges)
 
@@ -179,9 +180,18 @@ def _leaf(name: str) -> str:
     return parts[-2] if len(parts) >= 2 and parts[-1] in ("weight", "bias") else parts[-1]
 
 
+def _peft_layer(module: str) -> int | None:
+    """The layer index PEFT's `layers_to_transform` reads in a module's name (its default pattern: the first
+    `.name.N.`), or None."""
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", module)
+    return int(m[1]) if m else None
+
+
 def _peft(masks: MaskFile, names: list[str], sizes: dict, capacity: int):
+    # Adapters wrap modules: a module's `.weight`, never a bare parameter (Mamba's A_log, DBRX's experts.mlp.w1).
+    weights = [n for n in names if n.endswith(".weight")]
     cells: dict[tuple[str, int], list[int]] = {}  # (module, layer) -> [size, trainable]
-    for n in names:
+    for n in weights:
         layer = parse_name(n).layer
         if len(masks.shape(n)) != 2 or layer is None:  # adapters go on the layers' matrices
             continue
@@ -208,5 +218,27 @@ def _peft(masks: MaskFile, names: list[str], sizes: dict, capacity: int):
     chosen_modules, chosen_layers = sorted(best[0]), sorted(best[1])
     chosen = [_Unit((m, layer), cells[m, layer][0], cells[m, layer][1], f"{m}@{layer}")
               for m in chosen_modules for layer in chosen_layers if (m, layer) in cells]
-    text = json.dumps({"target_modules": chosen_modules, "layers_to_transform": chosen_layers}, indent=2) + "\n"
-    return chosen, text
+    # PEFT matches target_modules by the last name component and the layer by the first `.name.N.`, so
+    # the modules of those names and numbers in a vision tower would be adapted too. Then the export
+    # is one regular expression (PEFT matches it against whole module names) that keeps out the towers.
+    cell_of = {n[:-len(".weight")]: (_leaf(n), parse_name(n).layer) for n in weights}
+    wanted = {k for k, c in cell_of.items() if c in cells and c[0] in chosen_modules and c[1] in chosen_layers}
+    peft = {k for k, c in cell_of.items() if c[0] in chosen_modules and _peft_layer(k) in chosen_layers}
+    config = {"target_modules": chosen_modules, "layers_to_transform": chosen_layers}
+    if peft != wanted:
+        config = {"target_modules": peft_regex(wanted)}
+    return chosen, json.dumps(config, indent=2) + "\n"
+
+
+def peft_regex(modules: set[str]) -> str:
+    """A PEFT `target_modules` regular expression for these language-model modules (names from a layer on:
+    `layers.3.self_attn.v_proj`), behind any prefix the model adds (`model.language_model.`), never inside a
+    tower (`names.TOWERS`). Modules that differ only in their layer share one alternative."""
+    layers: dict[tuple[str, str], list[int]] = {}  # (container, rest of the name) -> layer numbers
+    for k in modules:
+        m = LAYER.search(k)
+        layers.setdefault((m[0].strip(".").split(".")[0], k[m.end():]), []).append(int(m[1]))
+    alternatives = [rf"{re.escape(c)}\.(?:{'|'.join(map(str, sorted(ns)))})\.{re.escape(rest)}"
+                    for (c, rest), ns in sorted(layers.items())]
+    towers = "|".join(map(re.escape, TOWERS))
+    return rf"(?!(?:.*\.)?(?:{towers})\.)(?:.*\.)?(?:{'|'.join(alternatives)})"

@@ -50,6 +50,7 @@ class TensorConsensus:
     col_ratio: np.ndarray | None = None
     heatmap: np.ndarray | None = None
     heat_block: int | None = None
+    transposed: bool = False  # stored (in, out): GPT-2's Conv1D (`ParamName.transposed`)
 
     # Derived arrays are computed once per tensor (a MoE checkpoint has 100,000 tensors) and read-only.
     @cached_property

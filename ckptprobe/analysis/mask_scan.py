@@ -360,7 +360,8 @@ def _finish(plan: TensorPlan, acc: _Acc | _Block, n_runs: int) -> TensorConsensu
     else:
         rho = kappa = None
     return TensorConsensus(plan.name, plan.layer, plan.module, plan.group, plan.info.shape, tuple(idx), numel,
-                           changed, nonfinite, inter, acc.hist.copy(), row_idx, col_idx, rho, kappa, heat, b)
+                           changed, nonfinite, inter, acc.hist.copy(), row_idx, col_idx, rho, kappa, heat, b,
+                           plan.param.transposed)
 
 
 def scan(plans: Sequence[TensorPlan], n_runs: int, eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL,

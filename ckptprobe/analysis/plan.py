@@ -30,7 +30,7 @@ from ckptprobe.analysis.update import CompareMode, default_mode
 from ckptprobe.analysis.weights import is_expert_stack, not_a_weight
 from ckptprobe.errors import NoMatchingTensorsError, TensorMismatchError, UsageError
 from ckptprobe.io._safetensors import TensorInfo
-from ckptprobe.io.names import ParamName, is_bias, parse_name
+from ckptprobe.io.names import ParamName, conv1d_layout, is_bias, parse_name
 from ckptprobe.io.sources import TensorSource
 
 
@@ -51,6 +51,7 @@ class SkipCategory(str, Enum):
     missing = "missing"  # in one checkpoint only
     shape = "shape"  # stored with another shape (a resized vocabulary)
     nonfinite = "nonfinite"  # the base holds NaN/inf: no spectrum, no magnitude order
+    zero = "zero"  # the base matrix is all zeros: every weight ties, no principal direction
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = 
         raise UsageError(f"k={k}: the rank must be at least 1", param="k")
     _check_filters(base, include, exclude)
     names = [n for n in base.keys() if selected(n, include, exclude)]
+    c_weights = [n for n in base.keys() if n.endswith((".c_attn.weight", ".c_fc.weight"))]
+    conv1d = conv1d_layout({n: base.info(n).shape for n in c_weights})
     run_keys = [set(r.keys()) for r in runs]
     for run, keys in zip(runs, run_keys):
         common = sum(n in keys for n in base.keys())
@@ -277,7 +280,7 @@ def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = 
                         for s in left_out]
         skipped += left_out
         if (sides or not runs) and (partial or not left_out):
-            plans.append(TensorPlan(name, base, info, tuple(sides), parse_name(name), kk))
+            plans.append(TensorPlan(name, base, info, tuple(sides), parse_name(name, conv1d), kk))
     seen = set(base.keys())
     for i, (run, keys) in enumerate(zip(runs, run_keys)):
         what = f"run {i} ({run.ref})" if partial else run.ref

@@ -181,11 +181,16 @@ def principal_overlap(base: TensorSource, finetuned: Sequence[TensorSource], ran
             raw = read_raw(base, p.name, index)
             mm = MatrixMasks(p.name, raw, p.info.dtype, replace(spec, rank=p.k),
                              values=lambda name=p.name, i=index: read_matrix(base, name, i))
+            which = f" (expert {index})" if p.stacked else ""
             try:
+                if not mm.w.any():  # every weight ties at 0: no principal direction, no magnitude order
+                    skipped.append(Skipped(p.name, "the base matrix is all zeros" + which, SkipCategory.zero,
+                                           "all-zero base"))
+                    continue
                 P, L = mm("principal"), mm("low")
             except InvalidCheckpointError:  # NaN/inf in the base: no SVD, no magnitude order
-                skipped.append(Skipped(p.name, "the base holds NaN or inf" + (f" (expert {index})" if p.stacked else ""),
-                                       SkipCategory.nonfinite, "NaN/inf in base"))
+                skipped.append(Skipped(p.name, "the base holds NaN or inf" + which, SkipCategory.nonfinite,
+                                       "NaN/inf in base"))
                 continue
             PnL = P & ~L
             sizes = dict(numel=m * n, principal=int(np.count_nonzero(P)), low=int(np.count_nonzero(L)),

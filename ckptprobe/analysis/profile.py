@@ -25,11 +25,10 @@ import numpy as np
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.mask_scan import scan
 from ckptprobe.analysis.pairing import check_layer, layers_of
-from ckptprobe.analysis.plan import Skipped, Want, plan_tensors
+from ckptprobe.analysis.plan import SkipCategory, Skipped, Want, plan_tensors
 from ckptprobe.analysis.sparsity import sparsity
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
 from ckptprobe.errors import UsageError
-from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource
 
 
@@ -92,6 +91,7 @@ class TensorProfile:
     col_corr: tuple[float | None, ...]
     row_stripe_index: tuple[float | None, ...]
     col_stripe_index: tuple[float | None, ...]
+    transposed: bool = False  # stored (in, out): GPT-2's Conv1D (`ParamName.transposed`)
 
     @property
     def numel(self) -> int:
@@ -187,8 +187,12 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
         numel.append(sp.total.numel)
         skipped += [Skipped(k.name, f"{ckpt.ref}: {k.reason}", k.category, k.kind) for k in sp.skipped]
         plan = plan_tensors(base, [ckpt], Want.floating, include, exclude, compare=True, mode=mode)
-        # the layer's matrices (the rest was counted above)
+        # the layer's matrices (the rest was counted above); an expert stack is in the densities only
         plans = [p for p in plan.tensors if p.layer == layer and len(p.info.shape) == 2 and p.info.numel]
+        if s == 0:
+            skipped += [Skipped(p.name, f"an expert stack {p.info.shape}: in the densities, with no row or column "
+                                        "profile", SkipCategory.not_matrix, "expert stack, no profile")
+                        for p in plan.tensors if p.layer == layer and p.stacked]
         for t in scan(plans, 1, eta, atol, [p.name for p in plans], None, workers):
             per_name.setdefault(t.name, [None] * S)[s] = t
     tensors = []
@@ -200,12 +204,12 @@ def profile(base: TensorSource, checkpoints: Sequence[TensorSource], layer: int,
             if t is not None:
                 row[s], col[s] = moving_average(t.row_ratio, smooth), moving_average(t.col_ratio, smooth)
         density = np.array([t.density[0] if t else np.nan for t in steps])
-        pn = parse_name(name)
+        first = next(t for t in steps if t is not None)
         tensors.append(TensorProfile(
-            name, layer, pn.module, pn.group, (rows, cols), density, row, col,
+            name, layer, first.module, first.group, (rows, cols), density, row, col,
             tuple(correlation(row[s], row[s + 1]) for s in range(S - 1)),
             tuple(correlation(col[s], col[s + 1]) for s in range(S - 1)),
             tuple(t.row_stripe_index if t else None for t in steps),
-            tuple(t.col_stripe_index if t else None for t in steps)))
+            tuple(t.col_stripe_index if t else None for t in steps), first.transposed))
     return ProfileResult(base.ref, tuple(c.ref for c in checkpoints), mode.value if mode else "auto", eta, atol,
                          layer, smooth, tuple(changed), tuple(numel), tuple(tensors), tuple(skipped))

@@ -75,7 +75,7 @@ class Comparison:
     angles_u / angles_v: k principal angles in degrees, ascending. nss_scope is "all" (every
     singular value) or "top-k" (--fast on a matrix whose top-k came from the randomized method:
     only the k leading values are known). values: the fine-tune's singular values, fp32 (kept for
-    plots and --singular-values). error: why metrics are missing (non-finite entries), else None.
+    plots and --singular-values). error: why metrics are missing (non-finite entries, an all-zero base), else None.
     """
 
     finetuned: str
@@ -241,7 +241,8 @@ def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _nss(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
     """(B, r) fp32 -> (B,) float64: ||s1 - s0||_2 / ||s0||_2."""
     s0, s1 = s0.astype(np.float64), s1.astype(np.float64)
-    return np.linalg.norm(s1 - s0, axis=-1) / np.linalg.norm(s0, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero base: its rows get an error
+        return np.linalg.norm(s1 - s0, axis=-1) / np.linalg.norm(s0, axis=-1)
 
 
 def _bounds(dw_norm: float, s0: np.ndarray, s1: np.ndarray, k: int) -> Bounds:
@@ -273,6 +274,7 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
     plan = plan_tensors(base, finetuned, Want.matrices, include, exclude, k=k, default_k=default_k, min_side=2)
     # one unit per matrix: (name, index in an expert stack or None) -> (analysed shape, transposed, k)
     units: dict[tuple[str, int | None], tuple[tuple[int, int], bool, int]] = {}
+    params = {p.name: p.param for p in plan.tensors}
     for p in plan.tensors:
         transposed = p.param.transposed
         shape = tuple(reversed(p.matrix_shape)) if transposed else p.matrix_shape
@@ -318,10 +320,11 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
                 per_ft[i].append(c or _unchanged(b0, i, kk, src.ref, req.values, bounds))
         del w0
         for i, (name, expert) in enumerate(chunk):
-            p = parse_name(name)
+            p = params[name]
             stored = base.info(name).shape[-2:]
             base_vals = _values(b0, i, req.values)
-            err = None if bool(b0.finite[i]) else "base has NaN/inf entries"
+            err = ("base has NaN/inf entries" if not bool(b0.finite[i]) else
+                   "base matrix is all zeros: no spectrum or subspace to compare" if not b0.S[i].any() else None)
             comps = tuple(c if err is None else Comparison(c.finetuned, None, c.nss_scope, (), (), None,
                                                             c.values, None, err) for c in per_ft[i])
             results[(name, expert)] = MatrixSpectrum(name, p.layer, p.module, stored, p.transposed, kk,
@@ -368,7 +371,8 @@ def _compare(b0: SVDOutput, b1: SVDOutput, k: int, ref: str, full: bool,
     s0, s1 = (b0.values, b1.values) if full else (b0.S, b1.S)  # (B, r) or (B, k)
     nss = _nss(s0, s1).tolist()
     ky0, ky1 = b0.S.sum(-1, dtype=np.float64), b1.S.sum(-1, dtype=np.float64)  # Ky Fan k-norms
-    energy = ((ky1 - ky0) / ky0).tolist()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        energy = ((ky1 - ky0) / ky0).tolist()
     ok = (b0.finite & b1.finite)[:, None, None]  # NaN-filled factors -> 0 (their rows get an error below)
     au = principal_angles(np.where(ok, b0.U, 0), np.where(ok, b1.U, 0))
     av = principal_angles(np.where(ok, b0.V, 0), np.where(ok, b1.V, 0))

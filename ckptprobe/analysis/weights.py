@@ -20,7 +20,7 @@ import numpy as np
 from ckptprobe.analysis.bf16 import to_float32
 from ckptprobe.io import fp8
 from ckptprobe.io._safetensors import FLOAT_DTYPES
-from ckptprobe.io.names import is_scale
+from ckptprobe.io.names import is_scale, parse_name
 from ckptprobe.io.sources import TensorSource
 
 # safetensors dtype -> the name users know (for "1 int64 buffer")
@@ -39,8 +39,9 @@ def not_a_weight(source: TensorSource, name: str) -> str | None:
 
 
 def is_expert_stack(name: str, shape: tuple[int, ...]) -> bool:
-    """A 3-D `(E, out, in)` tensor of E experts' matrices (a fused MoE layer: `...experts.gate_up_proj`)."""
-    return len(shape) == 3 and "experts" in name.split(".")
+    """A 3-D `(E, out, in)` tensor of E experts' matrices (a fused MoE layer: `...experts.gate_up_proj`,
+    GraniteMoE's `block_sparse_moe.input_linear`)."""
+    return len(shape) == 3 and ("experts" in name.split(".") or parse_name(name).stacked)
 
 
 def read_raw(source: TensorSource, name: str, index: int | None = None) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Parsing parameter names into layer index, module type and group.
 
 Covers the naming of Llama, Mistral, Qwen2/Qwen3, Gemma, Phi-3 (fused `qkv_proj`,
-`gate_up_proj`), GPT-2 (Conv1D), GPT-NeoX/Falcon, BERT, the MoE families (Qwen-MoE,
-Mixtral, DeepSeek-V3; per-expert `experts.N.` names and fused 3-D `experts.gate_up_proj`
-stacks), DeepSeek-V3's MLA attention and FP8 block scales, and vision-language models
-(Qwen2/3-VL, Llava, Gemma 3), with or without a `model.`/`transformer.`/`bert.`/
-`language_model.` prefix. Module types are the short names used in every table:
+`gate_up_proj`), GPT-2 (Conv1D), GPT-BigCode/StarCoder2, GPT-NeoX/Falcon, BERT, ModernBERT,
+StableLM, InternLM2, T5/BART/Whisper, Meta's consolidated layout, the MoE families (Qwen-MoE,
+Mixtral, DBRX, GraniteMoE, DeepSeek-V3; per-expert `experts.N.` names and fused 3-D stacks
+such as `experts.gate_up_proj`), DeepSeek-V3's MLA attention and FP8 block scales, and
+vision-language models (Qwen2/3-VL, Llava, Gemma 3), with or without a `model.`/
+`transformer.`/`bert.`/`language_model.` prefix. Module types are the short names used in every table:
 q k v o qkv q_a q_b kv_a kv_b gate up down gate_up router embed pos_embed lm_head norm
 scale; anything else keeps its last name component.
 
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")  # the first match: the layer
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 # Last meaningful name component (before .weight/.bias) -> module type.
@@ -27,7 +29,16 @@ _MODULES = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "query": "q", "key": "k", "value": "v",
     "qkv_proj": "qkv", "c_attn": "qkv", "W_pack": "qkv", "qkv": "qkv", "query_key_value": "qkv",
     "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",  # DeepSeek MLA
+    "Wqkv": "qkv", "wqkv": "qkv",  # ModernBERT, DBRX; InternLM2
+    "wq": "q", "wk": "k", "wv": "v",  # Meta's and Mistral's consolidated layout (`attention.wo` is o)
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down",
+    "v1": "up",  # DBRX experts: w1 gate, v1 up, w2 down
+    "wi_0": "gate", "wi_1": "up", "wi": "up", "wo": "down",  # T5 DenseReluDense
+    "Wi": "gate_up",  # ModernBERT's GLU input projection
+    "input_linear": "gate_up", "output_linear": "down",  # GraniteMoE's fused expert stacks
+    "shared_expert_gate": "router",  # Qwen2-MoE: the shared expert's gate
+    "tok_embeddings": "embed", "token_embedding": "embed", "shared": "embed",  # ModernBERT; CLIP; T5/BART
+    "embed_positions": "pos_embed", "position_embedding": "pos_embed",
     "c_fc": "up", "fc1": "up", "fc2": "down", "linear_fc1": "up", "linear_fc2": "down",
     "dense_h_to_4h": "up", "dense_4h_to_h": "down", "gate_up_proj": "gate_up",
     "gate_up_proj_bias": "gate_up", "down_proj_bias": "down",  # fused expert stacks' biases (gpt-oss)
@@ -45,8 +56,12 @@ _GROUPS = {
 }
 MODULE_ORDER = ["embed", "pos_embed", "q", "k", "v", "qkv", "q_a", "q_b", "kv_a", "kv_b", "o", "router", "gate",
                 "up", "gate_up", "down", "norm", "lm_head", "scale"]
+# GraniteMoE names its fused expert stacks (E, out, in) without an `experts.` component.
+_FUSED_STACKS = ("input_linear", "output_linear")
+# Parents of an attention block's output projection (`self_attn.out_proj`, `attn.proj`, ...).
+_ATTENTION = ("attn", "self_attn", "attention", "encoder_attn", "cross_attn", "self_attention")
 # A name component that starts a non-language tower -> its group.
-_TOWERS = {
+TOWERS = {
     "visual": "vision", "vision_tower": "vision", "vision_model": "vision", "vision_encoder": "vision",
     "vision_embed_tokens": "vision", "image_encoder": "vision", "multi_modal_projector": "vision",
     "mm_projector": "vision", "audio_tower": "audio", "audio_model": "audio", "audio_encoder": "audio",
@@ -62,7 +77,8 @@ class ParamName:
     """What a parameter's name says about it.
 
     `transposed` is True for GPT-2's Conv1D weights, stored as (in, out) rather than
-    torch.nn.Linear's (out, in): rows of the stored matrix are input features there.
+    torch.nn.Linear's (out, in): rows of the stored matrix are input features there
+    (`conv1d_layout` tells whether a checkpoint's `c_attn`/`c_proj`/`c_fc` weights are those).
     `expert` is the index in a per-expert name (`experts.3.up_proj.weight`); `stacked` is
     True for a fused expert stack (`experts.gate_up_proj`, shape (E, out, in) or
     (E, in, out)), whose first axis indexes the experts.
@@ -106,8 +122,18 @@ def _module(stem: list[str]) -> str:
         if parent == "output" and len(stem) >= 3 and stem[-3] == "attention":  # BERT
             return "o"
         return {"output": "down", "intermediate": "up"}.get(parent, parent)
-    if last == "proj" and parent in ("attn", "self_attn", "attention"):  # ViT blocks: attn.proj
+    if last in ("proj", "out_proj", "Wo", "wo") and parent in _ATTENTION:  # ViT attn.proj; BART/CLIP out_proj
         return "o"
+    if stem == ["output"]:  # Meta's and Mistral's consolidated layout: the LM head
+        return "lm_head"
+    if last == "Wo" and parent == "mlp":  # ModernBERT
+        return "down"
+    if parent == "norms" and len(stem) >= 3 and "norm" in stem[-3]:  # StableLM's per-head q/k norms: norms.3
+        return "norm"
+    if last == "embeddings" and parent == "backbone":  # Mamba
+        return "embed"
+    if last == "layer" and parent == "router":  # GraniteMoE, DBRX: router.layer
+        return "router"
     if last == "gate" and parent in ("mlp", "block_sparse_moe", "moe", "feed_forward"):
         return "router"  # MoE router: mlp.gate.weight is (num_experts, hidden)
     if last == "head" and parent == "shared_head":  # DeepSeek-V3's multi-token-prediction head
@@ -121,19 +147,34 @@ def _module(stem: list[str]) -> str:
     return _MODULES.get(last, last)
 
 
-def parse_name(name: str) -> ParamName:
+def conv1d_layout(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether a checkpoint's `c_attn`/`c_proj`/`c_fc` weights are GPT-2's Conv1D ones, stored (in, out).
+
+    GPT-2 stores them so; GPT-BigCode (the same names) and StarCoder2 (`mlp.c_fc`, `mlp.c_proj`)
+    store torch.nn.Linear's (out, in). `c_attn` and `c_fc` widen their input (3 or 4 times, or
+    hidden + 2 KV heads), so they are stored wider than tall exactly when stored (in, out). With
+    no such weight to tell, GPT-2's layout is assumed.
+    """
+    for name, shape in shapes.items():
+        if name.endswith((".c_attn.weight", ".c_fc.weight")) and len(shape) == 2 and shape[0] != shape[1]:
+            return shape[0] < shape[1]
+    return True
+
+
+def parse_name(name: str, conv1d: bool = True) -> ParamName:
+    """What `name` says; `conv1d`: whether the checkpoint's `c_*` weights are (in, out) (`conv1d_layout`)."""
     parts = name.split(".")
     scale = is_scale(name)
     if scale:  # `x.weight_scale_inv` is read as the name of its weight, then marked
         parts[-1] = "weight"
     stem = parts[:-1] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts
     module = _module(stem)
-    tower = next((_TOWERS[p] for p in stem if p in _TOWERS), None)
-    layer_m, expert_m = _LAYER.search(name), _EXPERT.search(name)
+    tower = next((TOWERS[p] for p in stem if p in TOWERS), None)
+    layer_m, expert_m = LAYER.search(name), _EXPERT.search(name)
     layer = int(layer_m[1]) if layer_m and tower is None else None
     expert = int(expert_m[1]) if expert_m else None
-    stacked = expert is None and len(stem) >= 2 and stem[-2] == "experts"
-    transposed = stem[-1] in ("c_attn", "c_proj", "c_fc") and parts[-1] == "weight" and not scale
+    stacked = expert is None and len(stem) >= 2 and (stem[-2] == "experts" or stem[-1] in _FUSED_STACKS)
+    transposed = conv1d and stem[-1] in ("c_attn", "c_proj", "c_fc") and parts[-1] == "weight" and not scale
     if scale:
         return ParamName(name, layer, "scale", "scale", expert, False, stacked)
     if tower is not None:

@@ -16,20 +16,18 @@ import numpy as np
 
 from ckptprobe.analysis.consensus import GroupConsensus, TensorConsensus
 from ckptprobe.analysis.profile import ProfileResult
-from ckptprobe.io.names import parse_name
 from ckptprobe.report.figures import pyplot, save_figure
 
 HEATMAP_MODULES = ("q", "k", "v", "qkv", "o", "down")
 
 
-def head_axis(name: str) -> int | None:
+def head_axis(module: str, transposed: bool) -> int | None:
     """Which axis of a stored matrix is split into attention heads: 0 for q/k/v (outputs), 1 for o (inputs).
 
-    GPT-2's Conv1D weights are stored (in, out), so the axes swap there. None for other modules.
+    GPT-2's Conv1D weights are stored (in, out) (`transposed`), so the axes swap there. None for other modules.
     """
-    p = parse_name(name)
-    axis = {"q": 0, "k": 0, "v": 0, "qkv": 0, "o": 1}.get(p.module)
-    return None if axis is None else (1 - axis if p.transposed else axis)
+    axis = {"q": 0, "k": 0, "v": 0, "qkv": 0, "o": 1}.get(module)
+    return None if axis is None else (1 - axis if transposed else axis)
 
 
 def _boundaries(length: int, head_dim: int | None) -> np.ndarray:
@@ -51,7 +49,7 @@ def plot_heatmaps(tensors: Sequence[TensorConsensus], n_runs: int, path: str | o
         rows, cols = t.shape
         im = ax.imshow(t.heatmap, cmap="magma", vmin=0, vmax=vmax, extent=(0, cols, rows, 0),
                        interpolation="nearest", aspect="auto")
-        axis = head_axis(t.name)
+        axis = head_axis(t.module, t.transposed)
         for pos in _boundaries(t.shape[axis], head_dim) if axis is not None else ():
             (ax.axhline if axis == 0 else ax.axvline)(pos, color="cyan", lw=0.9, alpha=0.9)
         ax.set_title(f"{t.name.split('.')[-2]} {rows}x{cols}\n(block {t.heat_block}x{t.heat_block})", fontsize=9)
@@ -89,9 +87,10 @@ def plot_jaccard(total: GroupConsensus, labels: Sequence[str], path: str | os.Pa
     save_figure(fig, path)
 
 
-def _ratio_panel(ax, x: np.ndarray, name: str, axis: int, head_dim: int | None, **line) -> None:
+def _ratio_panel(ax, x: np.ndarray, t, axis: int, head_dim: int | None, **line) -> None:
+    """Ratios `x` along `axis` of matrix `t` (a TensorConsensus or TensorProfile), head boundaries dotted."""
     ax.plot(np.arange(len(x)), x, lw=0.8, **line)
-    if head_axis(name) == axis:
+    if head_axis(t.module, t.transposed) == axis:
         for pos in _boundaries(len(x), head_dim):
             ax.axvline(pos, color="0.6", lw=0.4, ls=":")
 
@@ -114,7 +113,7 @@ def plot_ratios(tensors: Sequence[TensorConsensus], path: str | os.PathLike, hea
     fig, axes = _ratio_grid(len(tensors), title or "Row and column ratios of the consensus")
     for (ax_r, ax_c), t in zip(axes, tensors):
         for ax, x, axis, what in ((ax_r, t.row_ratio, 0, "row"), (ax_c, t.col_ratio, 1, "column")):
-            _ratio_panel(ax, x, t.name, axis, head_dim, color="C0")
+            _ratio_panel(ax, x, t, axis, head_dim, color="C0")
             ax.axhline(float(np.mean(x)), color="k", lw=0.6, ls="--")
             idx = t.row_stripe_index if axis == 0 else t.col_stripe_index
             ax.set_title(f"{t.name.split('.')[-2]}: {what} ratio" + (f" (stripe index {idx:.1f})" if idx else ""),
@@ -133,7 +132,7 @@ def plot_profile(result: ProfileResult, labels: Sequence[str], path: str | os.Pa
     for (ax_r, ax_c), t in zip(axes, tensors):
         for ax, profiles, axis, what in ((ax_r, t.row, 0, "row"), (ax_c, t.col, 1, "column")):
             for s, x in enumerate(profiles):
-                _ratio_panel(ax, x, t.name, axis, head_dim, color=colors[s], label=labels[s])
+                _ratio_panel(ax, x, t, axis, head_dim, color=colors[s], label=labels[s])
             corr = t.row_corr if axis == 0 else t.col_corr
             known = [c for c in corr if c is not None]
             ax.set_title(f"{t.name.split('.')[-2]}: {what} ratio" +

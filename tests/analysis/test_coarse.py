@@ -116,3 +116,46 @@ def test_peft_selection_read_by_peft(tmp_path):
                for n, _ in peft_model.named_parameters() if ".base_layer." in n}
     unfrozen = {n: np.full(s, n in adapted) for n, s in shapes.items()}
     check_coverage(result, mf, unfrozen)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_selection_keeps_out_a_vision_tower(tmp_path):
+    """Llava: the vision tower's layers hold modules of the text layers' names (`layers.0.self_attn.v_proj`),
+    so a target_modules list with layers_to_transform would adapt them too. The export is then a regular
+    expression, and PEFT adapts exactly the text modules the coverage counts. The checkpoint names
+    (`language_model.model.layers...`) and the module names (`model.language_model.layers...`) differ."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2),
+        vision_config=transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, image_size=8, patch_size=4),
+        image_token_index=3)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config)
+    model.save_pretrained(tmp_path / "llava")
+    from safetensors.numpy import load_file
+
+    shapes = {n: x.shape for n, x in load_file(tmp_path / "llava" / "model.safetensors").items()}
+    assert "language_model.model.layers.0.self_attn.v_proj.weight" in shapes  # checkpoint names
+    rng = np.random.default_rng(1)
+    dense = re.compile(r"language_model\.model\.layers\.0\.self_attn\.[qv]_proj\.weight")
+    masks = {n: rng.random(s) < (0.9 if dense.fullmatch(n) else 0.05) for n, s in shapes.items()}
+    write_masks(tmp_path / "m.safetensors", masks, {"kind": "test"}, {n: "F32:x" for n in masks})
+    mf = read_masks(tmp_path / "m.safetensors")
+    result = coarse_export(mf, Target.peft, budget=0.05)
+    chosen = json.loads(result.text)
+    assert set(chosen) == {"target_modules"} and isinstance(chosen["target_modules"], str)
+    cells = {tuple(u.split("@")) for u in result.units}
+    assert ("v_proj", "0") in cells
+    peft_model = get_peft_model(model, LoraConfig(r=2, **chosen))
+    adapted = {n for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A")}
+    assert adapted and not any("vision_tower" in n for n in adapted)
+    leaf_layer = {(n.split(".")[-1], n.split(".layers.")[1].split(".")[0]) for n in adapted}
+    assert leaf_layer == cells and len(adapted) == len(cells)
+    text = re.compile(r"language_model\.model\.layers\.(\d+)\..*\.(\w+)\.weight")
+    unfrozen = {n: np.full(s, bool((m := text.fullmatch(n)) and (m[2], m[1]) in cells)) for n, s in shapes.items()}
+    check_coverage(result, mf, unfrozen)

@@ -144,3 +144,20 @@ def test_cli_errors_exit_2(tiny_pair, tmp_path, capsys, args, match):
     assert main(["principal", str(tiny_pair.base), str(tiny_pair.ft), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and match in err
+
+
+def test_an_all_zero_base_matrix_is_skipped(tmp_path):
+    # Gemma 3's multimodal input projection starts at zero: every weight ties, so no entry is principal
+    # or low-magnitude; the matrix is left out with its reason, the others are measured as usual.
+    rng = np.random.default_rng(6)
+    base = {"model.layers.0.mlp.up_proj.weight": (rng.standard_normal((64, 32)) * 0.02).astype(np.float32),
+            "model.layers.0.mlp.down_proj.weight": np.zeros((32, 64), np.float32)}
+    ft = {n: x + np.float32(0.01) for n, x in base.items()}
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "ft.safetensors", ft)
+    r = principal_overlap(open_source(str(tmp_path / "base.safetensors")),
+                          [open_source(str(tmp_path / "ft.safetensors"))], rank=4)
+    assert [m.name for m in r.matrices] == ["model.layers.0.mlp.up_proj.weight"]
+    (s,) = r.skipped
+    assert (s.name, s.category.value, s.reason) == ("model.layers.0.mlp.down_proj.weight", "zero",
+                                                    "the base matrix is all zeros")

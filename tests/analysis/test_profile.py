@@ -97,6 +97,27 @@ def test_missing_tensor_in_one_checkpoint(run, tmp_path):
     assert any(s.name == q for s in res.skipped)
 
 
+def test_an_expert_stack_counts_in_the_densities_and_is_listed_as_skipped(tmp_path):
+    # A fused MoE layer (Llama 4, gpt-oss): its (E, out, in) stack has no row or column profile here, so
+    # it is named among the skipped, while its changes count in the whole-model density.
+    rng = np.random.default_rng(3)
+    stack = "model.layers.0.mlp.experts.gate_up_proj"
+    base = {"model.layers.0.self_attn.q_proj.weight": rng.integers(0x3C00, 0x3E00, (16, 16), dtype=np.uint16),
+            stack: rng.integers(0x3C00, 0x3E00, (4, 16, 16), dtype=np.uint16)}
+    write_safetensors(tmp_path / "base.safetensors", {n: ("BF16", b) for n, b in base.items()})
+    changed = []
+    for s in range(2):
+        masks = {n: rng.random(b.shape) < 0.2 for n, b in base.items()}
+        changed.append(sum(int(m.sum()) for m in masks.values()))
+        write_safetensors(tmp_path / f"c{s}.safetensors",
+                          {n: ("BF16", np.where(masks[n], b + 1, b).astype(np.uint16)) for n, b in base.items()})
+    res = profile(open_source(str(tmp_path / "base.safetensors")),
+                  [open_source(str(tmp_path / f"c{s}.safetensors")) for s in range(2)], layer=0)
+    assert res.changed == tuple(changed) and res.numel == (16 * 16 * 5,) * 2
+    assert [t.name for t in res.tensors] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert [(k.name, k.category.value) for k in res.skipped] == [(stack, "not-matrix")]
+
+
 def test_bad_arguments(run, capsys):
     base, paths, _ = run
     with pytest.raises(UsageError, match=r"layer 5 does not exist; valid layers: 0\.\.1"):

@@ -421,3 +421,18 @@ def test_cli_help_teaches():
     assert res.exit_code == 0
     for phrase in ("principal angles", "NSS", "--bounds", "--fast", "--max-memory", "--plot"):
         assert phrase in res.stdout
+
+
+def test_an_all_zero_base_matrix_has_no_metrics(tmp_path, recwarn):
+    # No spectrum to shift and no subspace to turn: the metrics are missing with the reason, no warning is
+    # printed, and the matrix stays out of the pooled figures; the other matrix is measured as usual.
+    w0, *_ = gapped(40, 40, 4, seed=3)
+    r = run(tmp_path, {Q: w0, DOWN: np.zeros((40, 40))}, [{Q: 1.5 * w0, DOWN: np.full((40, 40), 0.1)}], k=4)
+    by_name = {m.name: m.comparisons[0] for m in r.matrices}
+    zero, q = by_name[DOWN], by_name[Q]
+    assert zero.error == "base matrix is all zeros: no spectrum or subspace to compare"
+    assert zero.nss is None and zero.angles_u == () and zero.topk_energy_change is None
+    assert q.error is None and q.nss == pytest.approx(0.5, rel=1e-5)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    row = next(x for x in r.to_dict()["matrices"] if x["name"] == DOWN)
+    assert row["nss"] is None and row["error"] == zero.error

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptprobe.io.names import MODULE_ORDER, parse_name
+from ckptprobe.io.names import MODULE_ORDER, conv1d_layout, parse_name
 from ckptprobe.io.sources import open_source
 
 # name -> (layer, module, group, expert, transposed)
@@ -140,3 +140,68 @@ def test_real_minilm_names(prefix):
         counts[parse_name(name).module] = counts.get(parse_name(name).module, 0) + 1
     assert {m: counts[m] for m in ("q", "k", "v", "o", "up", "down")} == dict.fromkeys(("q", "k", "v", "o", "up", "down"), 12)
     assert counts["norm"] == 6 * 4 + 2
+
+
+# Names other families publish (read from transformers' modeling code and the families' checkpoints):
+# name -> (layer, module, group, stacked)
+MORE = {
+    # BART / Whisper / CLIP / SigLIP: attention outputs are `out_proj`; a Mamba mixer's is not attention
+    "model.decoder.layers.1.encoder_attn.out_proj.weight": (1, "o", "attention", False),
+    "model.encoder.layers.0.self_attn.out_proj.weight": (0, "o", "attention", False),
+    "backbone.layers.0.mixer.out_proj.weight": (0, "out_proj", "other", False),
+    "model.shared.weight": (None, "embed", "embedding", False),
+    "model.encoder.embed_positions.weight": (None, "pos_embed", "embedding", False),
+    "text_model.embeddings.token_embedding.weight": (None, "embed", "embedding", False),
+    "text_model.embeddings.position_embedding.weight": (None, "pos_embed", "embedding", False),
+    "backbone.embeddings.weight": (None, "embed", "embedding", False),  # Mamba
+    # ModernBERT
+    "model.embeddings.tok_embeddings.weight": (None, "embed", "embedding", False),
+    "model.layers.2.attn.Wqkv.weight": (2, "qkv", "attention", False),
+    "model.layers.2.attn.Wo.weight": (2, "o", "attention", False),
+    "model.layers.2.mlp.Wi.weight": (2, "gate_up", "mlp", False),
+    "model.layers.2.mlp.Wo.weight": (2, "down", "mlp", False),
+    # T5: `block.N`, gated feed-forward wi_0 / wi_1 / wo, the embedding `shared`
+    "encoder.block.3.layer.1.DenseReluDense.wi_0.weight": (3, "gate", "mlp", False),
+    "decoder.block.0.layer.2.DenseReluDense.wi_1.weight": (0, "up", "mlp", False),
+    "encoder.block.3.layer.1.DenseReluDense.wo.weight": (3, "down", "mlp", False),
+    "shared.weight": (None, "embed", "embedding", False),
+    # StableLM: one norm per head
+    "model.layers.1.self_attn.q_layernorm.norms.3.weight": (1, "norm", "norm", False),
+    # GraniteMoE: fused expert stacks without an `experts.` component, router.layer
+    "model.layers.2.block_sparse_moe.input_linear.weight": (2, "gate_up", "mlp", True),
+    "model.layers.2.block_sparse_moe.output_linear.weight": (2, "down", "mlp", True),
+    "model.layers.2.block_sparse_moe.router.layer.weight": (2, "router", "mlp", False),
+    # Qwen2-MoE: the shared expert's gate
+    "model.layers.2.mlp.shared_expert_gate.weight": (2, "router", "mlp", False),
+    # DBRX
+    "transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight": (0, "qkv", "attention", False),
+    "transformer.blocks.0.norm_attn_norm.attn.out_proj.weight": (0, "o", "attention", False),
+    "transformer.blocks.0.ffn.router.layer.weight": (0, "router", "mlp", False),
+    "transformer.blocks.0.ffn.experts.mlp.w1": (0, "gate", "mlp", False),
+    "transformer.blocks.0.ffn.experts.mlp.v1": (0, "up", "mlp", False),
+    "transformer.blocks.0.ffn.experts.mlp.w2": (0, "down", "mlp", False),
+    # InternLM2; Meta's and Mistral's consolidated layout
+    "model.layers.5.attention.wqkv.weight": (5, "qkv", "attention", False),
+    "model.layers.5.attention.wo.weight": (5, "o", "attention", False),
+    "layers.7.attention.wq.weight": (7, "q", "attention", False),
+    "layers.7.feed_forward.w3.weight": (7, "up", "mlp", False),
+    "tok_embeddings.weight": (None, "embed", "embedding", False),
+    "output.weight": (None, "lm_head", "head", False),
+}
+
+
+def test_more_families():
+    for name, want in MORE.items():
+        p = parse_name(name)
+        assert (p.layer, p.module, p.group, p.stacked) == want, name
+
+
+def test_conv1d_layout_from_shapes():
+    # GPT-2: Conv1D, (in, out); GPT-BigCode (same names, multi-query c_attn) and StarCoder2: Linear, (out, in)
+    gpt2 = {"h.0.attn.c_attn.weight": (32, 96), "h.0.mlp.c_fc.weight": (32, 128)}
+    bigcode = {"transformer.h.0.attn.c_attn.weight": (48, 32), "transformer.h.0.mlp.c_fc.weight": (128, 32)}
+    starcoder2 = {"model.layers.0.mlp.c_fc.weight": (128, 32)}
+    assert conv1d_layout(gpt2) and not conv1d_layout(bigcode) and not conv1d_layout(starcoder2)
+    assert conv1d_layout({}) and conv1d_layout({"h.0.attn.c_attn.weight": (32, 32)})  # nothing tells: GPT-2
+    assert parse_name("h.0.attn.c_proj.weight").transposed
+    assert not parse_name("h.0.attn.c_proj.weight", conv1d=False).transposed
