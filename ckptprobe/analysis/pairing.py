@@ -114,6 +114,10 @@ def why_disjoint(base: TensorSource, other: TensorSource) -> tuple[str, str | No
         where = f"{other.ref}'s names lack the prefix {p!r}" if op == "add" else \
             f"{other.ref}'s names carry an extra prefix {p!r}"
         return f"names differ by a prefix: {where}", f"rename them with --{op}-prefix {p}"
+    for side in (other, base):
+        if any(".lora_A." in n or ".lora_B." in n for n in side.keys()):
+            return (f"{side.ref} is a LoRA adapter (lora_A/lora_B matrices), not a whole checkpoint",
+                    "merge it into its base model first (peft: `model.merge_and_unload()`, then `save_pretrained`)")
     kinds = architecture(base), architecture(other)
     if all(kinds) and kinds[0] != kinds[1]:
         return f"different architectures: {kinds[0]} vs {kinds[1]}", None

@@ -179,6 +179,26 @@ def test_checkpoints_without_a_common_name(pair, tmp_path):
         sparsity(src, open_source(str(gpt2)))
 
 
+# peft 0.x calls transformers' deprecated alias; a warning of theirs, not of ours
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_a_lora_adapter_given_as_a_checkpoint(tmp_path, capsys):
+    # A real PEFT adapter folder (adapter_model.safetensors: base_model.model...lora_A.weight) names no base
+    # tensor: the error says what it is and how to get a whole checkpoint from it.
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model.save_pretrained(tmp_path / "base")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+    capsys.readouterr()  # transformers' progress bar
+    run_error(capsys, ["sparsity", base, adapter], f"{adapter} is a LoRA adapter (lora_A/lora_B matrices), not a whole "
+              "checkpoint", hint="merge_and_unload")
+
+
 def test_cli_errors_for_unrelated_checkpoints_and_empty_filters(pair, capsys):
     a, bare = map(str, pair)
     run_error(capsys, ["sparsity", a, bare], f"{a} and {bare} have no tensor name in common", "prefix",
