@@ -83,7 +83,7 @@ class _Unit:
 def _greedy(units: list[_Unit], capacity: int) -> list[_Unit]:
     """Densest units first while they fit in `capacity` entries; empty-valued units are never taken."""
     chosen, used = [], 0
-    for u in sorted(units, key=lambda u: (-u.trainable / u.size, u.key)):
+    for u in sorted(units, key=lambda u: (-u.trainable / max(u.size, 1), u.key)):  # a (n, 0) tensor: size 0
         if u.trainable and used + u.size <= capacity:
             chosen.append(u)
             used += u.size

@@ -182,7 +182,7 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     if kernels.compiled is not None and R <= 8:
         return _code_block(plan, lo, hi, eta, atol, keep, fast)
     read = _reader(plan, lo * cols, n)
-    step = _chunk_rows(cols) * cols
+    step = max(1, _chunk_rows(cols) * cols)  # at least 1: a (rows, 0) matrix has no entry to step over
     packed = scratch(2, (R, -(-n // 64) * 8))  # per run, the mask bit-packed, in whole uint64 words
     packed[:, n // 8:] = 0  # the padding, and a last partial byte
     nonfinite, hist = np.zeros(R, np.int64), np.zeros(R + 1, np.int64)
@@ -242,7 +242,7 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
     matrix = len(plan.info.shape) == 2
     read = _reader(plan, lo * cols, n)
-    step = _chunk_rows(cols) * cols
+    step = max(1, _chunk_rows(cols) * cols)  # at least 1: a (rows, 0) matrix has no entry to step over
     codes = scratch(2, min(step, n))
     counts = scratch(3, n if keep else min(step, n)) if matrix else None
     nonfinite, code_hist = np.zeros(R, np.int64), np.zeros(256, np.int64)

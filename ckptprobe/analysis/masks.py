@@ -307,6 +307,9 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
             if run.info(n).shape != base.info(n).shape:
                 raise TensorMismatchError(f"{run.ref}: {n} has shape {run.info(n).shape}, the base "
                                           f"{base.info(n).shape}", hint="--from runs must be fine-tunes of BASE")
+            if not_a_weight(run, n):
+                raise TensorMismatchError(f"{run.ref}: {n} is {run.info(n).dtype}, not a weight as in the base "
+                                          f"({base.info(n).dtype})", hint="--from runs must be fine-tunes of BASE")
 
     fingerprints, tensors = {}, []
     stacked = {p.name: p.stacked for p in plan.tensors}

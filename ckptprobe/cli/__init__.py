@@ -28,13 +28,15 @@ def main(argv: list[str] | None = None) -> int:
             return early
     debug = os.environ.get("CKPTPROBE_DEBUG", "") not in ("", "0")
     from ckptprobe.errors import CkptprobeError, UsageError
+    from ckptprobe.io._inputs import guarding_inputs
 
     try:
         from ckptprobe.cli._app import build_command
         from ckptprobe.cli._errors import ClickException, usage_error
 
         try:
-            code = build_command(command).main(args=args, prog_name="ckptprobe", standalone_mode=False)
+            with guarding_inputs():  # no output of the command replaces a file it reads
+                code = build_command(command).main(args=args, prog_name="ckptprobe", standalone_mode=False)
         except ClickException as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # `ckptprobe sparsity` alone: its help was shown
                 return 0
@@ -83,7 +85,7 @@ def _answer_early(args: list[str], command: str | None) -> int | None:
     import shutil
     import textwrap
 
-    width = min(100, shutil.get_terminal_size().columns) - 2
+    width = max(40, min(100, shutil.get_terminal_size().columns) - 2)  # COLUMNS=1 would leave no room
     name_width = max(map(len, COMMANDS)) + 2
     lines = ["Usage: ckptprobe [OPTIONS] COMMAND [ARGS]...", "",
              textwrap.fill(DESCRIPTION, width, initial_indent="  ", subsequent_indent="  "), "", "Commands:"]
@@ -102,6 +104,9 @@ def run() -> None:
     """The console script: `main()`, then out at once. By then every output is written and
     closed, and the interpreter's teardown (freeing every module, numpy's included) would
     only add ~0.1 s, so the streams are flushed and the process ends with `os._exit`."""
+    for name in ("stdout", "stderr"):  # started with the stream closed (`>&-`): its output goes nowhere
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     code = main()
     try:
         sys.stdout.flush()

@@ -7,6 +7,7 @@ import their options from here and from nowhere else.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from enum import Enum
 from pathlib import Path
@@ -34,6 +35,12 @@ class By(str, Enum):
 def _device(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise typer.BadParameter(f"{value!r} is not auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _tolerance(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):  # NaN passes a plain `min=0`
+        raise typer.BadParameter(f"must be a finite number >= 0, got {value:g}")
     return value
 
 
@@ -133,9 +140,11 @@ ModeOpt = Annotated[Optional[CompareMode], typer.Option(
          "same bf16 value, difference 1e-3 > atol) and misses changes of small ones (1e-6 -> 2e-6 doubles "
          "the weight, difference 1e-6 < atol).")]
 EtaOpt = Annotated[Optional[float], typer.Option(
-    "--eta", min=0, metavar="X", show_default=str(DEFAULT_ETA), help="Relative tolerance of --mode eta.")]
+    "--eta", callback=_tolerance, metavar="X", show_default=str(DEFAULT_ETA), help="Relative tolerance of --mode eta.")]
 AtolOpt = Annotated[Optional[float], typer.Option(
-    "--atol", min=0, metavar="X", show_default=str(DEFAULT_ATOL), help="Absolute tolerance of --mode atol.")]
+    "--atol", callback=_tolerance, metavar="X", show_default=str(DEFAULT_ATOL), help="Absolute tolerance of --mode atol.")]
+ZOpt = Annotated[float, typer.Option(
+    "--z", callback=_tolerance, metavar="X", help="z-score above which an lm_head step counts as a surge.")]
 LayerOpt = Annotated[Optional[int], typer.Option(
     "--layer", "-l", min=0, metavar="N", show_default="the middle layer",
     help="The layer whose matrices are drawn by --plot (consensus and profile: also profiled in JSON).")]

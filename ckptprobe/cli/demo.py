@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ckptprobe.cli._options import DEFAULT_ALPHA, AlphaOpt, FormatOpt, OutputOpt, PlotOpt, RankOpt, ThreadsOpt
+from ckptprobe.errors import UsageError
 
 FIGURES = ("spectrum", "principal", "jaccard", "consensus-heatmaps", "consensus-ratios", "drift")
 
@@ -47,13 +48,19 @@ def demo(
     `ckptprobe sparsity $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1)`
     """
     from ckptprobe import examples
-    from ckptprobe.cli._common import check_output, check_plot, configure_threads, emit, wrote
+    from ckptprobe.cli._common import check_output, check_plot, configure_threads, emit, writable, wrote
 
     if path:
         print(examples.path(path))
         return
     out = check_output(fmt, output)
     figures = check_plot(plot, FIGURES)
+    if rebuild:  # before minutes of training: the family is written there at the end
+        try:
+            rebuild.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--rebuild {rebuild}: {e.strerror}") from None
+        writable("--rebuild", rebuild / "base" / "model.safetensors")
     configure_threads(threads)
     from ckptprobe.examples._findings import findings
     from ckptprobe.report.output import err, table

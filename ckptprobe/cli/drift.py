@@ -8,14 +8,13 @@ import typer
 
 from ckptprobe.cli._options import (AddPrefixOpt, BaseArg, By, DownloadOpt, ExcludeOpt, FormatOpt, IncludeOpt,
                                     OutputOpt, PlotOpt, RevisionOpt, SeriesArg, StripPrefixOpt, ThreadsOpt, TokenOpt,
-                                    VerboseOpt, WorkersOpt)
+                                    VerboseOpt, WorkersOpt, ZOpt)
 
 
 def drift(
     base: BaseArg,
     checkpoints: SeriesArg,
-    z: Annotated[float, typer.Option("--z", min=0, metavar="X",
-                                     help="z-score above which an lm_head step counts as a surge.")] = 3.0,
+    z: ZOpt = 3.0,
     by: Annotated[By, typer.Option("--by", help="Rows of the tables (and of CSV): one per tensor, or pooled "
                                                 "per module type, layer or group.")] = By.group,
     plot: PlotOpt = None,

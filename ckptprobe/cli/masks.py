@@ -71,7 +71,7 @@ def build(
         "--like", show_default=False, metavar="KIND",
         help="random: the kind (or expression) whose per-matrix density it copies.")] = None,
     seed: Annotated[int, typer.Option(
-        "--seed", metavar="N", help="random: seed of the positions (mixed with each tensor's name).")] = 0,
+        "--seed", min=0, metavar="N", help="random: seed of the positions (mixed with each tensor's name).")] = 0,
     runs: Annotated[Optional[List[str]], typer.Option(
         "--from", show_default=False, metavar="RUN...",
         help="Fine-tuned checkpoints for update (one) and consensus (two or more): --from RUN1 RUN2 ...")] = None,

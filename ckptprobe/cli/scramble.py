@@ -10,6 +10,9 @@ import typer
 from ckptprobe.errors import UsageError
 
 
+MAX_LAYER = 100_000
+
+
 def parse_layers(spec: str) -> list[int]:
     """'3-5' / '1' / '0,2,4-6' -> sorted layer indices; UsageError for anything else."""
     layers = set()
@@ -20,6 +23,8 @@ def parse_layers(spec: str) -> list[int]:
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a:
             raise UsageError(f"--layers {spec!r}: range {part.strip()} runs backwards")
+        if b >= MAX_LAYER:  # a model has a few hundred layers: this is a typo, and the set would fill memory
+            raise UsageError(f"--layers {spec!r}: layer {b} is past any model's last layer")
         layers.update(range(a, b + 1))
     return sorted(layers)
 
@@ -32,7 +37,7 @@ def scramble(
         "--output", "-o", show_default=False, metavar="OUT",
         help="New (or empty) folder for the scrambled checkpoint.")],
     seed: Annotated[int, typer.Option(help="Seed of the random rotations and permutations.", show_default=False,
-                                      metavar="S")],
+                                      min=0, metavar="S")],
     layers: Annotated[Optional[str], typer.Option(
         "--layers", help="Layers to scramble: 3-5, 1 or 0,2,4-6.", show_default="all", metavar="LAYERS")] = None,
     rotate_vo: Annotated[bool, typer.Option(

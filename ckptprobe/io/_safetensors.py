@@ -14,12 +14,14 @@ import json
 import math
 import mmap
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ckptprobe.errors import InvalidCheckpointError
+from ckptprobe.io._inputs import note_input
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 SMALL_READ = 1 << 16  # bytes: ranges up to this size are copied with one pread instead of mapped
@@ -121,6 +123,12 @@ def _decode(raw: bytes, what: str) -> dict:
                                      "not a safetensors header") from None
     if not isinstance(header, dict):
         raise InvalidCheckpointError(f"{what}: header is not a JSON object")
+    if "\\ud" in text.lower():  # a \uD800-\uDFFF escape: valid only as half of a pair
+        try:
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidCheckpointError(f"{what}: header holds an unpaired surrogate escape (\\uD800-\\uDFFF), "
+                                         "which is not text") from None
     return header
 
 
@@ -186,6 +194,16 @@ def parse_header(raw: bytes, what: str, data_len: int) -> tuple[dict[str, Tensor
     return infos, offsets, metadata
 
 
+def regular_size(path: Path) -> int:
+    """The size of `path`, a regular file (after symlinks) read as input; InvalidCheckpointError for a FIFO,
+    a device or a socket, which an open() or a read could block on or never finish."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidCheckpointError(f"{path}: not a regular file")
+    note_input(st)  # no output of this run may replace it
+    return st.st_size
+
+
 class SafetensorsFile:
     """A local .safetensors file: header parsed at open, data read on demand.
 
@@ -204,7 +222,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.ref = self._fspath = str(path)
         try:
-            size = self.path.stat().st_size
+            size = regular_size(self.path)
             with open(self.path, "rb") as f:
                 n = header_length(f.read(8), size, str(self.path))
                 raw = f.read(n)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -133,10 +134,14 @@ def read_masks(path: str | os.PathLike) -> MaskFile:
         raise MaskFileError(f"{path}: metadata and stored masks name different tensors")
     for name, entry in tensors.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise MaskFileError(f"{path}: mask {name!r} has a malformed metadata entry {entry!r}")
+        fingerprint = entry.get("fingerprint") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(fingerprint, (str, type(None)))):
+            raise MaskFileError(f"{path}: mask {name!r} has a malformed metadata entry {str(entry)[:200]}")
         info = f.info(name)
-        n = int(np.prod(entry["shape"], dtype=np.int64))
+        n = math.prod(shape)  # exact: a product that overflows int64 must not wrap to a small number
+        if n >= 1 << 62:
+            raise MaskFileError(f"{path}: mask {name!r} claims shape {tuple(shape)}, {n:,} entries")
         if info.dtype != "U8" or info.shape != ((n + 7) // 8,):
             raise MaskFileError(f"{path}: mask {name!r} holds {info.shape} {info.dtype}, "
                                 f"expected ({(n + 7) // 8},) U8 for shape {tuple(entry['shape'])}")

@@ -23,12 +23,13 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from ckptprobe.errors import CheckpointNotFoundError
+from ckptprobe.errors import CheckpointNotFoundError, UsageError
 from ckptprobe.io.sources import HubRef, parse_hub_ref
 
 _GLOB = re.compile(r"[*?\[]")
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+MAX_REFS = 10_000  # checkpoints one pattern may name: more is a typo, and would fill memory before failing
 
 
 def natural_key(text: str) -> list:
@@ -47,7 +48,12 @@ def expand_braces(text: str) -> list[str]:
         else:
             continue
         head, tail = text[:match.start()], text[match.end():]
-        return [out for c in choices for out in expand_braces(head + c + tail)]
+        out = []
+        for c in choices:
+            out += expand_braces(head + c + tail)
+            if len(out) > MAX_REFS:
+                raise UsageError(f"{text}: names more than {MAX_REFS:,} checkpoints")
+        return out
     return [text]
 
 
@@ -56,6 +62,8 @@ def _range(body: str) -> list[str]:
     a, b, step = int(first), int(last), abs(int(step or 1)) or 1
     width = max(len(first), len(last)) if first.lstrip("-").startswith("0") or last.lstrip("-").startswith("0") else 0
     values = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+    if len(values) > MAX_REFS:
+        raise UsageError(f"{{{body}}}: {len(values):,} values, more than the {MAX_REFS:,} checkpoints a pattern may name")
     return [str(v).zfill(width) for v in values]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
 from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, READ_SLACK, MultiFileSource, TensorSource  # noqa: F401 (re-exported)
-from ckptprobe.io._safetensors import SafetensorsFile
+from ckptprobe.io._safetensors import MAX_HEADER_BYTES, SafetensorsFile, regular_size
 
 # org/name[@revision][:sub/folder]; git forbids ':' in ref names, so it cannot be part of a revision.
 HUB_REF = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^\s:]+))?(?::(?P<sub>\S*))?$")
@@ -61,9 +61,11 @@ def open_folder(folder: Path) -> MultiFileSource:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         index_path = indexes[0]
+        if regular_size(index_path) > MAX_HEADER_BYTES:
+            raise InvalidCheckpointError(f"{index_path}: {regular_size(index_path):,} bytes, too large for an index")
         try:
             weight_map = json.loads(index_path.read_text()).get("weight_map")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError, RecursionError):
             weight_map = None
         if not isinstance(weight_map, dict):
             raise InvalidCheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object)")
@@ -73,7 +75,7 @@ def open_folder(folder: Path) -> MultiFileSource:
             if os.path.isabs(shard) or ".." in Path(shard).parts:
                 raise InvalidCheckpointError(f"{index_path}: shard path {shard!r} points outside the folder")
             path = folder / shard
-            if not path.is_file():
+            if not path.exists():
                 raise CheckpointNotFoundError(f"{index_path}: names shard {shard!r}, which does not exist")
             shards[shard] = SafetensorsFile(path)
         return MultiFileSource(str(folder), shards, weight_map)
@@ -97,9 +99,15 @@ def open_source(ref: str | os.PathLike, revision: str | None = None, token: str 
     with `ckptprobe.io.series.expand_refs` first.
     """
     ref = os.fspath(ref)
-    path = Path(ref).expanduser()
+    try:
+        path = Path(ref).expanduser()
+    except RuntimeError:  # `~user/...` of a user this system does not know
+        user = ref.split("/")[0]
+        raise CheckpointNotFoundError(f"{ref}: no such file or folder ({user!r}: no such user)") from None
     if path.is_dir():
         return open_folder(path)
+    if path.exists() and not path.is_file():
+        raise InvalidCheckpointError(f"{ref}: not a regular file or folder")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(path)

@@ -24,8 +24,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, IO, Iterator, Mapping
 
+from ckptprobe.io._inputs import is_input
+
 if TYPE_CHECKING:  # numpy is loaded by `write_safetensors` alone: writing a report needs no array library
     import numpy as np
+
+
+def _refuse_input(path: Path, st: os.stat_result | None) -> None:
+    if st is not None and is_input(st):
+        raise FileExistsError(errno.EEXIST, "refusing to write over an input of this run", str(path))
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -36,6 +43,7 @@ def check_writable(path: str | os.PathLike) -> Path:
         st = os.stat(path)  # follows symlinks: what counts is what the link points to
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+        _refuse_input(path, st)
         if not stat.S_ISREG(st.st_mode):
             return path  # a device, pipe or socket is written in place
     folder = Path(os.path.realpath(path)).parent
@@ -60,6 +68,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    _refuse_input(path, st)
     if st is not None and not stat.S_ISREG(st.st_mode):
         with _open_special(path, st, mode) as f:
             yield f
