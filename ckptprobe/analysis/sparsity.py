@@ -18,7 +18,7 @@ from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import forkable, run_windows, scratch
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
-from ckptprobe.io.sources import READ_SLACK, TensorSource
+from ckptprobe.io.sources import READ_SLACK, SMALL_READ, TensorSource
 
 WINDOW = 8 << 20  # elements per task of a worker
 READ = 1 << 20  # bytes per side per read: small enough to stay in cache for the count that follows
@@ -110,9 +110,11 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
     """
     plan = plan_tensors(base, [finetuned], Want.floating, include, exclude, compare=True, mode=mode)
 
+    local = forkable(plan.tensors)  # local files, read into buffers; the Hub: one request per window and side
+
     def count(p: TensorPlan, start: int, stop: int) -> tuple[int, int]:
         ft = p.runs[0]
-        if not forkable([p]):  # the Hub: one request per window and side
+        if not local or (stop - start) * p.info.itemsize <= SMALL_READ:  # a small window: one read a side
             return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),
                                  p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
         step = READ // max(p.info.itemsize, ft.info.itemsize)

@@ -246,7 +246,7 @@ class SafetensorsFile:
             if out is not None and out.dtype == np.uint8 and out.flags.c_contiguous and out.size >= end - begin:
                 # Copied into the caller's buffer: about what a map costs the kernel, and the
                 # bytes arrive in cache, where the caller's next pass finds them.
-                shift = (begin - out.ctypes.data) % READ_SLACK
+                shift = (begin - out.ctypes.data) % READ_SLACK if end - begin > SMALL_READ else 0
                 shift = shift if out.size >= end - begin + shift else 0
                 view = out[shift:shift + end - begin]
                 if os.preadv(fd, [view], begin) != end - begin:
