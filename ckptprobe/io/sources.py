@@ -61,8 +61,9 @@ def open_folder(folder: Path) -> MultiFileSource:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         index_path = indexes[0]
-        if regular_size(index_path) > MAX_HEADER_BYTES:
-            raise InvalidCheckpointError(f"{index_path}: {regular_size(index_path):,} bytes, too large for an index")
+        size = regular_size(index_path)
+        if size > MAX_HEADER_BYTES:
+            raise InvalidCheckpointError(f"{index_path}: {size:,} bytes, too large for an index")
         try:
             weight_map = json.loads(index_path.read_text()).get("weight_map")
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError, RecursionError):
