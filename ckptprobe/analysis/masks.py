@@ -288,7 +288,8 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
     others = [n for n in names if n not in set(computed)]
     small = [s for s in plan.skipped if s.category == SkipCategory.small]
     if not computed and small:
-        raise UsageError(f"k={spec.rank} is larger than the smaller side of every selected matrix "
+        what = f"k={spec.rank}" if spec.rank is not None else "k=default (min(64, min(m, n) // 16))"
+        raise UsageError(f"{what} is larger than the smaller side of every selected matrix "
                          f"({len(small)} skipped, e.g. {small[0].name}: {small[0].reason})", hint="use a smaller k",
                          param="k")
     if not computed:

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             message, hint = usage_error(e)
             return _fail(message, hint, e.exit_code)
+        if code == 130:  # Typer returns Ctrl-C as its exit status, 130
+            print("Interrupted", file=sys.stderr)
         return code if isinstance(code, int) else 0
     except (CkptprobeError, OSError) as e:
         if debug:

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from ckptprobe.cli._options import DEFAULT_ALPHA, AlphaOpt, FormatOpt, OutputOpt, PlotOpt, RankOpt, ThreadsOpt
-from ckptprobe.errors import UsageError
 
 FIGURES = ("spectrum", "principal", "jaccard", "consensus-heatmaps", "consensus-ratios", "drift")
 
@@ -56,10 +55,6 @@ def demo(
     out = check_output(fmt, output)
     figures = check_plot(plot, FIGURES)
     if rebuild:  # before minutes of training: the family is written there at the end
-        try:
-            rebuild.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--rebuild {rebuild}: {e.strerror}") from None
         writable("--rebuild", rebuild / "base" / "model.safetensors")
     configure_threads(threads)
     from ckptprobe.examples._findings import findings

@@ -51,8 +51,12 @@ def check_writable(path: str | os.PathLike) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder", str(path))
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"cannot create files in {folder}", str(path))
+    try:  # a file made and removed at once: what os.access cannot tell (root, a read-only mount, /proc)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ckptprobe-", suffix=".tmp")
+    except OSError as e:
+        raise PermissionError(e.errno or errno.EACCES, f"cannot create files in {folder}", str(path)) from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -136,3 +136,20 @@ def test_help_on_a_terminal_one_column_wide(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "1")
     assert main(["--help"]) == 0
     assert "Commands:" in capsys.readouterr().out
+
+
+def test_ctrl_c_says_so_and_leaves_nothing(tmp_path):
+    # SIGINT during a long command (the example family's training): exit 130, one line, no files written
+    import signal
+    import time
+
+    target = tmp_path / "family"
+    p = subprocess.Popen([sys.executable, "-m", "ckptprobe", "demo", "--rebuild", str(target)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    time.sleep(3)  # past start-up: inside the command
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == ""
+    assert err.strip().splitlines()[-1] == "Interrupted" and "Traceback" not in err
+    assert not target.exists() and os.listdir(tmp_path) == []
