@@ -140,9 +140,11 @@ ModeOpt = Annotated[Optional[CompareMode], typer.Option(
          "same bf16 value, difference 1e-3 > atol) and misses changes of small ones (1e-6 -> 2e-6 doubles "
          "the weight, difference 1e-6 < atol).")]
 EtaOpt = Annotated[Optional[float], typer.Option(
-    "--eta", callback=_tolerance, metavar="X", show_default=str(DEFAULT_ETA), help="Relative tolerance of --mode eta.")]
+    "--eta", callback=_tolerance, metavar="X", show_default=str(DEFAULT_ETA),
+    help="Relative tolerance of --mode eta.")]
 AtolOpt = Annotated[Optional[float], typer.Option(
-    "--atol", callback=_tolerance, metavar="X", show_default=str(DEFAULT_ATOL), help="Absolute tolerance of --mode atol.")]
+    "--atol", callback=_tolerance, metavar="X", show_default=str(DEFAULT_ATOL),
+    help="Absolute tolerance of --mode atol.")]
 ZOpt = Annotated[float, typer.Option(
     "--z", callback=_tolerance, metavar="X", help="z-score above which an lm_head step counts as a surge.")]
 LayerOpt = Annotated[Optional[int], typer.Option(

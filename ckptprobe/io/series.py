@@ -63,7 +63,8 @@ def _range(body: str) -> list[str]:
     width = max(len(first), len(last)) if first.lstrip("-").startswith("0") or last.lstrip("-").startswith("0") else 0
     values = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
     if len(values) > MAX_REFS:
-        raise UsageError(f"{{{body}}}: {len(values):,} values, more than the {MAX_REFS:,} checkpoints a pattern may name")
+        raise UsageError(f"{{{body}}}: {len(values):,} values, more than the {MAX_REFS:,} checkpoints "
+                         "a pattern may name")
     return [str(v).zfill(width) for v in values]
 
 
