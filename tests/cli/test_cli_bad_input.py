@@ -147,7 +147,7 @@ def test_ctrl_c_says_so_and_leaves_nothing(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "ckptprobe", "demo", "--rebuild", str(target)], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": REPO})
-    time.sleep(3)  # past start-up: inside the command
+    time.sleep(1.5)  # past start-up: inside the command (the training imports torch first)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and out == ""
