@@ -55,21 +55,12 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
 
 
 def scan_seconds(base: Path, runs: list[Path], repeat: int, compiled: bool = True) -> float:
-    """Median seconds of the `consensus` API in this process (every CPU): the scan without start-up.
-    `compiled=False` takes the numpy path, as an install without a C compiler does."""
+    """Median seconds of the `consensus` API in this process (every CPU): the scan without start-up."""
     from ckptprobe import consensus, open_source
-    from ckptprobe.analysis import kernels
+    from synth import scan_median
 
-    kept, times = kernels.compiled, []
-    kernels.compiled = kept if compiled else None
-    try:
-        for _ in range(repeat):
-            t = time.perf_counter()
-            consensus(open_source(str(base)), [open_source(str(r)) for r in runs])
-            times.append(time.perf_counter() - t)
-    finally:
-        kernels.compiled = kept
-    return statistics.median(times)
+    return scan_median(lambda: consensus(open_source(str(base)), [open_source(str(r)) for r in runs]), repeat,
+                       compiled)
 
 
 def write_tiny(folder: Path, n: int) -> list[str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth import write_pair  # noqa: E402
+from synth import scan_median, write_pair  # noqa: E402
 
 from ckptprobe import open_source, sparsity  # noqa: E402
 from ckptprobe.analysis import kernels  # noqa: E402
@@ -117,18 +117,8 @@ def reference_counts(a_path: Path, b_path: Path) -> tuple[int, int]:
 
 
 def scan_seconds(a: Path, b: Path, workers: int | None, repeats: int, compiled: bool = True) -> float:
-    """Median seconds of the `sparsity` API on the pair in this process: the scan without start-up.
-    `compiled=False` takes the numpy path, as an install without a C compiler does."""
-    kept, times = kernels.compiled, []
-    kernels.compiled = kept if compiled else None
-    try:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sparsity(open_source(a), open_source(b), workers=workers)
-            times.append(time.perf_counter() - t)
-    finally:
-        kernels.compiled = kept
-    return statistics.median(times)
+    """Median seconds of the `sparsity` API on the pair in this process: the scan without start-up."""
+    return scan_median(lambda: sparsity(open_source(a), open_source(b), workers=workers), repeats, compiled)
 
 
 def gb(n: float) -> str:

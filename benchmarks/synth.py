@@ -4,9 +4,14 @@ Qwen2.5-1.5B: hidden 1536, intermediate 8960, 12 query / 2 key-value heads of 12
 vocabulary 151936, 28 layers, tied embeddings. `layers` defaults to 14, which makes
 a ~1.5 GB bf16 file (the full 28 layers are ~3.1 GB): nine such files still fit in
 this machine's page cache, so benchmarks measure compute, not the disk.
+`scan_median` is the in-process timing the sparsity and consensus benchmarks share.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -14,6 +19,23 @@ from ckptprobe.analysis.bf16 import float32_to_bf16_bits
 from ckptprobe.io.writer import write_safetensors
 
 HIDDEN, INTER, KV, VOCAB = 1536, 8960, 256, 151936
+
+
+def scan_median(call: Callable[[], object], repeats: int, compiled: bool = True) -> float:
+    """Median seconds of `call()` in this process: a scan without start-up. `compiled=False` takes the
+    numpy path, as an install without a C compiler does."""
+    from ckptprobe.analysis import kernels
+
+    kept, times = kernels.compiled, []
+    kernels.compiled = kept if compiled else None
+    try:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+    finally:
+        kernels.compiled = kept
+    return statistics.median(times)
 
 
 def qwen_shapes(layers: int = 14) -> dict[str, tuple[int, ...]]:
