@@ -222,7 +222,8 @@ def _peft(masks: MaskFile, names: list[str], sizes: dict, capacity: int):
     # the modules of those names and numbers in a vision tower would be adapted too. Then the export
     # is one regular expression (PEFT matches it against whole module names) that keeps out the towers.
     cell_of = {n[:-len(".weight")]: (_leaf(n), parse_name(n).layer) for n in weights}
-    wanted = {k for k, c in cell_of.items() if c in cells and c[0] in chosen_modules and c[1] in chosen_layers}
+    picked = {u.key for u in chosen}
+    wanted = {k for k, c in cell_of.items() if c in picked}
     peft = {k for k, c in cell_of.items() if c[0] in chosen_modules and _peft_layer(k) in chosen_layers}
     config = {"target_modules": chosen_modules, "layers_to_transform": chosen_layers}
     if peft != wanted:
