@@ -9,6 +9,7 @@ ULP; each is saved both as one file and as a folder sharded over two files with 
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +56,19 @@ def corpus(tmp_path_factory) -> Corpus:
     return Corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(params=["compiled", "numpy"])
+@pytest.fixture(params=["compiled", "reads", "numpy"])
 def engine(request, monkeypatch) -> str:
-    """Run a test on both paths of the bitwise comparison: the compiled loops (`kernels`) and numpy.
-    Forked workers inherit the choice. `test_kernels.py` checks the loops are built wherever they can be."""
+    """Run a test on every path of the bitwise comparison: the compiled loops (`kernels`), reading
+    local files themselves where they can; the compiled loops on data read in Python (as from the
+    Hub); numpy. Forked workers inherit the choice. `test_kernels.py` checks the loops are built
+    wherever they can be."""
     from ckptprobe.analysis import kernels
 
     if request.param == "numpy":
         monkeypatch.setattr(kernels, "compiled", None)
     elif kernels.compiled is None:
         pytest.skip("ckptprobe was installed without its compiled loops (no C compiler)")
+    elif request.param == "reads":
+        loops = {k: v for k, v in vars(kernels.compiled).items() if not k.endswith("_files")}
+        monkeypatch.setattr(kernels, "compiled", types.SimpleNamespace(**loops))
     return request.param

@@ -19,6 +19,10 @@ or written in place; the GIL is released while a loop runs.
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef _WIN32
+#include <errno.h>
+#include <unistd.h>
+#endif
 
 /* Loops are written for the compiler's vectorizer; on x86-64 GCC also builds an AVX2
    (x86-64-v3) copy of each and picks one at load time. */
@@ -157,6 +161,71 @@ static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize
     }
 }
 
+#ifndef _WIN32
+/* Reading the files here, chunk by chunk, into one small buffer that stays in cache: the
+   Python-side read of a chunk cost 20-30 us more than the copy itself (opening the file,
+   slicing), which decided the chunk size. Sources arrive as (file descriptor, byte offset
+   of the first entry) pairs; a read error raises OSError whose `filename` is the index of
+   the source that failed. */
+#define SLACK 4096 /* bytes a buffer holds beyond its data, to place it at the file's offset in a page */
+
+/* Bytes [offset, offset + len) of fd, copied into `buf` at the file's offset within a page
+   (the kernel copies page-cached data several times faster when source and destination
+   share it); `buf` holds len + SLACK bytes. Where they are, or NULL with errno set (EIO:
+   the file ended first). */
+static const uint16_t *read_at(int fd, int64_t offset, size_t len, char *buf) {
+    char *dst = buf + (size_t)(((uint64_t)offset - (uint64_t)(uintptr_t)buf) % SLACK), *p = dst;
+    while (len) {
+        ssize_t got = pread(fd, p, len, (off_t)offset);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0) {
+            if (got == 0) /* the file is shorter than its header said when it was opened */
+#ifdef ENODATA
+                errno = ENODATA;
+#else
+                errno = EIO;
+#endif
+            return NULL;
+        }
+        p += got;
+        offset += got;
+        len -= (size_t)got;
+    }
+    return (const uint16_t *)dst;
+}
+
+static PyObject *read_error(int err, Py_ssize_t source) {
+    PyObject *args = Py_BuildValue("(isn)", err, strerror(err), source);
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+/* (fd, offset) pairs of a sequence of at most `most` sources; their number, or -1 with an error set. */
+static Py_ssize_t get_sources(PyObject *seq, int *fds, int64_t *offsets, Py_ssize_t most) {
+    PyObject *fast = PySequence_Fast(seq, "sources: a sequence of (fd, offset) pairs");
+    if (!fast)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n < 2 || n > most) {
+        PyErr_Format(PyExc_ValueError, "sources: %zd given, 2 to %zd expected", n, most);
+        n = -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long off;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "iL", &fds[i], &off)) {
+            n = -1;
+            break;
+        }
+        offsets[i] = off;
+    }
+    Py_DECREF(fast);
+    return n;
+}
+
 /* Get a buffer of at least `min_len` bytes (writable or not), or set an error. */
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t min_len, const char *what) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
@@ -271,6 +340,100 @@ done_codes:
     return result;
 }
 
+static PyObject *count16_files(PyObject *self, PyObject *args) {
+    PyObject *so, *bo;
+    Py_ssize_t n;
+    unsigned int e;
+    int fds[2];
+    int64_t offsets[2];
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "OnIO", &so, &n, &e, &bo) || get_sources(so, fds, offsets, 2) < 0)
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must be at least 0");
+        return NULL;
+    }
+    if (get_buffer(bo, &buf, 1, 2 * (SLACK + 2), "buf") < 0)
+        return NULL;
+    size_t half = (size_t)buf.len / 2, chunk = (half - SLACK) / 2; /* entries a side per read */
+    uint64_t changed = 0, nonfinite = 0;
+    int err = 0;
+    Py_ssize_t failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t lo = 0; lo < n && !err; lo += (Py_ssize_t)chunk) {
+        size_t m = (size_t)(n - lo) < chunk ? (size_t)(n - lo) : chunk;
+        const uint16_t *x = read_at(fds[0], offsets[0] + 2 * (int64_t)lo, 2 * m, buf.buf);
+        const uint16_t *y = x ? read_at(fds[1], offsets[1] + 2 * (int64_t)lo, 2 * m, (char *)buf.buf + half) : NULL;
+        if (!y) {
+            err = errno;
+            failed = x ? 1 : 0;
+            break;
+        }
+        uint64_t c, f;
+        count16_loop(x, y, (Py_ssize_t)m, (uint16_t)e, &c, &f);
+        changed += c;
+        nonfinite += f;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    if (err)
+        return read_error(err, failed);
+    return Py_BuildValue("KK", (unsigned long long)changed, (unsigned long long)nonfinite);
+}
+
+static PyObject *mark16_files(PyObject *self, PyObject *args) {
+    PyObject *so, *bo, *co;
+    Py_ssize_t n;
+    unsigned int e;
+    int fds[9];
+    int64_t offsets[9];
+    Py_buffer buf, codes;
+    if (!PyArg_ParseTuple(args, "OnIOO", &so, &n, &e, &bo, &co))
+        return NULL;
+    Py_ssize_t sources = get_sources(so, fds, offsets, 9);
+    if (sources < 0)
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must be at least 0");
+        return NULL;
+    }
+    if (get_buffer(bo, &buf, 1, 2 * (2 * n + SLACK), "buf") < 0)
+        return NULL;
+    if (get_buffer(co, &codes, 1, n, "codes") < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    uint64_t nonfinite[8] = {0};
+    int err = 0;
+    Py_ssize_t k = 0;
+    char *other = (char *)buf.buf + 2 * n + SLACK;
+    Py_BEGIN_ALLOW_THREADS
+    memset(codes.buf, 0, (size_t)n);
+    const uint16_t *x = read_at(fds[0], offsets[0], 2 * (size_t)n, buf.buf);
+    for (k = 1; x && k < sources; k++) {
+        const uint16_t *y = read_at(fds[k], offsets[k], 2 * (size_t)n, other);
+        if (!y)
+            break;
+        nonfinite[k - 1] = mark16_loop(x, y, n, (uint16_t)e, (int)(k - 1), codes.buf);
+    }
+    if (!x) {
+        err = errno;
+        k = 0;
+    } else if (k < sources) {
+        err = errno;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&buf);
+    if (err)
+        return read_error(err, k);
+    PyObject *out = PyTuple_New(sources - 1);
+    for (Py_ssize_t i = 0; out && i < sources - 1; i++)
+        PyTuple_SET_ITEM(out, i, PyLong_FromUnsignedLongLong(nonfinite[i]));
+    return out;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"count16", count16, METH_VARARGS,
      "count16(x, y, exp) -> (changed, nonfinite): the counts over two buffers of 16-bit float bits "
@@ -283,6 +446,15 @@ static PyMethodDef methods[] = {
      "hist (256 int64); unless counts is None, writes each code's popcount there (uint8) and, unless "
      "row_sums is None, sets row_sums (rows int64) and adds into col_sums (cols int64) the counts' sums "
      "of the codes seen as (rows, cols)."},
+#ifndef _WIN32
+    {"count16_files", count16_files, METH_VARARGS,
+     "count16_files(sources, n, exp, buf) -> (changed, nonfinite): count16 over n entries of two files, "
+     "sources ((fd, byte offset), (fd, byte offset)), read in turn into the two halves of buf (writable)."},
+    {"mark16_files", mark16_files, METH_VARARGS,
+     "mark16_files(sources, n, exp, buf, codes) -> nonfinite per run: codes[:n] := 0, then mark16 of n "
+     "entries of the base (sources[0], an (fd, byte offset) pair) against each run (sources[1:], at most "
+     "8) into bit k - 1 of codes; buf holds 2 (2 n + 4096) bytes."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -292,7 +464,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
    version it was written for, so a module left from an older build is never called. */
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "VERSION", 1) < 0) {
+    if (m && PyModule_AddIntConstant(m, "VERSION", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -8,7 +8,7 @@ numpy path (the tests run both). A module from an older build (an editable insta
 C source changed since) has another VERSION and is not used: rebuild with `pip install -e .`.
 """
 
-VERSION = 1  # of the loops' signatures and meaning, as `_kernels.c` states it
+VERSION = 2  # of the loops' signatures and meaning, as `_kernels.c` states it
 
 try:
     from ckptprobe.analysis import _kernels as compiled

@@ -13,6 +13,7 @@ profiles.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -24,13 +25,14 @@ from ckptprobe.analysis import kernels
 from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
-from ckptprobe.analysis.runner import forkable, run_windows, scratch
+from ckptprobe.analysis.runner import forkable, opened, run_windows, scratch
 from ckptprobe.analysis.update import (BELOW_TWO, DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
                                       plain_bits16, update_mask)
 from ckptprobe.io.sources import READ_SLACK
 
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together
 CHUNK = 1 << 19  # entries per numpy step inside a block: each chunk is read just before use, into cache
+LOOP_CHUNK = 1 << 17  # the same when the compiled loop reads the files: no call per read, so less
 HEAT_SIZE = 256  # heatmaps are block-averaged to at most this many cells per side
 SMALL = 4096  # entries: a one-chunk block this small takes `_small_block` (its cost is per-block overhead)
 
@@ -116,9 +118,9 @@ def heat_block(rows: int, cols: int) -> int:
     return max(1, -(-max(rows, cols) // HEAT_SIZE))
 
 
-def _chunk_rows(cols: int) -> int:
-    """Rows per chunk: about CHUNK entries, and a multiple of 8 entries so packed bits stay byte-aligned."""
-    rows = max(1, CHUNK // max(cols, 1))
+def _chunk_rows(cols: int, chunk: int = CHUNK) -> int:
+    """Rows per chunk: about `chunk` entries, and a multiple of 8 entries so packed bits stay byte-aligned."""
+    rows = max(1, chunk // max(cols, 1))
     align = 8 // math.gcd(cols, 8) if cols else 1
     return -(-rows // align) * align
 
@@ -232,7 +234,9 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     """`_scan_block` with the compiled loops, for at most 8 runs.
 
     Per chunk, bit k of one byte per entry (its code) says whether run k changed it: set in
-    one pass per run by `mark16` for a bitwise 16-bit run, from `update_mask` otherwise. One
+    one pass per run by `mark16` for a bitwise 16-bit run, from `update_mask` otherwise; when
+    every run is bitwise 16-bit and every source a local file, one `mark16_files` call reads
+    the chunk of each source and sets all the bits (`LOOP_CHUNK` entries a chunk). One
     `tally8` pass then adds the chunk's codes to a 256-bin histogram and writes each entry's
     count of runs and their row/column sums. The histogram holds every other count exactly:
     run k's changed entries are the codes with bit k, |M_k n M_l| those with bits k and l,
@@ -241,29 +245,38 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     rows, cols = rows_cols(plan)
     n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
     matrix = len(plan.info.shape) == 2
-    read = _reader(plan, lo * cols, n)
-    step = max(1, _chunk_rows(cols) * cols)  # at least 1: a (rows, 0) matrix has no entry to step over
-    codes = scratch(2, min(step, n))
-    counts = scratch(3, n if keep else min(step, n)) if matrix else None
     nonfinite, code_hist = np.zeros(R, np.int64), np.zeros(256, np.int64)
     row_sums = np.zeros(hi - lo, np.int64) if matrix else None
     col_sums = np.zeros(cols, np.int64) if matrix else None
-    for c in range(0, n, step):
-        x = read(0, c, c + step)
-        code = codes[:x.size]
-        code[:] = 0
-        for k, r in enumerate(plan.runs):
-            y = read(k + 1, c, c + step)
-            if fast[k] is not None:  # the 16-bit exponent mask of a bitwise run
-                nonfinite[k] += kernels.compiled.mark16(x, y, fast[k], k, code)
-                continue
-            changed, nf = update_mask(x, y, dtype, r.info.dtype, r.mode, eta, atol)
-            np.bitwise_or(code, changed.view(np.uint8) << k, out=code)
-            nonfinite[k] += int(np.count_nonzero(nf))
-        cc = None if counts is None else counts[c:c + x.size] if keep else counts[:x.size]
-        r0 = c // cols
-        kernels.compiled.tally8(code, cols, code_hist, cc, None if cc is None else row_sums[r0:],
-                                None if cc is None else col_sums)
+    loop = getattr(kernels.compiled, "mark16_files", None) if None not in fast and forkable([plan]) else None
+    sources = [plan.base, *(r.source for r in plan.runs)]
+    with opened(sources, plan.name, lo * cols) if loop else contextlib.nullcontext() as files:
+        if files is None:
+            read = _reader(plan, lo * cols, n)
+        # at least 1: a (rows, 0) matrix has no entry to step over
+        step = max(1, _chunk_rows(cols, CHUNK if files is None else LOOP_CHUNK) * cols)
+        codes = scratch(2, min(step, n))
+        counts = scratch(3, n if keep else min(step, n)) if matrix else None
+        for c in range(0, n, step):
+            m = min(step, n - c)
+            code = codes[:m]
+            if files is not None:  # read and marked in one compiled loop
+                buf = scratch(0, 2 * (2 * m + READ_SLACK))
+                nonfinite += loop([(fd, at + 2 * c) for fd, at in files], m, fast[0], buf, code)
+            else:
+                code[:] = 0
+                x = read(0, c, c + step)
+                for k, r in enumerate(plan.runs):
+                    y = read(k + 1, c, c + step)
+                    if fast[k] is not None:  # the 16-bit exponent mask of a bitwise run
+                        nonfinite[k] += kernels.compiled.mark16(x, y, fast[k], k, code)
+                        continue
+                    changed, nf = update_mask(x, y, dtype, r.info.dtype, r.mode, eta, atol)
+                    np.bitwise_or(code, changed.view(np.uint8) << k, out=code)
+                    nonfinite[k] += int(np.count_nonzero(nf))
+            cc = None if counts is None else counts[c:c + m] if keep else counts[:m]
+            kernels.compiled.tally8(code, cols, code_hist, cc, None if cc is None else row_sums[c // cols:],
+                                    None if cc is None else col_sums)
     bits = _CODE_BITS[:, :R]
     inter = np.triu((bits * code_hist[:, None]).T @ bits, 1)  # (R, R) exact int64 sums, strict upper
     hist = np.zeros(9, np.int64)

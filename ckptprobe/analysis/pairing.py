@@ -12,7 +12,7 @@ from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import TensorInfo
 from ckptprobe.io.config import local_config
 from ckptprobe.io.names import parse_name
-from ckptprobe.io.sources import TensorSource
+from ckptprobe.io.sources import TensorSource, locate
 
 
 def selected(name: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
@@ -61,6 +61,9 @@ class Renamed:
 
     def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         return self.source.read(self._own[name], start, stop, out)
+
+    def locate(self, name: str) -> tuple[str, int] | None:
+        return locate(self.source, self._own[name])
 
     def get_array(self, name: str) -> np.ndarray:
         return self.source.get_array(self._own[name])

@@ -14,6 +14,8 @@ parent's HTTP connections) and the platform can fork; else threads.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import threading
@@ -23,6 +25,8 @@ import numpy as np
 
 from ckptprobe import _threads
 from ckptprobe.analysis.plan import TensorPlan
+from ckptprobe.errors import InvalidCheckpointError
+from ckptprobe.io.sources import TensorSource, locate
 
 T = TypeVar("T")
 SERIAL_BYTES = 96 << 20  # below this much data, starting workers costs more than the work
@@ -49,6 +53,32 @@ def scratch(slot: int, shape: int | tuple[int, ...], dtype=np.uint8) -> np.ndarr
     if buf is None or buf.size < nbytes:
         buf = buffers[slot] = np.empty(max(nbytes, 1 << 16), np.uint8)
     return buf[:nbytes].view(dtype).reshape(shape)
+
+
+@contextlib.contextmanager
+def opened(sources: Sequence[TensorSource], name: str, start: int) -> Iterator[list[tuple[int, int]] | None]:
+    """For the compiled loops that read files themselves (`count16_files`, `mark16_files`): each source's
+    (file descriptor, byte offset of element `start` of tensor `name`), the files open for the block;
+    None unless every source holds the tensor in a local safetensors file. A read error of the loops
+    (an OSError whose `filename` is the index of a source) becomes one that names the file."""
+    spans = [locate(s, name) for s in sources]
+    if None in spans:
+        yield None
+        return
+    fds = []
+    try:
+        for path, _ in spans:
+            fds.append(os.open(path, os.O_RDONLY))
+        yield [(fd, offset + start * s.info(name).itemsize) for fd, (_, offset), s in zip(fds, spans, sources)]
+    except OSError as e:
+        if not isinstance(e.filename, int):
+            raise
+        why = "file shrank while being read" if e.errno == getattr(errno, "ENODATA", None) else \
+            f"cannot read ({e.strerror})"
+        raise InvalidCheckpointError(f"{spans[e.filename][0]}: tensor {name!r}: {why}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def forkable(plans: Sequence[TensorPlan]) -> bool:

@@ -3,8 +3,9 @@
 Per tensor, then summed per module type, per layer and in total. Tensors are cut in
 windows of `WINDOW` elements, counted on every core (`run_windows`). A window of local
 files is read from both checkpoints `READ` bytes at a time into the same two buffers,
-so the count that follows (a compiled pass for a bitwise 16-bit pair, numpy passes
-otherwise: `update.count_changes`) finds it in cache. Private memory stays at a few
+so the count that follows (numpy passes: `update.count_changes`) finds it in cache; a
+bitwise 16-bit pair takes one compiled loop that reads and counts `LOOP_READ` bytes a
+side at a time (`count16_files`). Private memory stays at a few
 megabytes per worker whatever the model size (a Hub window is fetched whole, one
 request per side).
 """
@@ -16,12 +17,14 @@ from typing import Callable, Sequence
 
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
-from ckptprobe.analysis.runner import forkable, run_windows, scratch
-from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, count_changes
+from ckptprobe.analysis import kernels
+from ckptprobe.analysis.runner import forkable, opened, run_windows, scratch
+from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, count_changes, one_pass
 from ckptprobe.io.sources import READ_SLACK, SMALL_READ, TensorSource
 
 WINDOW = 8 << 20  # elements per task of a worker
 READ = 1 << 20  # bytes per side per read: small enough to stay in cache for the count that follows
+LOOP_READ = 256 << 10  # the same when the compiled loop reads the files: no call per read, so less
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,12 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
         if not local or (stop - start) * p.info.itemsize <= SMALL_READ:  # a small window: one read a side
             return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),
                                  p.info.dtype, ft.info.dtype, ft.mode, eta, atol)
+        count_files = getattr(kernels.compiled, "count16_files", None)
+        if count_files is not None and one_pass(p.info.dtype, ft.info.dtype, ft.mode):
+            with opened([base, finetuned], p.name, start) as files:
+                if files is not None:  # read and counted in one compiled loop
+                    return count_files(files, stop - start, EXPONENT16[p.info.dtype],
+                                       scratch(0, 2 * (LOOP_READ + READ_SLACK)))
         step = READ // max(p.info.itemsize, ft.info.itemsize)
         changed = nonfinite = 0
         for lo in range(start, stop, step):

@@ -5,7 +5,8 @@ Every source has the same small interface (the `TensorSource` protocol):
 `read(name, start, stop, out=None)` (a flat element range in the storage dtype; `out`, a
 uint8 buffer the source may fill and return a view of instead of mapping or allocating:
 use what `read` returns; give it `READ_SLACK` bytes more than the range for the fastest
-copy) and `get_array(name)` (the whole tensor, shaped). Local folders and Hub repos are both a
+copy) and `get_array(name)` (the whole tensor, shaped). A source of local files also has
+`locate(name)` (see `locate`). Local folders and Hub repos are both a
 `MultiFileSource` over their files.
 """
 
@@ -65,5 +66,15 @@ class MultiFileSource:
     def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         return self._where[name].read(name, start, stop, out)
 
+    def locate(self, name: str) -> tuple[str, int] | None:
+        return locate(self._where[name], name)
+
     def get_array(self, name: str) -> np.ndarray:
         return self.read(name).reshape(self.info(name).shape)
+
+
+def locate(source, name: str) -> tuple[str, int] | None:
+    """(path, byte offset of its first element) of a tensor that `source` holds in a local safetensors
+    file, for readers that read the bytes themselves; None for any other source (the Hub)."""
+    find = getattr(source, "locate", None)
+    return find(name) if find is not None else None

@@ -268,5 +268,9 @@ class SafetensorsFile:
         # The array keeps `mm` alive; when the array is dropped the map is unmapped.
         return np.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - aligned)
 
+    def locate(self, name: str) -> tuple[str, int]:
+        """(this file's path, the byte offset of the tensor's first element in it)."""
+        return self._fspath, self._data_start + self._offsets[name][0]
+
     def get_array(self, name: str) -> np.ndarray:
         return self.read(name).reshape(self._infos[name].shape)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
 from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, READ_SLACK  # noqa: F401 (re-exported)
-from ckptprobe.io._multifile import MultiFileSource, TensorSource  # noqa: F401 (re-exported)
+from ckptprobe.io._multifile import MultiFileSource, TensorSource, locate  # noqa: F401 (re-exported)
 from ckptprobe.io._safetensors import MAX_HEADER_BYTES, SMALL_READ, SafetensorsFile, regular_size  # noqa: F401
 
 # org/name[@revision][:sub/folder]; git forbids ':' in ref names, so it cannot be part of a revision.

@@ -96,6 +96,7 @@ def test_matches_brute_force_in_small_blocks_and_chunks(engine, family, monkeypa
     # Blocks of a few rows, chunks that do not divide them: every edge of the streaming is crossed.
     monkeypatch.setattr(cons, "BLOCK_BYTES", 1500)
     monkeypatch.setattr(cons, "CHUNK", 40)
+    monkeypatch.setattr(cons, "LOOP_CHUNK", 40)
     monkeypatch.setattr(cons, "HEAT_SIZE", 10)  # cells of 7x7 on a 64x32 matrix, partial at the edges
     result = consensus(*sources(base, runs), layer=1, workers=2)
     assert len(result.tensors) == len(masks[0]) and not result.skipped
@@ -260,13 +261,11 @@ def test_update_rule_special_values_and_other_dtypes(engine, tmp_path):
         write_safetensors(folder / "base.safetensors", {"w": (dtype, base.reshape(60, 50).view(view))})
         for r, y in enumerate(ys):
             write_safetensors(folder / f"r{r}.safetensors", {"w": (dtype, y.reshape(60, 50).view(view))})
-        cons_chunk = cons.CHUNK
-        try:
-            cons.CHUNK = 1000
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cons, "CHUNK", 1000)
+            mp.setattr(cons, "LOOP_CHUNK", 1000)
             runs = [folder / f"r{r}.safetensors" for r in range(3)]
             t = consensus(*sources(folder / "base.safetensors", runs)).tensors[0]
-        finally:
-            cons.CHUNK = cons_chunk
         ref = [update_mask(base.view(view), y.view(view), dtype, dtype, CompareMode.bitwise) for y in ys]
         assert t.changed.tolist() == [int(c.sum()) for c, _ in ref]
         assert t.nonfinite.tolist() == [int(f.sum()) for _, f in ref]

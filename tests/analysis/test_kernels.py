@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import shutil
 import sys
 import sysconfig
@@ -180,3 +182,100 @@ def test_bad_buffers_are_refused(K):
         K.tally8(np.zeros(10, np.uint8), 1, np.zeros(255, np.int64), None, None, None)
     with pytest.raises(ValueError, match="contiguous"):
         K.count16(x[::2], x[::2], 0x7F80)
+
+
+@pytest.fixture
+def F(K):
+    if not hasattr(K, "mark16_files"):
+        pytest.skip("no pread on this platform: the loops that read files are not built")
+    return K
+
+
+def files_of(tmp_path: Path, arrays: list[np.ndarray], heads: list[int]) -> list[tuple[int, int]]:
+    """Each array written to its own file after `heads[i]` bytes of filler; (fd, byte offset) pairs."""
+    out = []
+    for i, (a, head) in enumerate(zip(arrays, heads)):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"\x5a" * head + a.tobytes() + b"\xa5" * 3)
+        out.append((os.open(path, os.O_RDONLY), head))
+    return out
+
+
+@pytest.mark.parametrize("heads", [(0, 0), (1, 4096), (4097, 3), (8, 12345)])
+@pytest.mark.parametrize("buf_bytes", [2 * (4096 + 2), 2 * (4096 + 2 * 1000 + 1), 1 << 20])
+def test_count16_files_reads_and_counts_in_chunks(F, tmp_path, heads, buf_bytes):
+    """Reading the files itself, chunk by chunk (the buffer decides the chunk: 1 entry, 1000, or
+    all), from any offset: the same counts as the rule on the whole arrays, and as count16."""
+    x, y = pairs("BF16", 5)
+    x, y = x[:20_000], y[:20_000]
+    files = files_of(tmp_path, [x, y], list(heads))
+    try:
+        changed, nonfinite = reference(x, y, "BF16")
+        buf = np.zeros(buf_bytes + 1, np.uint8)[1:]  # at an odd address
+        assert F.count16_files(files, x.size, EXPONENT["BF16"], buf) == (int(changed.sum()), int(nonfinite.sum()))
+        (fa, oa), (fb, ob) = files
+        c, f = reference(x[777:], y[777:], "BF16")
+        assert F.count16_files([(fa, oa + 2 * 777), (fb, ob + 2 * 777)], x.size - 777, EXPONENT["BF16"], buf) == \
+            (int(c.sum()), int(f.sum()))
+        assert F.count16_files(files, 0, EXPONENT["BF16"], buf) == (0, 0)
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("runs", [1, 3, 8])
+def test_mark16_files_sets_each_runs_bit(F, tmp_path, runs):
+    """Base and runs at different offsets of different files: bit k of each code is run k's mark16,
+    whatever the codes held before, and the non-finite counts come back per run."""
+    rng = np.random.default_rng(runs)
+    x, _ = pairs("BF16", 6)
+    x = x[:50_001]
+    ys = [pairs("BF16", 7 + k)[1][:x.size] for k in range(runs)]
+    files = files_of(tmp_path, [x, *ys], [int(h) for h in rng.integers(0, 9000, runs + 1)])
+    try:
+        codes = rng.integers(0, 256, x.size + 5, dtype=np.uint8)
+        tail = codes[x.size:].copy()
+        buf = np.empty(2 * (2 * x.size + 4096), np.uint8)
+        nonfinite = F.mark16_files(files, x.size, EXPONENT["BF16"], buf, codes)
+        expected = np.zeros(x.size, np.uint8)
+        for k, y in enumerate(ys):
+            changed, nf = reference(x, y, "BF16")
+            expected |= changed.astype(np.uint8) << k
+            assert nonfinite[k] == int(nf.sum())
+        assert len(nonfinite) == runs
+        np.testing.assert_array_equal(codes[:x.size], expected)
+        np.testing.assert_array_equal(codes[x.size:], tail)  # nothing past n
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+
+
+def test_file_loops_name_the_source_that_failed(F, tmp_path):
+    """A file shorter than the range asked (it shrank after its header was read), or a descriptor
+    that cannot be read: OSError whose `filename` is the index of that source."""
+    x = np.arange(1000, dtype=np.uint16)
+    files = files_of(tmp_path, [x, x, x], [0, 0, 0])
+    bad = os.open(tmp_path, os.O_RDONLY)  # a folder: reading it fails with EISDIR
+    try:
+        buf = np.empty(2 * (2 * 2000 + 4096), np.uint8)
+        codes = np.empty(2000, np.uint8)
+        with pytest.raises(OSError) as e:
+            F.mark16_files([files[0], files[1], (files[2][0], 1000)], 1000, 0x7F80, buf, codes)
+        assert e.value.filename == 2 and e.value.errno == getattr(errno, "ENODATA", errno.EIO)
+        with pytest.raises(OSError) as e:
+            F.mark16_files([files[0], (bad, 0)], 10, 0x7F80, buf, codes)
+        assert e.value.filename == 1 and e.value.errno == errno.EISDIR
+        with pytest.raises(OSError) as e:
+            F.count16_files([(files[0][0], 5), files[1]], 1000, 0x7F80, buf)
+        assert e.value.filename == 0
+        with pytest.raises(ValueError, match="sources"):
+            F.mark16_files([files[0]], 10, 0x7F80, buf, codes)
+        with pytest.raises(ValueError, match="sources"):
+            F.mark16_files([files[0]] * 10, 10, 0x7F80, buf, codes)
+        with pytest.raises(ValueError, match="buf"):
+            F.mark16_files(files, 1000, 0x7F80, buf[:4000], codes)
+        with pytest.raises(ValueError, match="codes"):
+            F.mark16_files(files, 1000, 0x7F80, buf, codes[:999])
+    finally:
+        for fd in [bad, *(fd for fd, _ in files)]:
+            os.close(fd)

@@ -4,6 +4,7 @@ skipped tensors and name filters."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -15,7 +16,7 @@ import ckptprobe.analysis.sparsity as sparsity_module
 from ckptprobe.analysis.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from ckptprobe.analysis.sparsity import Counts, sparsity
 from ckptprobe.analysis.update import CompareMode
-from ckptprobe.errors import NoMatchingTensorsError, UsageError
+from ckptprobe.errors import InvalidCheckpointError, NoMatchingTensorsError, UsageError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
@@ -200,6 +201,7 @@ def test_tensors_at_odd_offsets_of_different_files(engine, tmp_path, monkeypatch
         n = int.from_bytes(raw[:8], "little")
         assert json.loads(raw[8:8 + n])["w"]["data_offsets"][0] == pad  # odd: 8 + n is a multiple of 8
     monkeypatch.setattr(sparsity_module, "READ", 4098)
+    monkeypatch.setattr(sparsity_module, "LOOP_READ", 4098)
     r = sparsity(open_source(str(tmp_path / "a.safetensors")), open_source(str(tmp_path / "b.safetensors")),
                  include=["w"])
     fa, fb = bf16_bits_to_float32(x), bf16_bits_to_float32(y)
@@ -215,3 +217,22 @@ def test_worker_processes_count_what_one_process_counts(engine, tiny_pair, monke
     two = sp.sparsity(open_source(str(tiny_pair.base_dir)), open_source(str(tiny_pair.ft_dir)), workers=2)
     assert one.to_dict() == two.to_dict()
     assert two.total.changed == sum(int(m.sum()) for m in tiny_pair.changed.values())
+
+
+def test_a_file_cut_short_after_it_was_opened(engine, tmp_path):
+    """A checkpoint file that shrinks after its header was read: sparsity and consensus stop with
+    one error naming the file and the tensor, on every path."""
+    from ckptprobe.analysis.consensus import consensus
+
+    rng = np.random.default_rng(9)
+    x = float32_to_bf16_bits(rng.standard_normal((300, 1000)).astype(np.float32))
+    paths = []
+    for name in ("a", "b", "c"):
+        paths.append(tmp_path / f"{name}.safetensors")
+        write_safetensors(paths[-1], {"w": ("BF16", np.where(rng.random(x.shape) < 0.2, x + 1, x).astype(np.uint16))})
+    a, b, c = (open_source(str(p)) for p in paths)
+    os.truncate(paths[1], paths[1].stat().st_size - 1000)
+    with pytest.raises(InvalidCheckpointError, match=r"b\.safetensors: tensor 'w': file shrank while being read"):
+        sparsity(a, b)
+    with pytest.raises(InvalidCheckpointError, match=r"b\.safetensors: tensor 'w': file shrank while being read"):
+        consensus(a, [c, b])
