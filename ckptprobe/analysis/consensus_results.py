@@ -16,6 +16,9 @@ from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped
 
 
+POOL_BATCH = 1024  # tensors stacked at once (`summaries`, `pool`): a few arrays of POOL_BATCH * R * R float64
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
@@ -52,53 +55,110 @@ class TensorConsensus:
     heat_block: int | None = None
     transposed: bool = False  # stored (in, out): GPT-2's Conv1D (`ParamName.transposed`)
 
-    # Derived arrays are computed once per tensor (a MoE checkpoint has 100,000 tensors) and read-only.
+    # Derived arrays are computed once per tensor, through `tensor_stats` (which takes a stack of
+    # tensors at once: a MoE checkpoint has 100,000 of them), and read-only.
     @cached_property
-    def valid(self) -> np.ndarray:
-        v = np.zeros(len(self.changed), bool)
-        v[list(self.runs)] = True
-        return _frozen(v)
+    def _stats(self) -> TensorStats:
+        return tensor_stats([self], len(self.changed))
 
-    @cached_property
+    @property
+    def valid(self) -> np.ndarray:
+        """(R,) bool: the runs that took part."""
+        return self._stats.valid[0]
+
+    @property
     def density(self) -> np.ndarray:
         """(R,) float64 fraction of entries changed per run; NaN for runs left out."""
-        d = self.changed / max(self.numel, 1)
-        return _frozen(np.where(self.valid, d, np.nan))
+        return self._stats.density[0]
 
-    @cached_property
+    @property
     def jaccard(self) -> np.ndarray:
-        j = jaccard_matrix(self.inter, self.changed)
-        return _frozen(np.where(np.outer(self.valid, self.valid), j, np.nan))
+        return self._stats.jaccard[0]
 
-    @cached_property
+    @property
     def bernoulli(self) -> np.ndarray:
-        return _frozen(bernoulli_jaccard(self.density))
+        return self._stats.bernoulli[0]
 
-    @cached_property
+    @property
     def expected_hist(self) -> np.ndarray:
         """(len(runs)+1,) expected `hist` if the runs' masks were independent with their densities."""
-        return _frozen(self.numel * poisson_binomial(self.density[list(self.runs)]))
+        return self._stats.expected[0, :len(self.runs) + 1]
 
     def summary(self) -> dict:
         """Flat numbers for a table or CSV row (no R x R matrices)."""
-        d = self.density
-        j, b = off_diagonal_mean(self.jaccard), off_diagonal_mean(self.bernoulli)
-        full = len(self.runs) == len(d) and self.numel > 0
-        return {
-            "name": self.name, "layer": self.layer, "module": self.module, "group": self.group,
-            "shape": list(self.shape), "numel": self.numel, "runs": list(self.runs),
-            "density": d.tolist(), "density_mean": float(np.nanmean(d)) if np.isfinite(d).any() else None,
-            "changed": [int(c) if v else None for c, v in zip(self.changed, self.valid)],
-            "nonfinite": int(self.nonfinite.sum()),
-            "jaccard_mean": j, "bernoulli_mean": b, "lift": j / b if j is not None and b else None,
-            "all_runs": float(self.hist[-1] / self.numel) if full else None,
-            "all_runs_expected": float(self.expected_hist[-1] / self.numel) if full else None,
-            "consensus_hist": self.hist.tolist(), "expected_hist": self.expected_hist.tolist(),
-            "row_stripe_index": self.row_stripe_index, "col_stripe_index": self.col_stripe_index,
-        }
+        return summaries([self], len(self.changed))[0]
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
+        return summaries([self], len(self.changed), matrices=True)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class TensorStats:
+    """Per-tensor statistics of T tensors over R runs, stacked along a first axis (read-only)."""
+
+    valid: np.ndarray  # (T, R) bool: the runs that took part
+    density: np.ndarray  # (T, R) float64, NaN for runs left out
+    jaccard: np.ndarray  # (T, R, R) float64, NaN where a run is left out or a union is empty
+    bernoulli: np.ndarray  # (T, R, R) float64, its independent-Bernoulli baseline
+    expected: np.ndarray  # (T, R+1) float64: each tensor's expected `hist`, zero past len(runs)+1
+
+
+def tensor_stats(tensors: Sequence[TensorConsensus], R: int) -> TensorStats:
+    """The derived statistics of `tensors` in a few numpy calls on stacked arrays: the same values
+    as one tensor at a time (runs left out get probability 0 in the Poisson-binomial programme,
+    which leaves it exactly as it was)."""
+    T = len(tensors)
+    valid = np.zeros((T, R), bool)
+    for i, t in enumerate(tensors):
+        valid[i, list(t.runs)] = True
+    changed = np.array([t.changed for t in tensors], np.int64).reshape(T, R)
+    inter = np.array([t.inter for t in tensors], np.int64).reshape(T, R, R)
+    numel = np.array([t.numel for t in tensors], np.int64)
+    density = np.where(valid, changed / np.maximum(numel, 1)[:, None], np.nan)
+    jaccard = np.where(valid[:, :, None] & valid[:, None, :], jaccard_matrix(inter, changed), np.nan)
+    expected = numel[:, None] * poisson_binomial(np.where(valid, density, 0.0))
+    return TensorStats(*map(_frozen, (valid, density, jaccard, bernoulli_jaccard(density), expected)))
+
+
+def _off_diagonal_means(m: np.ndarray) -> list:
+    """(T, R, R) -> per tensor the mean of its defined (non-NaN) off-diagonal entries, or None."""
+    vals = m[:, ~np.eye(m.shape[1], dtype=bool)]
+    count = (~np.isnan(vals)).sum(axis=1)
+    means = np.nansum(vals, axis=1) / np.maximum(count, 1)
+    return [float(x) if c else None for x, c in zip(means.tolist(), count.tolist())]
+
+
+def summaries(tensors: Sequence[TensorConsensus], n_runs: int, matrices: bool = False) -> list[dict]:
+    """`TensorConsensus.summary()` of each tensor (with `matrices`, its `to_dict()`: the R x R
+    Jaccard and baseline too), computed POOL_BATCH tensors at a time on stacked arrays."""
+    R, out = n_runs, []
+    for lo in range(0, len(tensors), POOL_BATCH):
+        batch = tensors[lo:lo + POOL_BATCH]
+        st = tensor_stats(batch, R)
+        finite = ~np.isnan(st.density)
+        density_mean = np.nansum(st.density, axis=1) / np.maximum(finite.sum(axis=1), 1)
+        none = [None] * len(batch)
+        columns = zip(batch, st.valid.tolist(), st.density.tolist(), density_mean.tolist(), finite.any(axis=1),
+                      _off_diagonal_means(st.jaccard), _off_diagonal_means(st.bernoulli), st.expected.tolist(),
+                      st.jaccard.tolist() if matrices else none, st.bernoulli.tolist() if matrices else none)
+        for t, valid, d, d_mean, any_finite, j, b, expected, jac, bern in columns:
+            full = len(t.runs) == R and t.numel > 0
+            row = {
+                "name": t.name, "layer": t.layer, "module": t.module, "group": t.group,
+                "shape": list(t.shape), "numel": t.numel, "runs": list(t.runs),
+                "density": d, "density_mean": d_mean if any_finite else None,
+                "changed": [int(c) if v else None for c, v in zip(t.changed.tolist(), valid)],
+                "nonfinite": int(t.nonfinite.sum()),
+                "jaccard_mean": j, "bernoulli_mean": b, "lift": j / b if j is not None and b else None,
+                "all_runs": float(t.hist[-1] / t.numel) if full else None,
+                "all_runs_expected": expected[R] / t.numel if full else None,
+                "consensus_hist": t.hist.tolist(), "expected_hist": expected[:len(t.runs) + 1],
+                "row_stripe_index": t.row_stripe_index, "col_stripe_index": t.col_stripe_index,
+            }
+            if matrices:
+                row.update(jaccard=jac, bernoulli=bern)
+            out.append(row)
+    return out
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -155,15 +215,13 @@ class GroupConsensus:
         return {**self.summary(key_name), "jaccard": self.jaccard.tolist(), "bernoulli": self.bernoulli.tolist()}
 
 
-POOL_BATCH = 1024  # tensors stacked at once by `pool`: a few arrays of POOL_BATCH * R * R float64
-
-
 def _terms(tensors: Sequence[TensorConsensus], R: int) -> list[np.ndarray]:
     """Each tensor's terms of the sums of `pool`, stacked along a first axis of len(tensors): intersections,
     unions, their expectations (R, R), changed and numel (R,) over the runs taking part, and the histogram
     and its expectation (R+1,) of tensors all R runs took part in (zero for the others)."""
     N = len(tensors)
-    valid = np.array([t.valid for t in tensors], bool).reshape(N, R)
+    st = tensor_stats(tensors, R)
+    valid = st.valid
     both = valid[:, :, None] & valid[:, None, :]
     n = np.array([t.changed for t in tensors], np.int64).reshape(N, R).astype(np.float64)
     inter = np.array([t.inter for t in tensors], np.int64).reshape(N, R, R)
@@ -171,13 +229,12 @@ def _terms(tensors: Sequence[TensorConsensus], R: int) -> list[np.ndarray]:
     p = np.where(valid, n / np.maximum(numel, 1)[:, None], 0.0)
     pq = p[:, :, None] * p[:, None, :]
     size = numel.astype(np.float64)[:, None, None]
-    full = [len(t.runs) == R for t in tensors]
+    full = np.array([len(t.runs) == R for t in tensors], bool)
     hist = np.array([t.hist if f else np.zeros(R + 1, np.int64) for t, f in zip(tensors, full)], np.int64)
-    expected = np.array([t.expected_hist if f else np.zeros(R + 1) for t, f in zip(tensors, full)], np.float64)
     return [np.where(both, inter, 0), np.where(both, n[:, :, None] + n[:, None, :] - inter, 0),
             np.where(both, size * pq, 0), np.where(both, size * (p[:, :, None] + p[:, None, :] - pq), 0),
             np.where(valid, n, 0), np.where(valid, numel[:, None], 0), hist.reshape(N, R + 1),
-            expected.reshape(N, R + 1)]
+            np.where(full[:, None], st.expected, 0.0)]
 
 
 def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus:
@@ -229,7 +286,7 @@ class ConsensusResult:
     def rows(self, by: str = "tensor") -> list[dict]:
         """Flat records for a table or CSV (no R x R matrices): one per tensor or per module, layer or group."""
         if by == "tensor":
-            return [t.summary() for t in self.tensors]
+            return summaries(self.tensors, len(self.runs))
         return [g.summary(by) for g in self.by(by).values()]
 
     def layer_tensors(self) -> list[TensorConsensus]:
@@ -243,7 +300,7 @@ class ConsensusResult:
             "eta": self.eta, "atol": self.atol,
             **{k: v for k, v in total.to_dict().items() if k not in ("key", "tensors", "row_stripe_index",
                                                                      "col_stripe_index")},
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": summaries(self.tensors, len(self.runs), matrices=True),
             "groups": {key: [g.to_dict(key) for g in self.by(key).values()] for key in KEYS},
             "layer": self.layer,
             "profiles": [{"name": t.name, "module": t.module, "row_ratio": t.row_ratio.tolist(),

@@ -17,29 +17,31 @@ from typing import Sequence
 import numpy as np
 
 def jaccard_matrix(inter: np.ndarray, changed: np.ndarray) -> np.ndarray:
-    """Pairwise Jaccard from counts: (R, R) intersections, (R,) changed counts -> (R, R) float64.
+    """Pairwise Jaccard from counts: (..., R, R) intersections, (..., R) changed counts -> (..., R, R)
+    float64, for one tensor or a stack of them.
 
     `J_rs = I_rs / (n_r + n_s - I_rs)`; NaN where the union is empty. The diagonal is 1
     (each run against itself) wherever the run changed anything.
     """
     inter = np.asarray(inter, np.float64)
     n = np.asarray(changed, np.float64)
-    union = n[:, None] + n[None, :] - inter
+    union = n[..., :, None] + n[..., None, :] - inter
     return np.divide(inter, union, out=np.full_like(union, np.nan), where=union > 0)
 
 
 def bernoulli_jaccard(density: np.ndarray) -> np.ndarray:
-    """(R,) densities -> (R, R) expected Jaccard of independent Bernoulli masks, `pq / (p + q - pq)`.
+    """(..., R) densities -> (..., R, R) expected Jaccard of independent Bernoulli masks, `pq / (p + q - pq)`.
 
     For two masks of n entries, independent, with densities p and q, |A n B| ~ npq and
     |A u B| ~ n(p + q - pq); their ratio is E[J] up to O(1/n). NaN where p = q = 0.
     The diagonal is set to 1 (a mask against itself).
     """
     p = np.asarray(density, np.float64)
-    pq = p[:, None] * p[None, :]
-    union = p[:, None] + p[None, :] - pq
+    pq = p[..., :, None] * p[..., None, :]
+    union = p[..., :, None] + p[..., None, :] - pq
     out = np.divide(pq, union, out=np.full_like(union, np.nan), where=union > 0)
-    out.flat[::len(p) + 1] = np.where(p > 0, 1.0, np.nan)  # the diagonal
+    diagonal = np.arange(p.shape[-1])
+    out[..., diagonal, diagonal] = np.where(p > 0, 1.0, np.nan)
     return out
 
 
@@ -59,17 +61,22 @@ def _off_diagonal(R: int) -> np.ndarray:
     return mask
 
 
-def poisson_binomial(p: Sequence[float]) -> np.ndarray:
-    """(R,) per-run probabilities -> (R+1,) pmf of the number of successes of independent Bernoullis.
+def poisson_binomial(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(..., R) per-run probabilities -> (..., R+1) pmf of the number of successes of independent
+    Bernoullis, for one set of runs or a stack of them.
 
     Exact dynamic programme over runs: after run r, pmf[k] = P(k of the first r+1 runs
-    succeed). With equal p this is Binomial(R, p).
+    succeed). With equal p this is Binomial(R, p). A run of probability 0 leaves the pmf
+    exactly as it was: a stack can leave a tensor's absent runs out that way.
     """
-    pmf = np.zeros(len(p) + 1)
-    pmf[0] = 1.0
-    for r, pr in enumerate(p):
-        pmf[1:r + 2] = pmf[1:r + 2] * (1 - pr) + pmf[:r + 1] * pr
-        pmf[0] *= 1 - pr
+    p = np.asarray(p, np.float64)
+    R = p.shape[-1]
+    pmf = np.zeros((*p.shape[:-1], R + 1))
+    pmf[..., 0] = 1.0
+    for r in range(R):
+        pr = p[..., r, None]
+        pmf[..., 1:r + 2] = pmf[..., 1:r + 2] * (1 - pr) + pmf[..., :r + 1] * pr
+        pmf[..., 0] *= 1 - p[..., r]
     return pmf
 
 

@@ -421,3 +421,40 @@ def test_pooling_equals_a_loop_bit_for_bit(family, tmp_path, monkeypatch, batch)
         assert np.array_equal(g.density, density, equal_nan=True)
         assert np.array_equal(g.hist, hist) and np.array_equal(g.expected_hist, expected)
         assert g.tensors == len(ts)
+
+
+def test_stacked_statistics_equal_each_tensor_on_its_own_runs():
+    """`tensor_stats` on a stack where some tensors lack some runs gives, bit for bit, what each tensor's
+    own runs give alone: a run left out takes probability 0 in the Poisson-binomial programme."""
+    from ckptprobe.analysis.consensus_results import TensorConsensus, summaries, tensor_stats
+    from ckptprobe.analysis.consensus_stats import jaccard_matrix
+
+    rng = np.random.default_rng(11)
+    R, tensors = 5, []
+    for i, runs in enumerate([(0, 1, 2, 3, 4), (1, 3), (0, 2, 4), (4,), (0, 1, 2, 3, 4), ()]):
+        numel = int(rng.integers(1, 10_000))
+        changed, inter = np.zeros(R, np.int64), np.zeros((R, R), np.int64)
+        changed[list(runs)] = rng.integers(0, numel + 1, len(runs))
+        for a, b in itertools.combinations(runs, 2):
+            inter[a, b] = inter[b, a] = rng.integers(0, min(changed[a], changed[b]) + 1)
+        inter[runs, runs] = changed[list(runs)]
+        if i == 4:
+            changed[:] = inter[:] = 0  # no run changed anything: empty unions, NaN Jaccard
+        tensors.append(TensorConsensus(f"t{i}", None, "up", "mlp", (numel,), runs, numel, changed,
+                                       np.zeros(R, np.int64), inter, np.zeros(len(runs) + 1, np.int64)))
+    st = tensor_stats(tensors, R)
+    stacked = summaries(tensors, R, matrices=True)
+    for i, t in enumerate(tensors):
+        own = list(t.runs)
+        p = t.changed[own] / t.numel
+        assert st.valid[i].tolist() == [r in t.runs for r in range(R)]
+        assert st.density[i, own].tolist() == p.tolist() and np.isnan(np.delete(st.density[i], own)).all()
+        assert (st.expected[i, :len(own) + 1] == t.numel * poisson_binomial(p)).all()
+        assert (st.expected[i, len(own) + 1:] == 0).all()
+        np.testing.assert_array_equal(st.jaccard[i][np.ix_(own, own)],
+                                      jaccard_matrix(t.inter[np.ix_(own, own)], t.changed[own]))
+        np.testing.assert_array_equal(st.bernoulli[i][np.ix_(own, own)], bernoulli_jaccard(p))
+        outside = np.ones((R, R), bool)
+        outside[np.ix_(own, own)] = False
+        assert np.isnan(st.jaccard[i][outside]).all() and np.isnan(st.bernoulli[i][outside]).all()
+        assert json.dumps(t.to_dict()) == json.dumps(stacked[i])  # alone or in a stack (NaN as NaN)
