@@ -247,7 +247,8 @@ def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus
     R = n_runs
     sums = [x.sum(axis=0) for x in _terms(tensors[:POOL_BATCH], R)]
     for i in range(POOL_BATCH, len(tensors), POOL_BATCH):  # the running sums first, then the next batch, in order
-        sums = [np.concatenate([acc[None], x]).sum(axis=0) for acc, x in zip(sums, _terms(tensors[i:i + POOL_BATCH], R))]
+        batch = _terms(tensors[i:i + POOL_BATCH], R)
+        sums = [np.concatenate([acc[None], x]).sum(axis=0) for acc, x in zip(sums, batch)]
     inter, union, e_inter, e_union, changed, numel, hist, expected = sums
     inter, numel = inter.astype(np.float64), numel.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

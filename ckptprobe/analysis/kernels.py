@@ -4,10 +4,11 @@ The package builds them where a C compiler is at hand; without one it installs a
 same and `update.count_changes`, `update.update_mask` and `mask_scan` compute the same
 results in numpy passes.
 Every caller reads `kernels.compiled` at call time, so setting it to None selects the
-numpy path (the tests run both). The loops that read local files themselves
+numpy path (the tests run every path). The loops that read local files themselves
 (`count16_files`, `mark16_files`) use `pread` and are left out where it is missing
-(Windows): callers look them up with getattr, and read in Python without them. A module from an older build (an editable install whose
-C source changed since) has another VERSION and is not used: rebuild with `pip install -e .`.
+(Windows): callers look them up with getattr, and read in Python without them.
+A module from an older build (an editable install whose C source changed since) has
+another VERSION and is not used: rebuild with `pip install -e .`.
 """
 
 VERSION = 2  # of the loops' signatures and meaning, as `_kernels.c` states it

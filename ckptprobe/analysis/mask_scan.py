@@ -250,7 +250,7 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     col_sums = np.zeros(cols, np.int64) if matrix else None
     loop = getattr(kernels.compiled, "mark16_files", None) if None not in fast and forkable([plan]) else None
     sources = [plan.base, *(r.source for r in plan.runs)]
-    with opened(sources, plan.name, lo * cols) if loop else contextlib.nullcontext() as files:
+    with (opened(sources, plan.name, lo * cols) if loop else contextlib.nullcontext()) as files:
         if files is None:
             read = _reader(plan, lo * cols, n)
         # at least 1: a (rows, 0) matrix has no entry to step over

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ckptprobe.analysis import kernels
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
-from ckptprobe.analysis import kernels
 from ckptprobe.analysis.runner import forkable, opened, run_windows, scratch
 from ckptprobe.analysis.update import DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, count_changes, one_pass
 from ckptprobe.io.sources import READ_SLACK, SMALL_READ, TensorSource

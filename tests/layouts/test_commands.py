@@ -97,7 +97,8 @@ def test_sparsity(corpus, capsys, name):
 
 
 @lru_cache(maxsize=64)
-def svd64(folder: Path, name: str, expert: int | None, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def svd64(folder: Path, name: str, expert: int | None,
+          k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(U[:, :k], s, Vt[:k]) of a weight matrix in float64 (k None: all), through the eigendecomposition
     of its Gram matrix on the smaller side: for BERT's 30522 x 384 embedding, one matmul instead of a
     tall SVD, and the vectors of the long side only for the top k."""
