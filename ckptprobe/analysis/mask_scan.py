@@ -248,7 +248,7 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     nonfinite, code_hist = np.zeros(R, np.int64), np.zeros(256, np.int64)
     row_sums = np.zeros(hi - lo, np.int64) if matrix else None
     col_sums = np.zeros(cols, np.int64) if matrix else None
-    loop = getattr(kernels.compiled, "mark16_files", None) if None not in fast and forkable([plan]) else None
+    loop = getattr(kernels.compiled, "mark16_files", None) if None not in fast else None
     sources = [plan.base, *(r.source for r in plan.runs)]
     with (opened(sources, plan.name, lo * cols) if loop else contextlib.nullcontext()) as files:
         if files is None:
