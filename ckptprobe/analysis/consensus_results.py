@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ckptprobe.analysis.consensus_stats import bernoulli_jaccard, jaccard_matrix, off_diagonal_mean, poisson_binomial
+from ckptprobe.analysis.consensus_stats import (bernoulli_jaccard, jaccard_matrix, median, off_diagonal_mean,
+                                                poisson_binomial)
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped
 
@@ -256,10 +257,6 @@ def pool(key, tensors: Sequence[TensorConsensus], n_runs: int) -> GroupConsensus
         bern = np.where(e_union > 0, e_inter / e_union, np.nan)
         density = np.where(numel > 0, changed / numel, np.nan)
     bern[np.diag_indices(R)] = np.where(density > 0, 1.0, np.nan)
-
-    def median(vals):
-        vals = [x for x in vals if x is not None]
-        return float(np.median(vals)) if vals else None
 
     return GroupConsensus(key, len(tensors), sum(t.numel for t in tensors), density, jac, bern, hist, expected,
                           median(t.row_stripe_index for t in tensors), median(t.col_stripe_index for t in tensors))

@@ -104,3 +104,13 @@ def stripe_index(ratios: np.ndarray, density: np.ndarray, n_other: int) -> float
     r = np.asarray(ratios, np.float64)
     d = r - np.add.reduce(r) / r.size
     return float(np.add.reduce(d * d) / (r.size - 1) / null)
+
+
+def median(values) -> float | None:
+    """The median of the values that are not None (the mean of the middle two for an even count, as
+    numpy's), or None if there is none. Plain Python: `np.median` imports numpy.ma (~20 ms a run)."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return float(vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2)

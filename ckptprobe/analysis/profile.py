@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis.consensus_stats import median
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.mask_scan import scan
 from ckptprobe.analysis.pairing import check_layer, layers_of
@@ -64,11 +65,6 @@ def pooled_correlation(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float 
         a, b = a - a.mean(), b - b.mean()
         sab, saa, sbb = sab + float(a @ b), saa + float(a @ a), sbb + float(b @ b)
     return float(sab / np.sqrt(saa * sbb)) if saa > 0 and sbb > 0 else None
-
-
-def _median(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.median(values)) if values else None
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -153,8 +149,8 @@ class ProfileResult:
                             "density": changed / numel if numel else None,
                             "row_corr": pooled_correlation([(t.row[s - 1], t.row[s]) for t in ts]) if s else None,
                             "col_corr": pooled_correlation([(t.col[s - 1], t.col[s]) for t in ts]) if s else None,
-                            "row_stripe_index": _median(t.row_stripe_index[s] for t in have),
-                            "col_stripe_index": _median(t.col_stripe_index[s] for t in have)})
+                            "row_stripe_index": median(t.row_stripe_index[s] for t in have),
+                            "col_stripe_index": median(t.col_stripe_index[s] for t in have)})
         return out
 
     def to_dict(self) -> dict:

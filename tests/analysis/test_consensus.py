@@ -458,3 +458,13 @@ def test_stacked_statistics_equal_each_tensor_on_its_own_runs():
         outside[np.ix_(own, own)] = False
         assert np.isnan(st.jaccard[i][outside]).all() and np.isnan(st.bernoulli[i][outside]).all()
         assert json.dumps(t.to_dict()) == json.dumps(stacked[i])  # alone or in a stack (NaN as NaN)
+
+
+def test_median_is_numpys():
+    from ckptprobe.analysis.consensus_stats import median
+
+    rng = np.random.default_rng(12)
+    for n in range(1, 12):
+        x = rng.standard_normal(n).tolist()
+        assert median(x + [None]) == float(np.median(x))
+    assert median([None]) is None and median([]) is None
