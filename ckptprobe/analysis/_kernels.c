@@ -1,7 +1,9 @@
 /* Compiled loops for the bitwise comparison of 16-bit floats (bf16, fp16): `count16` counts
 a pair of tensors for `sparsity`; `mark16` and `tally8` set each run's bit of a byte per entry
 and take the histogram of these bytes for `consensus` and `profile` (`mask_scan._code_block`);
-`mark16` with one run is also `update.update_mask`'s bool mask.
+`mark16` with one run is also `update.update_mask`'s bool mask. `count16_files` and
+`mark16_files` are `count16` and `mark16` reading local files themselves (POSIX `pread`),
+chunk by chunk, for the workers of `sparsity` and `mask_scan`.
 
 Optional: without a C compiler the package installs all the same, and `update` and
 `mask_scan` compute the same results in numpy passes. Each numpy pass is fast; the cost is
@@ -171,8 +173,8 @@ static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize
 
 /* Bytes [offset, offset + len) of fd, copied into `buf` at the file's offset within a page
    (the kernel copies page-cached data several times faster when source and destination
-   share it); `buf` holds len + SLACK bytes. Where they are, or NULL with errno set (EIO:
-   the file ended first). */
+   share it); `buf` holds len + SLACK bytes. Where they are, or NULL with errno set
+   (ENODATA, or EIO where there is none: the file ended first). */
 static const uint16_t *read_at(int fd, int64_t offset, size_t len, char *buf) {
     char *dst = buf + (size_t)(((uint64_t)offset - (uint64_t)(uintptr_t)buf) % SLACK), *p = dst;
     while (len) {
@@ -428,8 +430,14 @@ static PyObject *mark16_files(PyObject *self, PyObject *args) {
     if (err)
         return read_error(err, k);
     PyObject *out = PyTuple_New(sources - 1);
-    for (Py_ssize_t i = 0; out && i < sources - 1; i++)
-        PyTuple_SET_ITEM(out, i, PyLong_FromUnsignedLongLong(nonfinite[i]));
+    for (Py_ssize_t i = 0; out && i < sources - 1; i++) {
+        PyObject *count = PyLong_FromUnsignedLongLong(nonfinite[i]);
+        if (!count) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, count);
+    }
     return out;
 }
 #endif
