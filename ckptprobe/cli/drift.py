@@ -53,7 +53,7 @@ def drift(
     from ckptprobe.analysis.drift import drift as run
     from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, labels,
                                        open_sources, report_skipped, wrote)
-    from ckptprobe.report.output import progress_bar, table
+    from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
@@ -77,6 +77,8 @@ def drift(
         tables.append(table(f"lm_head surges ({result.head} step / body step, z > {result.z_threshold:g})",
                             [{**s.to_dict(), "checkpoint": names[s.index]} for s in result.surges],
                             ["checkpoint", "ratio", "z"], None if result.surges else "none"))
+    elif result.tensors:
+        warn("no lm_head or embedding among the compared tensors: no surge check (see --include/--exclude)")
     if figures:
         from ckptprobe.report.drift_plots import plot_drift
 

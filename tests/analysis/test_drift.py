@@ -96,6 +96,10 @@ def test_cli_json_and_plot(series, tmp_path, capsys):
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["drift", *map(str, paths)]) == 0
     assert "lm_head surges" in capsys.readouterr().out
+    # Without the head (and the embedding it may be tied to) there is nothing to watch, and the run says so
+    assert main(["drift", *map(str, paths), "--exclude", "lm_head.*", "--exclude", "*embed_tokens*"]) == 0
+    out = capsys.readouterr()
+    assert "lm_head surges" not in out.out and "no surge check" in out.err
 
 
 @pytest.mark.parametrize("by", ["module", "layer", "group"])
