@@ -1,7 +1,9 @@
 /* Compiled loops for the bitwise comparison of 16-bit floats (bf16, fp16): `count16` counts
 a pair of tensors for `sparsity`; `mark16` and `tally8` set each run's bit of a byte per entry
 and take the histogram of these bytes for `consensus` and `profile` (`mask_scan._code_block`);
-`mark16` with one run is also `update.update_mask`'s bool mask. `count16_files` and
+`mark16` with one run is also `update.update_mask`'s bool mask. `count32` and
+`count_bf16_f32` count a float32 checkpoint against another (bitwise) or against a bf16 one
+(rounded to bf16, `--mode bf16`). `count16_files` and
 `mark16_files` are `count16` and `mark16` reading local files themselves (POSIX `pread`),
 chunk by chunk, for the workers of `sparsity` and `mask_scan`.
 
@@ -54,24 +56,77 @@ or written in place; the GIL is released while a loop runs.
 #define MAGNITUDE(a) ((uint16_t)((a) & 0x7FFF))
 #define MAX16(p, q) ((p) > (q) ? (p) : (q))
 
+/* The bf16 bits of float32 bits u, as `bf16.float32_to_bf16_bits`: rounded to nearest, ties to
+   even; a NaN stays a (quiet) NaN; a value that rounds past the largest bf16 becomes inf. */
+#define BF16_OF(u) ((uint16_t)(((u) & 0x7FFFFFFFu) > 0x7F800000u ? ((u) >> 16) | 0x40u \
+                                                                 : ((u) + 0x7FFFu + (((u) >> 16) & 1u)) >> 16))
+
+/* The body of the (changed, non-finite) count of n pairs of 16-bit bits: x[i] against LOAD(y[i]). */
+#define COUNT16_BODY(LOAD)                                                                    \
+    uint64_t c = 0, f = 0;                                                                    \
+    for (Py_ssize_t lo = 0; lo < n; lo += TILE) {                                             \
+        Py_ssize_t hi = n - lo < TILE ? n : lo + TILE;                                        \
+        uint16_t cs = 0, top = 0; /* TILE < 2^16: the tile's count fits in 16 bits */         \
+        for (Py_ssize_t i = lo; i < hi; i++) {                                                \
+            uint16_t a = x[i], b = LOAD(y[i]), ma = MAGNITUDE(a), mb = MAGNITUDE(b);          \
+            cs -= CHANGED16(a, b); /* 0xFFFF is -1 */                                         \
+            top = MAX16(top, MAX16(ma, mb));                                                  \
+        }                                                                                     \
+        if (top >= e) {                                                                       \
+            cs = 0;                                                                           \
+            for (Py_ssize_t i = lo; i < hi; i++) {                                            \
+                uint16_t a = x[i], b = LOAD(y[i]);                                            \
+                cs += CHANGED(a, b, e);                                                       \
+                f += NONFINITE(a, b, e);                                                      \
+            }                                                                                 \
+        }                                                                                     \
+        c += cs;                                                                              \
+    }                                                                                         \
+    *changed = c;                                                                             \
+    *nonfinite = f;
+
+#define AS_IS(v) (v)
+
 /* (changed, non-finite) counts of n pairs. */
 VECTOR_CLONES
 static void count16_loop(const uint16_t *restrict x, const uint16_t *restrict y, Py_ssize_t n, uint16_t e,
                          uint64_t *changed, uint64_t *nonfinite) {
+    COUNT16_BODY(AS_IS)
+}
+
+/* The same for bf16 bits x against float32 bits y rounded to bf16: `--mode bf16` (the default
+   for a bf16 checkpoint against a float32 one). */
+VECTOR_CLONES
+static void count_bf16_f32_loop(const uint16_t *restrict x, const uint32_t *restrict y, Py_ssize_t n,
+                                uint64_t *changed, uint64_t *nonfinite) {
+    const uint16_t e = 0x7F80;
+    COUNT16_BODY(BF16_OF)
+}
+
+/* The same for two float32 checkpoints compared bitwise, on 32-bit lanes: changed iff the bits
+   differ and the pair is not +0/-0; a pair holding an inf or NaN is non-finite. */
+#define E32 0x7F800000u
+#define CHANGED32(a, b) ((uint32_t)(-(uint32_t)((a) != (b)) & -(uint32_t)((((a) | (b)) & 0x7FFFFFFFu) != 0)))
+VECTOR_CLONES
+static void count32_loop(const uint32_t *restrict x, const uint32_t *restrict y, Py_ssize_t n, uint64_t *changed,
+                         uint64_t *nonfinite) {
     uint64_t c = 0, f = 0;
     for (Py_ssize_t lo = 0; lo < n; lo += TILE) {
         Py_ssize_t hi = n - lo < TILE ? n : lo + TILE;
-        uint16_t cs = 0, top = 0;  /* TILE < 2^16: the tile's count fits in 16 bits */
+        uint32_t cs = 0, top = 0;
         for (Py_ssize_t i = lo; i < hi; i++) {
-            uint16_t a = x[i], b = y[i], ma = MAGNITUDE(a), mb = MAGNITUDE(b);
-            cs -= CHANGED16(a, b);  /* 0xFFFF is -1 */
-            top = MAX16(top, MAX16(ma, mb));
+            uint32_t a = x[i], b = y[i], ma = a & 0x7FFFFFFFu, mb = b & 0x7FFFFFFFu;
+            cs -= CHANGED32(a, b);
+            top = ma > top ? ma : top;
+            top = mb > top ? mb : top;
         }
-        if (top >= e) {
+        if (top >= E32) {
             cs = 0;
             for (Py_ssize_t i = lo; i < hi; i++) {
-                cs += CHANGED(x[i], y[i], e);
-                f += NONFINITE(x[i], y[i], e);
+                uint32_t a = x[i], b = y[i];
+                uint32_t bad = ((a & E32) == E32) | ((b & E32) == E32);
+                cs += (uint32_t)((a != b) & (((a | b) & 0x7FFFFFFFu) != 0) & !bad);
+                f += bad;
             }
         }
         c += cs;
@@ -266,6 +321,37 @@ static PyObject *count16(PyObject *self, PyObject *args) {
     return Py_BuildValue("KK", (unsigned long long)changed, (unsigned long long)nonfinite);
 }
 
+/* count16's counterparts for float32 sides: `n` pairs, y holding `y_size` bytes an entry. */
+static PyObject *count_wide(PyObject *args, Py_ssize_t x_size, Py_ssize_t y_size) {
+    PyObject *xo, *yo;
+    Py_buffer x, y;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &yo) || get_buffer(xo, &x, 0, 0, "x") < 0)
+        return NULL;
+    Py_ssize_t n = x.len / x_size;
+    if (get_buffer(yo, &y, 0, n * y_size, "y") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    uint64_t changed, nonfinite;
+    Py_BEGIN_ALLOW_THREADS
+    if (x_size == 4)
+        count32_loop(x.buf, y.buf, n, &changed, &nonfinite);
+    else
+        count_bf16_f32_loop(x.buf, y.buf, n, &changed, &nonfinite);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    return Py_BuildValue("KK", (unsigned long long)changed, (unsigned long long)nonfinite);
+}
+
+static PyObject *count32(PyObject *self, PyObject *args) {
+    return count_wide(args, 4, 4);
+}
+
+static PyObject *count_bf16_f32(PyObject *self, PyObject *args) {
+    return count_wide(args, 2, 4);
+}
+
 static PyObject *mark16(PyObject *self, PyObject *args) {
     PyObject *xo, *yo, *co;
     unsigned int e;
@@ -446,6 +532,11 @@ static PyMethodDef methods[] = {
     {"count16", count16, METH_VARARGS,
      "count16(x, y, exp) -> (changed, nonfinite): the counts over two buffers of 16-bit float bits "
      "(exponent mask exp)."},
+    {"count32", count32, METH_VARARGS,
+     "count32(x, y) -> (changed, nonfinite): count16's rule for two buffers of float32 bits."},
+    {"count_bf16_f32", count_bf16_f32, METH_VARARGS,
+     "count_bf16_f32(x, y) -> (changed, nonfinite): count16 of bf16 bits x against float32 bits y "
+     "rounded to bf16 (nearest, ties to even), as `--mode bf16` compares them."},
     {"mark16", mark16, METH_VARARGS,
      "mark16(x, y, exp, bit, codes) -> nonfinite: writes whether pair i changed into bit `bit` (0..7) of "
      "codes[i] (uint8); returns the non-finite count."},
@@ -472,7 +563,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
    version it was written for, so a module left from an older build is never called. */
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "VERSION", 2) < 0) {
+    if (m && PyModule_AddIntConstant(m, "VERSION", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -144,13 +144,22 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
     The bitwise 16-bit case (every bf16 checkpoint) takes a fast path: one compiled pass
     (`kernels`), or else, per cache-sized chunk, xor and count the nonzero words after the
     pair proof (`plain_bits16`); a chunk that fails the proof goes through `update_mask`.
+    Two float32 checkpoints compared bitwise, and a bf16 one against a float32 one in bf16
+    mode (the default for that pair), take one compiled pass as well.
     """
+    if mode == CompareMode.bf16 and dtype_a == dtype_b == "BF16":  # rounding bf16 to bf16 changes nothing
+        mode = CompareMode.bitwise
     exp = EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
+    compiled = kernels.compiled if a.flags.c_contiguous and b.flags.c_contiguous else None
     if exp is None:
+        if compiled is not None and mode == CompareMode.bitwise and dtype_a == dtype_b == "F32":
+            return compiled.count32(a, b)
+        if compiled is not None and mode == CompareMode.bf16 and {dtype_a, dtype_b} == {"BF16", "F32"}:
+            return compiled.count_bf16_f32(*((a, b) if dtype_a == "BF16" else (b, a)))  # the rule is symmetric
         changed, nonfinite = update_mask(a, b, dtype_a, dtype_b, mode, eta, atol)
         return int(np.count_nonzero(changed)), int(np.count_nonzero(nonfinite))
-    if kernels.compiled is not None and a.flags.c_contiguous and b.flags.c_contiguous:
-        return kernels.compiled.count16(a, b, exp)
+    if compiled is not None:
+        return compiled.count16(a, b, exp)
     changed = nonfinite = 0
     buf = np.empty(min(_CHUNK, a.size), np.uint16)
     ua, ub = a.view(np.uint16), b.view(np.uint16)  # F16 storage is float16: work on its bits

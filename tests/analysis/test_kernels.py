@@ -279,3 +279,50 @@ def test_file_loops_name_the_source_that_failed(F, tmp_path):
     finally:
         for fd in [bad, *(fd for fd, _ in files)]:
             os.close(fd)
+
+
+F32_SPECIALS = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFC00001, 0x00000001,
+                         0x807FFFFF, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x3F808000, 0x3F818000, 0x3F807FFF],
+                        np.uint32)  # +-0, +-inf, NaNs, denormals, the largest float32, bf16 rounding ties
+
+
+def f32_pairs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 bits: random patterns and the specials as x, against themselves, their sign flip,
+    their neighbours, random patterns and the specials."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.integers(0, 1 << 32, 40_000, dtype=np.uint32), np.repeat(F32_SPECIALS, 200)])
+    x = rng.permutation(x)
+    ys = [x, x ^ 0x80000000, x + 1, x - 1, rng.integers(0, 1 << 32, x.size, dtype=np.uint32),
+          rng.choice(F32_SPECIALS, x.size)]
+    return np.concatenate([x] * len(ys)), np.concatenate(ys).astype(np.uint32)
+
+
+def test_count32_is_the_rule_on_float32_bits(K):
+    from ckptprobe.analysis.update import CompareMode, update_mask
+
+    x, y = f32_pairs(13)
+    changed, nonfinite = update_mask(x.view(np.float32), y.view(np.float32), "F32", "F32", CompareMode.bitwise)
+    assert K.count32(x, y) == (int(changed.sum()), int(nonfinite.sum()))
+    for n in (0, 1, 4095, 4097):  # tiles cut anywhere
+        c, f = update_mask(x[:n].view(np.float32), y[:n].view(np.float32), "F32", "F32", CompareMode.bitwise)
+        assert K.count32(x[:n], y[:n]) == (int(c.sum()), int(f.sum()))
+
+
+def test_count_bf16_f32_rounds_as_bf16_mode_does(K):
+    """Every bf16 pattern against float32 values that round to it, to a neighbour (ties both ways),
+    past the largest bf16 (to inf), NaNs and random values: the counts of `update_mask` in bf16 mode."""
+    from ckptprobe.analysis.update import CompareMode, update_mask
+
+    rng = np.random.default_rng(14)
+    x = np.arange(1 << 16, dtype=np.uint16)
+    wide = x.astype(np.uint32) << 16
+    ys = [wide, wide | 0x7FFF, wide | 0x8000, wide | 0x8001, wide - 0x8000, rng.integers(0, 1 << 32, x.size,
+          dtype=np.uint32), rng.choice(F32_SPECIALS, x.size)]
+    xs = np.concatenate([x] * len(ys))
+    y = np.concatenate(ys).astype(np.uint32)
+    changed, nonfinite = update_mask(xs, y.view(np.float32), "BF16", "F32", CompareMode.bf16)
+    assert K.count_bf16_f32(xs, y) == (int(changed.sum()), int(nonfinite.sum()))
+    order = rng.permutation(xs.size)  # specials in every tile
+    assert K.count_bf16_f32(xs[order], y[order]) == (int(changed.sum()), int(nonfinite.sum()))
+    with pytest.raises(ValueError, match="y"):
+        K.count_bf16_f32(xs, y[:-1])

@@ -88,7 +88,7 @@ def test_identical_and_all_changed(tiny_pair, tmp_path):
     assert every.total.changed == every.total.numel and every.total.sparsity == 0.0
 
 
-def test_float32_base_vs_bf16_finetune(tiny_pair, tmp_path):
+def test_float32_base_vs_bf16_finetune(engine, tiny_pair, tmp_path):
     """Default mode for mismatched dtypes is bf16: fp32 noise below half a bf16 ULP is not a change."""
     base_bits = {n: float32_to_bf16_bits(x) for n, x in tiny_weights(0).items()}
     rng = np.random.default_rng(5)
