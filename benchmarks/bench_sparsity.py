@@ -17,6 +17,11 @@ reference counts the bitwise differences from the raw file bytes).
 
     python benchmarks/bench_sparsity.py                 # writes the pair to a temp dir, then deletes it
     python benchmarks/bench_sparsity.py --dir /tmp/bench  # reuses base/ft.safetensors there (or writes them)
+
+`--float32` times float32 checkpoints instead, as trainers that save full-precision weights
+write them: two float32 files compared bitwise, and a bf16 base against a float32 fine-tune
+(the default mode for that pair rounds it to bf16), each against `cat` of the same files;
+4 layers unless `--layers` says otherwise.
 """
 
 from __future__ import annotations
@@ -121,6 +126,54 @@ def scan_seconds(a: Path, b: Path, workers: int | None, repeats: int, compiled: 
     return scan_median(lambda: sparsity(open_source(a), open_source(b), workers=workers), repeats, compiled)
 
 
+def float32_case(folder: Path, layers: int, repeats: int) -> None:
+    """bf16 base and fine-tune bits B, F (40% one ULP apart), written as: base.bf16 (B), base.f32 (B
+    exactly, in float32) and ft.f32 (F in float32, with noise below half a bf16 ULP in the low bits
+    of one entry in ten). Bitwise, the float32 pair differs where F != B or the noise is; rounded
+    to bf16, ft.f32 differs from base.bf16 exactly where F != B. Both counts come from the bits
+    here, not from ckptprobe."""
+    from synth import base_tensor, one_ulp_apart, qwen_shapes
+
+    from ckptprobe.io.writer import write_safetensors
+
+    paths = {k: folder / f"{k}.safetensors" for k in ("base-bf16", "base-f32", "ft-f32")}
+    rng = np.random.default_rng(0)
+    want_f32 = want_rounded = 0
+    tensors = {k: {} for k in paths}
+    for i, (name, shape) in enumerate(qwen_shapes(layers).items()):
+        b = base_tensor(shape, i)
+        f = one_ulp_apart(b, 0.4, 1000 + i)
+        noise = np.where(rng.random(b.shape) < 0.1, rng.integers(1, 0x7FFF, b.shape, dtype=np.uint32), 0)
+        ft32 = (f.astype(np.uint32) << 16) | noise.astype(np.uint32)
+        tensors["base-bf16"][name] = ("BF16", b)
+        tensors["base-f32"][name] = ("F32", (b.astype(np.uint32) << 16).view(np.float32))
+        tensors["ft-f32"][name] = ("F32", ft32.view(np.float32))
+        want_f32 += int(np.count_nonzero((f != b) | (noise != 0)))
+        want_rounded += int(np.count_nonzero(f != b))
+    if not all(p.is_file() for p in paths.values()):
+        for k, p in paths.items():
+            write_safetensors(p, tensors[k])
+    del tensors
+    exe = str(Path(sys.executable).parent / "ckptprobe")
+    out_json = str(folder / ".bench_sparsity.json")
+    print(f"float32 checkpoints, {layers} layers, in {folder}; median of {repeats} runs; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    for label, a, b, want in (("float32 vs float32 (bitwise)", "base-f32", "ft-f32", want_f32),
+                              ("bf16 vs float32 (mode bf16)", "base-bf16", "ft-f32", want_rounded)):
+        files = [str(paths[a]), str(paths[b])]
+        measure(["cat", *files])  # warm-up
+        cat = statistics.median(measure(["cat", *files])[0] for _ in range(repeats))
+        runs = [measure([exe, "sparsity", *files, "--format", "json"], out_json) for _ in range(repeats)]
+        ours = statistics.median(r[0] for r in runs)
+        got = json.loads(runs[-1][3])["total"]["changed"]
+        size = sum(Path(f).stat().st_size for f in files)
+        print(f"{label}: {gb(size)}; cat {cat:.2f} s, ckptprobe {ours:.2f} s ({cat / ours:.2f}x cat's throughput; "
+              f"peak RSS {max(r[1] for r in runs) / 2**20:.0f} MiB); changed {got:,}, from the bits "
+              f"{want:,} ({'right' if got == want else 'WRONG'})")
+    Path(out_json).unlink(missing_ok=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -130,7 +183,15 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="folder holding (or to receive) base.safetensors and ft.safetensors")
     parser.add_argument("--layers", type=int, default=14, help="layers of the synthetic pair if written (14: ~1.5 GB)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of cat and of ckptprobe (median reported)")
+    parser.add_argument("--float32", action="store_true", help="instead: float32 checkpoints (see above)")
     args = parser.parse_args()
+    if args.float32:
+        layers = args.layers if args.layers != 14 else 4
+        if args.dir:
+            args.dir.mkdir(parents=True, exist_ok=True)
+            return float32_case(args.dir, layers, args.repeats)
+        with tempfile.TemporaryDirectory(prefix="bench_sparsity_f32_") as tmp:
+            return float32_case(Path(tmp), layers, args.repeats)
 
     tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="bench_sparsity_")
     folder = args.dir or Path(tmp.name)
