@@ -2,8 +2,8 @@
 a pair of tensors for `sparsity`; `mark16` and `tally8` set each run's bit of a byte per entry
 and take the histogram of these bytes for `consensus` and `profile` (`mask_scan._code_block`);
 `mark16` with one run is also `update.update_mask`'s bool mask. `count32` and
-`count_bf16_f32` count a float32 checkpoint against another (bitwise) or against a bf16 one
-(rounded to bf16, `--mode bf16`). `count16_files` and
+`count_bf16_f32` (`mark32`, `mark_bf16_f32`) count (mark) a float32 checkpoint against another,
+bitwise, or against a bf16 one, rounded to bf16 (`--mode bf16`). `count16_files` and
 `mark16_files` are `count16` and `mark16` reading local files themselves (POSIX `pread`),
 chunk by chunk, for the workers of `sparsity` and `mask_scan`.
 
@@ -135,24 +135,63 @@ static void count32_loop(const uint32_t *restrict x, const uint32_t *restrict y,
     *nonfinite = f;
 }
 
+/* The body of a mark: bit `bit` of codes[i] := x[i] against LOAD(y[i]) changed; the non-finite count. */
+#define MARK16_BODY(LOAD)                                                                     \
+    uint64_t nonfinite = 0;                                                                   \
+    uint8_t set = (uint8_t)(1u << bit), keep = (uint8_t)~set;                                 \
+    for (Py_ssize_t lo = 0; lo < n; lo += TILE) {                                             \
+        Py_ssize_t hi = n - lo < TILE ? n : lo + TILE;                                        \
+        uint16_t top = 0;                                                                     \
+        for (Py_ssize_t i = lo; i < hi; i++) {                                                \
+            uint16_t a = x[i], b = LOAD(y[i]), ma = MAGNITUDE(a), mb = MAGNITUDE(b);          \
+            codes[i] = (uint8_t)((codes[i] & keep) | ((uint8_t)CHANGED16(a, b) & set));       \
+            top = MAX16(top, MAX16(ma, mb));                                                  \
+        }                                                                                     \
+        if (top < e)                                                                          \
+            continue;                                                                         \
+        for (Py_ssize_t i = lo; i < hi; i++) {                                                \
+            if (NONFINITE(x[i], LOAD(y[i]), e)) {                                             \
+                codes[i] &= keep;                                                             \
+                nonfinite++;                                                                  \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    return nonfinite;
+
 /* Bit `bit` of codes[i] := pair i changed; returns the non-finite count. */
 VECTOR_CLONES
 static uint64_t mark16_loop(const uint16_t *restrict x, const uint16_t *restrict y, Py_ssize_t n, uint16_t e,
                             int bit, uint8_t *restrict codes) {
+    MARK16_BODY(AS_IS)
+}
+
+/* The same for bf16 bits x against float32 bits y rounded to bf16 (`count_bf16_f32`'s rule). */
+VECTOR_CLONES
+static uint64_t mark_bf16_f32_loop(const uint16_t *restrict x, const uint32_t *restrict y, Py_ssize_t n, int bit,
+                                   uint8_t *restrict codes) {
+    const uint16_t e = 0x7F80;
+    MARK16_BODY(BF16_OF)
+}
+
+/* The same for two float32 sides compared bitwise (`count32`'s rule). */
+VECTOR_CLONES
+static uint64_t mark32_loop(const uint32_t *restrict x, const uint32_t *restrict y, Py_ssize_t n, int bit,
+                            uint8_t *restrict codes) {
     uint64_t nonfinite = 0;
     uint8_t set = (uint8_t)(1u << bit), keep = (uint8_t)~set;
     for (Py_ssize_t lo = 0; lo < n; lo += TILE) {
         Py_ssize_t hi = n - lo < TILE ? n : lo + TILE;
-        uint16_t top = 0;
+        uint32_t top = 0;
         for (Py_ssize_t i = lo; i < hi; i++) {
-            uint16_t a = x[i], b = y[i], ma = MAGNITUDE(a), mb = MAGNITUDE(b);
-            codes[i] = (uint8_t)((codes[i] & keep) | ((uint8_t)CHANGED16(a, b) & set));
-            top = MAX16(top, MAX16(ma, mb));
+            uint32_t a = x[i], b = y[i], ma = a & 0x7FFFFFFFu, mb = b & 0x7FFFFFFFu;
+            codes[i] = (uint8_t)((codes[i] & keep) | ((uint8_t)CHANGED32(a, b) & set));
+            top = ma > top ? ma : top;
+            top = mb > top ? mb : top;
         }
-        if (top < e)
+        if (top < E32)
             continue;
         for (Py_ssize_t i = lo; i < hi; i++) {
-            if (NONFINITE(x[i], y[i], e)) {
+            if (((x[i] & E32) == E32) | ((y[i] & E32) == E32)) {
                 codes[i] &= keep;
                 nonfinite++;
             }
@@ -380,6 +419,50 @@ static PyObject *mark16(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(nonfinite);
 }
 
+/* mark16's counterparts for float32 runs: x holds `x_size` bytes an entry, y 4. */
+static PyObject *mark_wide(PyObject *args, Py_ssize_t x_size) {
+    PyObject *xo, *yo, *co;
+    int bit;
+    Py_buffer x, y, codes;
+    if (!PyArg_ParseTuple(args, "OOiO", &xo, &yo, &bit, &co))
+        return NULL;
+    if (bit < 0 || bit > 7) {
+        PyErr_SetString(PyExc_ValueError, "bit must be in 0..7");
+        return NULL;
+    }
+    if (get_buffer(xo, &x, 0, 0, "x") < 0)
+        return NULL;
+    Py_ssize_t n = x.len / x_size;
+    if (get_buffer(yo, &y, 0, n * 4, "y") < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    if (get_buffer(co, &codes, 1, n, "codes") < 0) {
+        PyBuffer_Release(&y);
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    uint64_t nonfinite;
+    Py_BEGIN_ALLOW_THREADS
+    if (x_size == 4)
+        nonfinite = mark32_loop(x.buf, y.buf, n, bit, codes.buf);
+    else
+        nonfinite = mark_bf16_f32_loop(x.buf, y.buf, n, bit, codes.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&x);
+    return PyLong_FromUnsignedLongLong(nonfinite);
+}
+
+static PyObject *mark32(PyObject *self, PyObject *args) {
+    return mark_wide(args, 4);
+}
+
+static PyObject *mark_bf16_f32(PyObject *self, PyObject *args) {
+    return mark_wide(args, 2);
+}
+
 static PyObject *tally8(PyObject *self, PyObject *args) {
     PyObject *co, *ho, *no, *ro, *so;
     Py_ssize_t cols;
@@ -540,6 +623,11 @@ static PyMethodDef methods[] = {
     {"mark16", mark16, METH_VARARGS,
      "mark16(x, y, exp, bit, codes) -> nonfinite: writes whether pair i changed into bit `bit` (0..7) of "
      "codes[i] (uint8); returns the non-finite count."},
+    {"mark32", mark32, METH_VARARGS,
+     "mark32(x, y, bit, codes) -> nonfinite: mark16 for two buffers of float32 bits (count32's rule)."},
+    {"mark_bf16_f32", mark_bf16_f32, METH_VARARGS,
+     "mark_bf16_f32(x, y, bit, codes) -> nonfinite: mark16 of bf16 bits x against float32 bits y rounded "
+     "to bf16 (count_bf16_f32's rule)."},
     {"tally8", tally8, METH_VARARGS,
      "tally8(codes, cols, hist, counts, row_sums, col_sums): adds the histogram of the uint8 codes into "
      "hist (256 int64); unless counts is None, writes each code's popcount there (uint8) and, unless "
@@ -563,7 +651,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
    version it was written for, so a module left from an older build is never called. */
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "VERSION", 3) < 0) {
+    if (m && PyModule_AddIntConstant(m, "VERSION", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,7 +11,7 @@ A module from an older build (an editable install whose C source changed since) 
 another VERSION and is not used: rebuild with `pip install -e .`.
 """
 
-VERSION = 3  # of the loops' signatures and meaning, as `_kernels.c` states it
+VERSION = 4  # of the loops' signatures and meaning, as `_kernels.c` states it
 
 try:
     from ckptprobe.analysis import _kernels as compiled

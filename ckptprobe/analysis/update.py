@@ -132,6 +132,23 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     return changed & ~nonfinite, nonfinite
 
 
+WIDE_F32, WIDE_BF16_F32, WIDE_F32_BF16 = "f32", "bf16/f32", "f32/bf16"
+
+
+def wide_pair(dtype_a: str, dtype_b: str, mode: CompareMode) -> str | None:
+    """Which compiled loop compares a pair with a float32 side: WIDE_F32 (two float32, bitwise:
+    `count32`, `mark32`), WIDE_BF16_F32 or WIDE_F32_BF16 (a bf16 side against a float32 side
+    rounded to bf16, in bf16 mode: `count_bf16_f32`, `mark_bf16_f32`, the bf16 side first); None
+    for any other pair."""
+    if mode == CompareMode.bitwise and dtype_a == dtype_b == "F32":
+        return WIDE_F32
+    if mode == CompareMode.bf16 and (dtype_a, dtype_b) == ("BF16", "F32"):
+        return WIDE_BF16_F32
+    if mode == CompareMode.bf16 and (dtype_a, dtype_b) == ("F32", "BF16"):
+        return WIDE_F32_BF16
+    return None
+
+
 def one_pass(dtype_a: str, dtype_b: str, mode: CompareMode) -> bool:
     """Whether `count_changes` counts such a pair in one compiled pass (bitwise, one 16-bit float dtype)."""
     return kernels.compiled is not None and mode == CompareMode.bitwise and dtype_a == dtype_b in EXPONENT16
@@ -152,10 +169,11 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
     exp = EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
     compiled = kernels.compiled if a.flags.c_contiguous and b.flags.c_contiguous else None
     if exp is None:
-        if compiled is not None and mode == CompareMode.bitwise and dtype_a == dtype_b == "F32":
+        wide = wide_pair(dtype_a, dtype_b, mode) if compiled is not None else None
+        if wide == WIDE_F32:
             return compiled.count32(a, b)
-        if compiled is not None and mode == CompareMode.bf16 and {dtype_a, dtype_b} == {"BF16", "F32"}:
-            return compiled.count_bf16_f32(*((a, b) if dtype_a == "BF16" else (b, a)))  # the rule is symmetric
+        if wide is not None:  # the rule is symmetric: the bf16 side goes first
+            return compiled.count_bf16_f32(*((a, b) if wide == WIDE_BF16_F32 else (b, a)))
         changed, nonfinite = update_mask(a, b, dtype_a, dtype_b, mode, eta, atol)
         return int(np.count_nonzero(changed)), int(np.count_nonzero(nonfinite))
     if compiled is not None:

@@ -468,3 +468,36 @@ def test_median_is_numpys():
         x = rng.standard_normal(n).tolist()
         assert median(x + [None]) == float(np.median(x))
     assert median([None]) is None and median([]) is None
+
+
+def test_float32_runs_and_bases(engine, tmp_path):
+    """float32 runs against a bf16 base (bf16 mode: rounded to bf16) and against a float32 base
+    (bitwise), with +-0, inf and NaN about: the counts of `update_mask`'s masks, on every path."""
+    rng = np.random.default_rng(17)
+    bits = rng.integers(0x3000, 0x3F00, (40, 130), dtype=np.uint16)
+    specials = np.array([0, 0x80000000, 0x7F800000, 0x7FC00000, 0xFF800000, 0x3F808000], np.uint32)
+    runs = []
+    for r in range(3):
+        wide = bits.astype(np.uint32) << 16
+        wide = np.where(rng.random(bits.shape) < 0.3, wide + 0x10000, wide)  # one bf16 ULP up
+        wide = wide | np.where(rng.random(bits.shape) < 0.2, rng.integers(1, 0xFFFF, bits.shape), 0).astype(np.uint32)
+        wide.reshape(-1)[rng.choice(wide.size, 30, replace=False)] = rng.choice(specials, 30)
+        runs.append(wide.view(np.float32))
+    base32 = (bits.astype(np.uint32) << 16).view(np.float32)
+    base32.reshape(-1)[:6] = specials.view(np.float32)
+    name = "model.layers.0.mlp.up_proj.weight"
+    paths = {"bf16": tmp_path / "b16.safetensors", "f32": tmp_path / "b32.safetensors"}
+    write_safetensors(paths["bf16"], {name: ("BF16", bits)})
+    write_safetensors(paths["f32"], {name: ("F32", base32)})
+    for r, w in enumerate(runs):
+        write_safetensors(tmp_path / f"r{r}.safetensors", {name: ("F32", w)})
+    sources_ = [open_source(str(tmp_path / f"r{r}.safetensors")) for r in range(3)]
+    for kind, base, dtype, mode in (("bf16", bits, "BF16", CompareMode.bf16), ("f32", base32, "F32",
+                                                                                CompareMode.bitwise)):
+        t = consensus(open_source(str(paths[kind])), sources_).tensors[0]
+        ref = [update_mask(base.reshape(-1), w.reshape(-1), dtype, "F32", mode) for w in runs]
+        assert t.changed.tolist() == [int(c.sum()) for c, _ in ref], kind
+        assert t.nonfinite.tolist() == [int(f.sum()) for _, f in ref], kind
+        assert t.inter[0, 2] == int((ref[0][0] & ref[2][0]).sum()), kind
+        assert t.hist.tolist() == np.bincount(sum(c.astype(int) for c, _ in ref), minlength=4).tolist(), kind
+

@@ -326,3 +326,28 @@ def test_count_bf16_f32_rounds_as_bf16_mode_does(K):
     assert K.count_bf16_f32(xs[order], y[order]) == (int(changed.sum()), int(nonfinite.sum()))
     with pytest.raises(ValueError, match="y"):
         K.count_bf16_f32(xs, y[:-1])
+
+
+@pytest.mark.parametrize("bit", [0, 6])
+def test_float32_marks_set_the_counts_bits(K, bit):
+    """mark32 and mark_bf16_f32 set bit `bit` where count32 and count_bf16_f32 count a change: the
+    masks of `update_mask` (bitwise float32; bf16 mode), other bits kept."""
+    from ckptprobe.analysis.update import CompareMode, update_mask
+
+    rng = np.random.default_rng(15)
+    x, y = f32_pairs(16)
+    codes = rng.integers(0, 256, x.size, dtype=np.uint8)
+    before = codes.copy()
+    changed, nonfinite = update_mask(x.view(np.float32), y.view(np.float32), "F32", "F32", CompareMode.bitwise)
+    assert K.mark32(x, y, bit, codes) == int(nonfinite.sum())
+    np.testing.assert_array_equal(codes, before & ~np.uint8(1 << bit) | changed.astype(np.uint8) << bit)
+    half = (x >> 16).astype(np.uint16)  # bf16 bits near the float32 values, and their neighbours
+    half[::3] += 1
+    codes = before.copy()
+    changed, nonfinite = update_mask(half, y.view(np.float32), "BF16", "F32", CompareMode.bf16)
+    assert K.mark_bf16_f32(half, y, bit, codes) == int(nonfinite.sum())
+    np.testing.assert_array_equal(codes, before & ~np.uint8(1 << bit) | changed.astype(np.uint8) << bit)
+    with pytest.raises(ValueError, match="bit"):
+        K.mark32(x, y, 8, codes)
+    with pytest.raises(ValueError, match="codes"):
+        K.mark_bf16_f32(half, y, 0, codes[:-1])
