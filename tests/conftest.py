@@ -56,12 +56,19 @@ def corpus(tmp_path_factory) -> Corpus:
     return Corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(params=["compiled", "reads", "numpy"])
+def pytest_generate_tests(metafunc):
+    """`engine` takes the paths a module names in ENGINES: by default the compiled loops and numpy;
+    modules whose code reads files (sparsity, consensus, profile) add "reads"."""
+    if "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", getattr(metafunc.module, "ENGINES", ("compiled", "numpy")), indirect=True)
+
+
+@pytest.fixture
 def engine(request, monkeypatch) -> str:
-    """Run a test on every path of the bitwise comparison: the compiled loops (`kernels`), reading
-    local files themselves where they can; the compiled loops on data read in Python (as from the
-    Hub); numpy. Forked workers inherit the choice. `test_kernels.py` checks the loops are built
-    wherever they can be."""
+    """Run a test on each path of the bitwise comparison: "compiled", the compiled loops (`kernels`),
+    reading local files themselves where they can; "reads", the compiled loops on data read in
+    Python (as from the Hub); "numpy". Forked workers inherit the choice. `test_kernels.py` checks
+    the loops are built wherever they can be."""
     from ckptprobe.analysis import kernels
 
     if request.param == "numpy":

@@ -24,6 +24,8 @@ from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 from ckptprobe.report.figures import block_average
 
+ENGINES = ("compiled", "reads", "numpy")  # this code reads files: the compiled loops do, or Python does
+
 R = 4
 
 

@@ -18,6 +18,8 @@ from ckptprobe.errors import UsageError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
+ENGINES = ("compiled", "reads", "numpy")  # this code reads files: the compiled loops do, or Python does
+
 STEPS = (0.05, 0.15, 0.3)  # density scale at each checkpoint
 
 

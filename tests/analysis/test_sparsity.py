@@ -20,6 +20,8 @@ from ckptprobe.errors import InvalidCheckpointError, NoMatchingTensorsError, Usa
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
+ENGINES = ("compiled", "reads", "numpy")  # this code reads files: the compiled loops do, or Python does
+
 # An independent reading of the tiny model's (Llama) names.
 MODULE = {"embed_tokens": "embed", "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
           "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "input_layernorm": "norm",
