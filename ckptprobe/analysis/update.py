@@ -97,14 +97,39 @@ def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float64) if dtype == "F64" else to_float32(raw, dtype)
 
 
+WIDE_F32, WIDE_BF16_F32, WIDE_F32_BF16 = "f32", "bf16/f32", "f32/bf16"
+
+
+def wide_pair(dtype_a: str, dtype_b: str, mode: CompareMode) -> str | None:
+    """Which compiled loop compares a pair with a float32 side: WIDE_F32 (two float32, bitwise:
+    `count32`, `mark32`), WIDE_BF16_F32 or WIDE_F32_BF16 (a bf16 side against a float32 side
+    rounded to bf16, in bf16 mode: `count_bf16_f32`, `mark_bf16_f32`, the bf16 side first); None
+    for any other pair."""
+    if mode == CompareMode.bitwise and dtype_a == dtype_b == "F32":
+        return WIDE_F32
+    if mode == CompareMode.bf16 and (dtype_a, dtype_b) == ("BF16", "F32"):
+        return WIDE_BF16_F32
+    if mode == CompareMode.bf16 and (dtype_a, dtype_b) == ("F32", "BF16"):
+        return WIDE_F32_BF16
+    return None
+
+
 def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode,
                 eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL) -> tuple[np.ndarray, np.ndarray]:
     """Storage arrays of one shape -> (changed, nonfinite) bool arrays of that shape.
 
     `a` is the base, `b` the fine-tune, each in its storage dtype (BF16 as uint16 bits).
     `changed` is False wherever `nonfinite` is True. A bitwise 16-bit pair takes one compiled
-    pass (`kernels`) when it can.
+    pass (`kernels`) when it can, and so does a pair with a float32 side (`wide_pair`) that
+    holds no inf or NaN.
     """
+    wide = wide_pair(dtype_a, dtype_b, mode) if kernels.compiled is not None else None
+    if wide is not None and a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous:
+        changed = np.zeros(a.shape, bool)  # bit 0 of each byte: a bool array
+        mark = kernels.compiled.mark32 if wide == WIDE_F32 else kernels.compiled.mark_bf16_f32
+        if not mark(*((b, a) if wide == WIDE_F32_BF16 else (a, b)), 0, changed.view(np.uint8)):
+            return changed, np.zeros(a.shape, bool)
+        # an inf or NaN: the passes below find which entries (rare enough not to need speed)
     if mode == CompareMode.bf16:
         a, b, dtype_a, dtype_b = to_bf16_bits(a, dtype_a), to_bf16_bits(b, dtype_b), "BF16", "BF16"
         mode = CompareMode.bitwise
@@ -130,23 +155,6 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
             tol = eta * np.maximum(np.abs(fa), np.abs(fb)) if mode == CompareMode.eta else atol
             changed = diff > tol
     return changed & ~nonfinite, nonfinite
-
-
-WIDE_F32, WIDE_BF16_F32, WIDE_F32_BF16 = "f32", "bf16/f32", "f32/bf16"
-
-
-def wide_pair(dtype_a: str, dtype_b: str, mode: CompareMode) -> str | None:
-    """Which compiled loop compares a pair with a float32 side: WIDE_F32 (two float32, bitwise:
-    `count32`, `mark32`), WIDE_BF16_F32 or WIDE_F32_BF16 (a bf16 side against a float32 side
-    rounded to bf16, in bf16 mode: `count_bf16_f32`, `mark_bf16_f32`, the bf16 side first); None
-    for any other pair."""
-    if mode == CompareMode.bitwise and dtype_a == dtype_b == "F32":
-        return WIDE_F32
-    if mode == CompareMode.bf16 and (dtype_a, dtype_b) == ("BF16", "F32"):
-        return WIDE_BF16_F32
-    if mode == CompareMode.bf16 and (dtype_a, dtype_b) == ("F32", "BF16"):
-        return WIDE_F32_BF16
-    return None
 
 
 def one_pass(dtype_a: str, dtype_b: str, mode: CompareMode) -> bool:

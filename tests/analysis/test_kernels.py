@@ -286,6 +286,17 @@ F32_SPECIALS = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F
                         np.uint32)  # +-0, +-inf, NaNs, denormals, the largest float32, bf16 rounding ties
 
 
+def rule(x: np.ndarray, y: np.ndarray, dtype_x: str, dtype_y: str, mode) -> tuple[np.ndarray, np.ndarray]:
+    """`update_mask` on its numpy passes, the compiled loops set aside: the reference."""
+    from ckptprobe.analysis.update import update_mask
+
+    kept, kernels.compiled = kernels.compiled, None
+    try:
+        return update_mask(x, y, dtype_x, dtype_y, mode)
+    finally:
+        kernels.compiled = kept
+
+
 def f32_pairs(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """float32 bits: random patterns and the specials as x, against themselves, their sign flip,
     their neighbours, random patterns and the specials."""
@@ -298,20 +309,20 @@ def f32_pairs(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_count32_is_the_rule_on_float32_bits(K):
-    from ckptprobe.analysis.update import CompareMode, update_mask
+    from ckptprobe.analysis.update import CompareMode
 
     x, y = f32_pairs(13)
-    changed, nonfinite = update_mask(x.view(np.float32), y.view(np.float32), "F32", "F32", CompareMode.bitwise)
+    changed, nonfinite = rule(x.view(np.float32), y.view(np.float32), "F32", "F32", CompareMode.bitwise)
     assert K.count32(x, y) == (int(changed.sum()), int(nonfinite.sum()))
     for n in (0, 1, 4095, 4097):  # tiles cut anywhere
-        c, f = update_mask(x[:n].view(np.float32), y[:n].view(np.float32), "F32", "F32", CompareMode.bitwise)
+        c, f = rule(x[:n].view(np.float32), y[:n].view(np.float32), "F32", "F32", CompareMode.bitwise)
         assert K.count32(x[:n], y[:n]) == (int(c.sum()), int(f.sum()))
 
 
 def test_count_bf16_f32_rounds_as_bf16_mode_does(K):
     """Every bf16 pattern against float32 values that round to it, to a neighbour (ties both ways),
     past the largest bf16 (to inf), NaNs and random values: the counts of `update_mask` in bf16 mode."""
-    from ckptprobe.analysis.update import CompareMode, update_mask
+    from ckptprobe.analysis.update import CompareMode
 
     rng = np.random.default_rng(14)
     x = np.arange(1 << 16, dtype=np.uint16)
@@ -320,7 +331,7 @@ def test_count_bf16_f32_rounds_as_bf16_mode_does(K):
           dtype=np.uint32), rng.choice(F32_SPECIALS, x.size)]
     xs = np.concatenate([x] * len(ys))
     y = np.concatenate(ys).astype(np.uint32)
-    changed, nonfinite = update_mask(xs, y.view(np.float32), "BF16", "F32", CompareMode.bf16)
+    changed, nonfinite = rule(xs, y.view(np.float32), "BF16", "F32", CompareMode.bf16)
     assert K.count_bf16_f32(xs, y) == (int(changed.sum()), int(nonfinite.sum()))
     order = rng.permutation(xs.size)  # specials in every tile
     assert K.count_bf16_f32(xs[order], y[order]) == (int(changed.sum()), int(nonfinite.sum()))
@@ -332,19 +343,19 @@ def test_count_bf16_f32_rounds_as_bf16_mode_does(K):
 def test_float32_marks_set_the_counts_bits(K, bit):
     """mark32 and mark_bf16_f32 set bit `bit` where count32 and count_bf16_f32 count a change: the
     masks of `update_mask` (bitwise float32; bf16 mode), other bits kept."""
-    from ckptprobe.analysis.update import CompareMode, update_mask
+    from ckptprobe.analysis.update import CompareMode
 
     rng = np.random.default_rng(15)
     x, y = f32_pairs(16)
     codes = rng.integers(0, 256, x.size, dtype=np.uint8)
     before = codes.copy()
-    changed, nonfinite = update_mask(x.view(np.float32), y.view(np.float32), "F32", "F32", CompareMode.bitwise)
+    changed, nonfinite = rule(x.view(np.float32), y.view(np.float32), "F32", "F32", CompareMode.bitwise)
     assert K.mark32(x, y, bit, codes) == int(nonfinite.sum())
     np.testing.assert_array_equal(codes, before & ~np.uint8(1 << bit) | changed.astype(np.uint8) << bit)
     half = (x >> 16).astype(np.uint16)  # bf16 bits near the float32 values, and their neighbours
     half[::3] += 1
     codes = before.copy()
-    changed, nonfinite = update_mask(half, y.view(np.float32), "BF16", "F32", CompareMode.bf16)
+    changed, nonfinite = rule(half, y.view(np.float32), "BF16", "F32", CompareMode.bf16)
     assert K.mark_bf16_f32(half, y, bit, codes) == int(nonfinite.sum())
     np.testing.assert_array_equal(codes, before & ~np.uint8(1 << bit) | changed.astype(np.uint8) << bit)
     with pytest.raises(ValueError, match="bit"):

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptprobe.analysis.update as update
+from ckptprobe.analysis import kernels
 from ckptprobe.analysis.bf16 import (bf16_bits_to_float32, float32_to_bf16_bits, to_bf16_bits, to_float32,
                                      to_torch)
 from ckptprobe.analysis.update import CompareMode, count_changes, default_mode, update_mask
@@ -430,3 +431,28 @@ def test_to_torch_keeps_dtype_and_bits():
     assert to_torch(x, "F32").data_ptr() == x.ctypes.data  # shares memory when it may
     ro = np.frombuffer(x.tobytes(), np.float32)
     assert not ro.flags.writeable and to_torch(ro, "F32").tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dtypes,mode", [(("F32", "F32"), CompareMode.bitwise), (("BF16", "F32"), CompareMode.bf16),
+                                         (("F32", "BF16"), CompareMode.bf16)])
+def test_update_mask_of_float32_pairs_is_the_numpy_rule(engine, dtypes, mode):
+    """A float32 side takes a compiled mark when the pair holds no inf or NaN, and the numpy passes
+    when it does: the same masks as those passes either way (+-0 pairs included)."""
+    rng = np.random.default_rng(18)
+    bits = rng.integers(0x3000, 0x3F00, 5000, dtype=np.uint16)
+    wide = (bits.astype(np.uint32) << 16) | rng.integers(0, 0x10000, bits.size, dtype=np.uint32)
+    moved = np.where(rng.random(bits.size) < 0.3, wide + 0x10000, wide).astype(np.uint32)
+    sides = {"BF16": bits, "F32": wide.view(np.float32)}
+    a, b = sides[dtypes[0]], (moved.view(np.float32) if dtypes[1] == "F32" else (moved >> 16).astype(np.uint16))
+    a, b = a.copy(), b.copy()
+    a[0], b[0] = 0, -0.0 if b.dtype == np.float32 else 0x8000  # +0 against -0: the same weight
+    for special in (None, 0x7FC00000):
+        if special is not None:  # a NaN in the fine-tune
+            b[7] = np.uint32(special).view(np.float32) if dtypes[1] == "F32" else np.uint16(special >> 16)
+        got = update_mask(a, b, *dtypes, mode)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "compiled", None)
+            want = update_mask(a, b, *dtypes, mode)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert 0 < got[0].sum() < a.size and got[1].sum() == (special is not None) and not got[0][0]
