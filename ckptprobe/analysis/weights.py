@@ -63,8 +63,10 @@ def read_matrix(source: TensorSource, name: str, index: int | None = None) -> np
     return to_float32(read_raw(source, name, index), source.info(name).dtype)
 
 
-def read_values(source: TensorSource, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Elements [start, stop) of a flattened weight as float32 values (FP8 with block scales: dequantized)."""
+def read_values(source: TensorSource, name: str, start: int = 0, stop: int | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Elements [start, stop) of a flattened weight as float32 values (FP8 with block scales: dequantized);
+    `out`: a uint8 buffer the raw bytes may be read into (`TensorSource.read`)."""
     if fp8.block_scaled(source, name):
         return fp8.read_dequantized_range(source, name, start, stop)
-    return to_float32(source.read(name, start, stop), source.info(name).dtype)
+    return to_float32(source.read(name, start, stop, out), source.info(name).dtype)
