@@ -47,6 +47,22 @@ def test_group_drift_matches_numpy(series):
     assert head.rel_step[4] == pytest.approx(_pooled(states, ["lm_head.weight"], 5, 4), rel=1e-6)
 
 
+def test_chunks_and_windows_do_not_change_the_norms(series, monkeypatch):
+    """Windows of 1,000 elements summed 37 at a time (ragged ends everywhere), on two workers: the
+    pooled drift of the numpy reference."""
+    import ckptprobe.analysis.drift as drift_module
+
+    paths, states = series
+    monkeypatch.setattr(drift_module, "WINDOW", 1000)
+    monkeypatch.setattr(drift_module, "CHUNK", 37)
+    pooled = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]], workers=2).by("group")
+    for group in ("attention", "mlp"):
+        names = [n for n in states[0] if f".{'self_attn' if group == 'attention' else 'mlp'}." in n]
+        for t in range(1, 7):
+            assert pooled[group].rel_to_base[t - 1] == pytest.approx(_pooled(states, names, t, 0), rel=1e-9)
+            assert pooled[group].rel_step[t - 1] == pytest.approx(_pooled(states, names, t, t - 1), rel=1e-9)
+
+
 def test_lm_head_surge_found_once(series):
     paths, _ = series
     r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
