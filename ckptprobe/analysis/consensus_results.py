@@ -98,6 +98,9 @@ class TensorStats:
     """Per-tensor statistics of T tensors over R runs, stacked along a first axis (read-only)."""
 
     valid: np.ndarray  # (T, R) bool: the runs that took part
+    changed: np.ndarray  # (T, R) int64, the tensors' counts stacked
+    inter: np.ndarray  # (T, R, R) int64
+    numel: np.ndarray  # (T,) int64
     density: np.ndarray  # (T, R) float64, NaN for runs left out
     jaccard: np.ndarray  # (T, R, R) float64, NaN where a run is left out or a union is empty
     bernoulli: np.ndarray  # (T, R, R) float64, its independent-Bernoulli baseline
@@ -118,7 +121,8 @@ def tensor_stats(tensors: Sequence[TensorConsensus], R: int) -> TensorStats:
     density = np.where(valid, changed / np.maximum(numel, 1)[:, None], np.nan)
     jaccard = np.where(valid[:, :, None] & valid[:, None, :], jaccard_matrix(inter, changed), np.nan)
     expected = numel[:, None] * poisson_binomial(np.where(valid, density, 0.0))
-    return TensorStats(*map(_frozen, (valid, density, jaccard, bernoulli_jaccard(density), expected)))
+    return TensorStats(*map(_frozen, (valid, changed, inter, numel, density, jaccard, bernoulli_jaccard(density),
+                                      expected)))
 
 
 def _off_diagonal_means(m: np.ndarray) -> list:
@@ -222,12 +226,10 @@ def _terms(tensors: Sequence[TensorConsensus], R: int) -> list[np.ndarray]:
     and its expectation (R+1,) of tensors all R runs took part in (zero for the others)."""
     N = len(tensors)
     st = tensor_stats(tensors, R)
-    valid = st.valid
+    valid, inter, numel = st.valid, st.inter, st.numel
     both = valid[:, :, None] & valid[:, None, :]
-    n = np.array([t.changed for t in tensors], np.int64).reshape(N, R).astype(np.float64)
-    inter = np.array([t.inter for t in tensors], np.int64).reshape(N, R, R)
-    numel = np.array([t.numel for t in tensors], np.int64)
-    p = np.where(valid, n / np.maximum(numel, 1)[:, None], 0.0)
+    n = st.changed.astype(np.float64)
+    p = np.where(valid, st.density, 0.0)
     pq = p[:, :, None] * p[:, None, :]
     size = numel.astype(np.float64)[:, None, None]
     full = np.array([len(t.runs) == R for t in tensors], bool)
