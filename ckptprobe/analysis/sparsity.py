@@ -3,11 +3,10 @@
 Per tensor, then summed per module type, per layer and in total. Tensors are cut in
 windows of `WINDOW` elements, counted on every core (`run_windows`). A window of local
 files is read from both checkpoints `READ` bytes at a time into the same two buffers,
-so the count that follows (numpy passes: `update.count_changes`) finds it in cache; a
-bitwise 16-bit pair takes one compiled loop that reads and counts `LOOP_READ` bytes a
-side at a time (`count16_files`). Private memory stays at a few
-megabytes per worker whatever the model size (a Hub window is fetched whole, one
-request per side).
+so the count that follows (`update.count_changes`) finds it in cache; a bitwise 16-bit
+pair takes one compiled loop that reads and counts `LOOP_READ` bytes a side at a time
+(`count16_files`). Private memory stays at a few megabytes per worker whatever the
+model size (a Hub window is fetched whole, one request per side).
 """
 
 from __future__ import annotations
