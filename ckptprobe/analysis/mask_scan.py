@@ -26,8 +26,8 @@ from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
 from ckptprobe.analysis.runner import forkable, opened, run_windows, scratch
-from ckptprobe.analysis.update import (BELOW_TWO, DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, WIDE_BF16_F32, WIDE_F32,
-                                      CompareMode, finiteness16, plain_bits16, update_mask, wide_pair)
+from ckptprobe.analysis.update import (BELOW_TWO, DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
+                                      mark_wide, plain_bits16, update_mask)
 from ckptprobe.io.sources import READ_SLACK
 
 BLOCK_BYTES = 48 << 20  # per task, the base's and all runs' blocks together
@@ -234,8 +234,8 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     """`_scan_block` with the compiled loops, for at most 8 runs.
 
     Per chunk, bit k of one byte per entry (its code) says whether run k changed it: set in
-    one pass per run by `mark16` for a bitwise 16-bit run (`mark32`, `mark_bf16_f32` for a
-    float32 run: `update.wide_pair`), from `update_mask` otherwise; when
+    one pass per run by `mark16` for a bitwise 16-bit run (`update.mark_wide` for a float32
+    run), from `update_mask` otherwise; when
     every run is bitwise 16-bit and every source a local file, one `mark16_files` call reads
     the chunk of each source and sets all the bits (`LOOP_CHUNK` entries a chunk). One
     `tally8` pass then adds the chunk's codes to a 256-bin histogram and writes each entry's
@@ -272,13 +272,9 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
                     if fast[k] is not None:  # the 16-bit exponent mask of a bitwise run
                         nonfinite[k] += kernels.compiled.mark16(x, y, fast[k], k, code)
                         continue
-                    wide = wide_pair(dtype, r.info.dtype, r.mode)
-                    if wide == WIDE_F32:
-                        nonfinite[k] += kernels.compiled.mark32(x, y, k, code)
-                        continue
-                    if wide is not None:  # the rule is symmetric: the bf16 side goes first
-                        nonfinite[k] += kernels.compiled.mark_bf16_f32(*((x, y) if wide == WIDE_BF16_F32 else (y, x)),
-                                                                       k, code)
+                    nf = mark_wide(x, y, dtype, r.info.dtype, r.mode, k, code)  # a float32 run
+                    if nf is not None:
+                        nonfinite[k] += nf
                         continue
                     changed, nf = update_mask(x, y, dtype, r.info.dtype, r.mode, eta, atol)
                     np.bitwise_or(code, changed.view(np.uint8) << k, out=code)

@@ -114,6 +114,17 @@ def wide_pair(dtype_a: str, dtype_b: str, mode: CompareMode) -> str | None:
     return None
 
 
+def mark_wide(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode, bit: int,
+              codes: np.ndarray) -> int | None:
+    """Bit `bit` of codes[i] (uint8) := pair i changed, by a compiled float32 mark (`wide_pair`): the
+    non-finite count, or None (codes untouched) when no compiled mark takes the pair."""
+    wide = wide_pair(dtype_a, dtype_b, mode) if kernels.compiled is not None else None
+    if wide is None:
+        return None
+    mark = kernels.compiled.mark32 if wide == WIDE_F32 else kernels.compiled.mark_bf16_f32
+    return mark(*((b, a) if wide == WIDE_F32_BF16 else (a, b)), bit, codes)  # the rule is symmetric
+
+
 def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode,
                 eta: float = DEFAULT_ETA, atol: float = DEFAULT_ATOL) -> tuple[np.ndarray, np.ndarray]:
     """Storage arrays of one shape -> (changed, nonfinite) bool arrays of that shape.
@@ -123,13 +134,11 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     pass (`kernels`) when it can, and so does a pair with a float32 side (`wide_pair`) that
     holds no inf or NaN.
     """
-    wide = wide_pair(dtype_a, dtype_b, mode) if kernels.compiled is not None else None
-    if wide is not None and a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous:
+    if wide_pair(dtype_a, dtype_b, mode) and a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous:
         changed = np.zeros(a.shape, bool)  # bit 0 of each byte: a bool array
-        mark = kernels.compiled.mark32 if wide == WIDE_F32 else kernels.compiled.mark_bf16_f32
-        if not mark(*((b, a) if wide == WIDE_F32_BF16 else (a, b)), 0, changed.view(np.uint8)):
+        if mark_wide(a, b, dtype_a, dtype_b, mode, 0, changed.view(np.uint8)) == 0:
             return changed, np.zeros(a.shape, bool)
-        # an inf or NaN: the passes below find which entries (rare enough not to need speed)
+        # an inf or NaN (rare), or no compiled loops: the passes below find which entries
     if mode == CompareMode.bf16:
         a, b, dtype_a, dtype_b = to_bf16_bits(a, dtype_a), to_bf16_bits(b, dtype_b), "BF16", "BF16"
         mode = CompareMode.bitwise
