@@ -5,7 +5,8 @@ and take the histogram of these bytes for `consensus` and `profile` (`mask_scan.
 `count_bf16_f32` (`mark32`, `mark_bf16_f32`) count (mark) a float32 checkpoint against another,
 bitwise, or against a bf16 one, rounded to bf16 (`--mode bf16`). `count16_files` and
 `mark16_files` are `count16` and `mark16` reading local files themselves (POSIX `pread`),
-chunk by chunk, for the workers of `sparsity` and `mask_scan`.
+chunk by chunk, for the workers of `sparsity` and `mask_scan`. `norms_files` reads a base and a
+series of checkpoints the same way and sums, in float64, the squared norms `drift` reports.
 
 Optional: without a C compiler the package installs all the same, and `update` and
 `mask_scan` compute the same results in numpy passes. Each numpy pass is fast; the cost is
@@ -255,6 +256,73 @@ static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize
                 }
         }
     }
+}
+
+/* Float32 values of n entries of one kind of float: bf16, fp16 or float32 bits, all exactly
+   representable. fp16: the bits moved into a float32's place and scaled by 2^112 (exact:
+   normal and subnormal fp16 alike become normal floats); inf and NaN keep every exponent bit. */
+VECTOR_CLONES
+static void widen_bf16(const uint16_t *restrict x, Py_ssize_t n, float *restrict out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(out + i, &u, 4);
+    }
+}
+
+VECTOR_CLONES
+static void widen_f16(const uint16_t *restrict x, Py_ssize_t n, float *restrict out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t h = x[i], u = (h & 0x7FFFu) << 13;
+        float f;
+        memcpy(&f, &u, 4);
+        f *= 0x1p112f;
+        memcpy(&u, &f, 4);
+        u |= ((h & 0x7C00u) == 0x7C00u ? 0x7F800000u : 0u) | (h & 0x8000u) << 16;
+        memcpy(out + i, &u, 4);
+    }
+}
+
+/* Squared norms over n entries, in float64, in LANES independent sums (a few vectors' worth:
+   one running sum would wait on each add): *sq += ||cur||^2, *to_base += ||cur - w0||^2 and
+   *step += ||cur - prev||^2 (w0: the base; prev: the checkpoint before). `sq_sum` is ||x||^2 alone. */
+#define LANES 16
+VECTOR_CLONES
+static void sq_sums(const float *restrict cur, const float *restrict w0, const float *restrict prev, Py_ssize_t n,
+                    double *sq, double *to_base, double *step) {
+    double s[LANES] = {0}, b[LANES] = {0}, t[LANES] = {0};
+    Py_ssize_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            double c = cur[i + j], d0 = c - w0[i + j], d1 = c - prev[i + j];
+            s[j] += c * c;
+            b[j] += d0 * d0;
+            t[j] += d1 * d1;
+        }
+    for (; i < n; i++) {
+        double c = cur[i], d0 = c - w0[i], d1 = c - prev[i];
+        s[0] += c * c;
+        b[0] += d0 * d0;
+        t[0] += d1 * d1;
+    }
+    for (int j = 0; j < LANES; j++) {
+        *sq += s[j];
+        *to_base += b[j];
+        *step += t[j];
+    }
+}
+
+VECTOR_CLONES
+static double sq_sum(const float *restrict x, Py_ssize_t n) {
+    double s[LANES] = {0}, sum = 0;
+    Py_ssize_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++)
+            s[j] += (double)x[i + j] * x[i + j];
+    for (; i < n; i++)
+        s[0] += (double)x[i] * x[i];
+    for (int j = 0; j < LANES; j++)
+        sum += s[j];
+    return sum;
 }
 
 #ifndef _WIN32
@@ -609,6 +677,78 @@ static PyObject *mark16_files(PyObject *self, PyObject *args) {
     }
     return out;
 }
+
+static PyObject *norms_files(PyObject *self, PyObject *args) {
+    PyObject *so, *bo, *oo;
+    const char *kinds;
+    Py_ssize_t n, n_kinds;
+    Py_buffer buf, out;
+    if (!PyArg_ParseTuple(args, "Os#nOO", &so, &kinds, &n_kinds, &n, &bo, &oo))
+        return NULL;
+    Py_ssize_t count = PySequence_Size(so);
+    if (count < 0)
+        return NULL;
+    if (count < 2 || n_kinds != count || strspn(kinds, "bef") != (size_t)count || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "norms_files: 2 or more sources, one kind each (b, e or f), n >= 0");
+        return NULL;
+    }
+    int *fds = PyMem_Malloc((size_t)count * sizeof *fds);
+    int64_t *offsets = PyMem_Malloc((size_t)count * sizeof *offsets);
+    PyObject *result = NULL;
+    if (!fds || !offsets) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_sources(so, fds, offsets, count) < 0 || get_buffer(bo, &buf, 1, 16 + 64 + SLACK, "buf") < 0)
+        goto done;
+    if (get_buffer(oo, &out, 1, (3 * count - 2) * (Py_ssize_t)sizeof(double), "out") < 0) {
+        PyBuffer_Release(&buf);
+        goto done;
+    }
+    /* buf: three float32 chunks (the base, and the two latest checkpoints in turn), then the raw bytes */
+    size_t skip = (size_t)(-(uintptr_t)buf.buf % 64), chunk = ((size_t)buf.len - skip - SLACK) / 16;
+    float *w0 = (float *)((char *)buf.buf + skip), *prev = w0 + chunk, *cur = prev + chunk;
+    char *raw = (char *)(cur + chunk);
+    double *sums = out.buf, *to_base = sums + count, *step = to_base + count - 1;
+    int err = 0;
+    Py_ssize_t k = 0;
+    Py_BEGIN_ALLOW_THREADS
+    memset(sums, 0, (size_t)(3 * count - 2) * sizeof *sums);
+    for (Py_ssize_t lo = 0; lo < n && !err; lo += (Py_ssize_t)chunk) {
+        size_t m = (size_t)(n - lo) < chunk ? (size_t)(n - lo) : chunk;
+        for (k = 0; k < count; k++) {
+            size_t size = kinds[k] == 'f' ? 4 : 2;
+            const uint16_t *x = read_at(fds[k], offsets[k] + (int64_t)(size * (size_t)lo), size * m, raw);
+            if (!x) {
+                err = errno;
+                break;
+            }
+            float *dst = k == 0 ? w0 : cur;
+            if (kinds[k] == 'b')
+                widen_bf16(x, (Py_ssize_t)m, dst);
+            else if (kinds[k] == 'e')
+                widen_f16(x, (Py_ssize_t)m, dst);
+            else
+                memcpy(dst, x, 4 * m);
+            if (k == 0) {
+                sums[0] += sq_sum(w0, (Py_ssize_t)m);
+                continue;
+            }
+            sq_sums(cur, w0, k == 1 ? w0 : prev, (Py_ssize_t)m, sums + k, to_base + k - 1, step + k - 1);
+            float *t = prev;
+            prev = cur;
+            cur = t;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&buf);
+    result = err ? read_error(err, k) : Py_NewRef(Py_None);
+done:
+    PyMem_Free(fds);
+    PyMem_Free(offsets);
+    return result;
+}
 #endif
 
 static PyMethodDef methods[] = {
@@ -641,6 +781,11 @@ static PyMethodDef methods[] = {
      "mark16_files(sources, n, exp, buf, codes) -> nonfinite per run: codes[:n] := 0, then mark16 of n "
      "entries of the base (sources[0], an (fd, byte offset) pair) against each run (sources[1:], at most "
      "8) into bit k - 1 of codes; buf holds 2 (2 n + 4096) bytes."},
+    {"norms_files", norms_files, METH_VARARGS,
+     "norms_files(sources, kinds, n, buf, out): squared norms in float64 over n entries of a base "
+     "(sources[0]) and checkpoints W_1..W_T (sources[1:], (fd, byte offset) pairs), each of a kind: 'b' "
+     "bf16, 'e' fp16, 'f' float32. Writes out[0..T] := ||W_t||^2, out[T+1..2T] := ||W_t - W_0||^2 and "
+     "out[2T+1..3T] := ||W_t - W_{t-1}||^2; buf (writable) holds 16 bytes an entry of a chunk + 4160."},
 #endif
     {NULL, NULL, 0, NULL},
 };
@@ -651,7 +796,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
    version it was written for, so a module left from an older build is never called. */
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "VERSION", 4) < 0) {
+    if (m && PyModule_AddIntConstant(m, "VERSION", 5) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -40,9 +40,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ckptprobe.analysis import kernels
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
-from ckptprobe.analysis.runner import run_windows, scratch
+from ckptprobe.analysis.runner import opened, run_windows, scratch
 from ckptprobe.analysis.weights import read_values
 from ckptprobe.errors import UsageError
 from ckptprobe.io import fp8
@@ -50,6 +51,8 @@ from ckptprobe.io.sources import READ_SLACK, TensorSource
 
 WINDOW = 4 << 20  # elements per task of a worker
 CHUNK = 1 << 16  # elements per step inside a window: a few float64 arrays of 512 KiB, in cache
+LOOP_CHUNK = 1 << 15  # the same for the compiled loop: three float32 chunks and one read, 512 KiB
+KINDS = {"BF16": "b", "F16": "e", "F32": "f"}  # the dtypes `norms_files` reads, as it names them
 # the smallest normal number of each stored float dtype: a tensor whose RMS is below it is zero at its resolution
 TINY = {"F64": 2.0 ** -1022, "F32": 2.0 ** -126, "BF16": 2.0 ** -126, "F16": 2.0 ** -14,
         "F8_E4M3": 2.0 ** -6, "F8_E5M2": 2.0 ** -14}
@@ -199,10 +202,20 @@ def _dot(x: np.ndarray) -> float:
 def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Squared norms over elements [start, stop) of one tensor, float64: ||W_t||^2 (t = 0..T),
     ||W_t - W0||^2 and ||W_t - W_{t-1}||^2 (t = 1..T). Summed CHUNK elements at a time, so that
-    every float64 array stays in cache and no fresh memory is faulted in per window."""
+    every float64 array stays in cache and no fresh memory is faulted in per window; local
+    bf16, fp16 and float32 files take one compiled loop (`norms_files`) that reads them itself."""
     T = len(plan.runs)
+    sources = (plan.base, *(r.source for r in plan.runs))
+    kinds = "".join(KINDS.get(s.info(plan.name).dtype, "?") for s in sources)
+    norms_files = getattr(kernels.compiled, "norms_files", None)
+    if norms_files is not None and "?" not in kinds and not any(fp8.block_scaled(s, plan.name) for s in sources):
+        with opened(sources, plan.name, start) as files:
+            if files is not None:
+                out = np.empty(3 * T + 1)
+                norms_files(files, kinds, stop - start, scratch(0, 16 * LOOP_CHUNK + 64 + READ_SLACK), out)
+                return out[:T + 1], out[T + 1:2 * T + 1], out[2 * T + 1:]
     sq, to_base, step = np.zeros(T + 1), np.zeros(T), np.zeros(T)
-    size = max(s.info(plan.name).itemsize for s in (plan.base, *(r.source for r in plan.runs)))
+    size = max(s.info(plan.name).itemsize for s in sources)
     for lo in range(start, stop, CHUNK):
         hi = min(lo + CHUNK, stop)
         w0 = read_values(plan.base, plan.name, lo, hi, scratch(0, CHUNK * size + READ_SLACK)).astype(np.float64)

@@ -5,13 +5,13 @@ same and `update.count_changes`, `update.update_mask` and `mask_scan` compute th
 results in numpy passes.
 Every caller reads `kernels.compiled` at call time, so setting it to None selects the
 numpy path (the tests run every path). The loops that read local files themselves
-(`count16_files`, `mark16_files`) use `pread` and are left out where it is missing
-(Windows): callers look them up with getattr, and read in Python without them.
+(`count16_files`, `mark16_files`; `norms_files`, drift's sums) use `pread` and are left out
+where it is missing (Windows): callers look them up with getattr, and read in Python without them.
 A module from an older build (an editable install whose C source changed since) has
 another VERSION and is not used: rebuild with `pip install -e .`.
 """
 
-VERSION = 4  # of the loops' signatures and meaning, as `_kernels.c` states it
+VERSION = 5  # of the loops' signatures and meaning, as `_kernels.c` states it
 
 try:
     from ckptprobe.analysis import _kernels as compiled

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from factory import save, tiny_weights
 
+from ckptprobe.analysis.bf16 import float32_to_bf16_bits
 from ckptprobe.analysis.drift import drift, surges
 from ckptprobe.cli import main
 from ckptprobe.errors import UsageError
@@ -35,7 +36,7 @@ def _pooled(states, names, t, ref):
     return np.sqrt(num / den)
 
 
-def test_group_drift_matches_numpy(series):
+def test_group_drift_matches_numpy(series, engine):
     paths, states = series
     r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
     mlp = [n for n in states[0] if ".mlp." in n]
@@ -47,7 +48,7 @@ def test_group_drift_matches_numpy(series):
     assert head.rel_step[4] == pytest.approx(_pooled(states, ["lm_head.weight"], 5, 4), rel=1e-6)
 
 
-def test_chunks_and_windows_do_not_change_the_norms(series, monkeypatch):
+def test_chunks_and_windows_do_not_change_the_norms(series, monkeypatch, engine):
     """Windows of 1,000 elements summed 37 at a time (ragged ends everywhere), on two workers: the
     pooled drift of the numpy reference."""
     import ckptprobe.analysis.drift as drift_module
@@ -55,12 +56,39 @@ def test_chunks_and_windows_do_not_change_the_norms(series, monkeypatch):
     paths, states = series
     monkeypatch.setattr(drift_module, "WINDOW", 1000)
     monkeypatch.setattr(drift_module, "CHUNK", 37)
+    monkeypatch.setattr(drift_module, "LOOP_CHUNK", 37)  # the compiled loop's
     pooled = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]], workers=2).by("group")
     for group in ("attention", "mlp"):
         names = [n for n in states[0] if f".{'self_attn' if group == 'attention' else 'mlp'}." in n]
         for t in range(1, 7):
             assert pooled[group].rel_to_base[t - 1] == pytest.approx(_pooled(states, names, t, 0), rel=1e-9)
             assert pooled[group].rel_step[t - 1] == pytest.approx(_pooled(states, names, t, t - 1), rel=1e-9)
+
+
+def test_mixed_dtypes_and_shards_match_numpy(tmp_path, engine):
+    """A bf16 base, then fp16, sharded float32 and bf16 checkpoints: every tensor's norms are numpy's
+    float64 sums over the values each file stores."""
+    rng = np.random.default_rng(11)
+    states = [tiny_weights(5)]
+    for _ in range(3):
+        states.append({n: x + rng.standard_normal(x.shape).astype(np.float32) * 1e-3 for n, x in states[-1].items()})
+    dtypes = ["BF16", "F16", "F32", "BF16"]
+    paths = [save(tmp_path / f"c{t}.safetensors", s, d) if d != "F32" else save(tmp_path / f"c{t}", s, d, shards=2)
+             for t, (s, d) in enumerate(zip(states, dtypes))]
+
+    def stored(x, dtype):
+        if dtype == "BF16":
+            return (float32_to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return x.astype(np.float16 if dtype == "F16" else np.float32).astype(np.float64)
+
+    vals = [{n: stored(x, d) for n, x in s.items()} for s, d in zip(states, dtypes)]
+    r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
+    assert len(r.tensors) == len(states[0])
+    for t in r.tensors:
+        v = [x[t.name] for x in vals]
+        np.testing.assert_allclose(t.norms.sq, [np.sum(x ** 2) for x in v], rtol=1e-12)
+        np.testing.assert_allclose(t.norms.to_base, [np.sum((x - v[0]) ** 2) for x in v[1:]], rtol=1e-12)
+        np.testing.assert_allclose(t.norms.step, [np.sum((v[i] - v[i - 1]) ** 2) for i in range(1, 4)], rtol=1e-12)
 
 
 def test_lm_head_surge_found_once(series):
@@ -119,7 +147,7 @@ def test_cli_json_and_plot(series, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("by", ["module", "layer", "group"])
-def test_group_rows_match_brute_force(series, by):
+def test_group_rows_match_brute_force(series, by, engine):
     """Every group row against norms computed from the raw arrays of the group's tensors (membership from
     the tensor rows), checkpoints innermost, groups in the order of `grouping.order`."""
     from ckptprobe.analysis.grouping import order
@@ -164,7 +192,7 @@ def _hand_series(root):
     return [save(root / f"s{t}.safetensors", s, "F32") for t, s in enumerate(states)]
 
 
-def test_zero_references_are_undefined_by_hand(tmp_path):
+def test_zero_references_are_undefined_by_hand(tmp_path, engine):
     paths = _hand_series(tmp_path)
     r = drift(open_source(str(paths[0])), [open_source(str(p)) for p in paths[1:]])
     t = {x.name.split(".")[-2] + "." + x.name.split(".")[-1]: x for x in r.tensors}
@@ -189,7 +217,7 @@ def test_zero_references_are_undefined_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("value, undefined", [(1e-5, True), (1e-4, False)])
-def test_zero_means_below_the_dtypes_smallest_normal(tmp_path, value, undefined):
+def test_zero_means_below_the_dtypes_smallest_normal(tmp_path, value, undefined, engine):
     """fp16's smallest normal is 2^-14 = 6.1e-5: a bias of 1e-5 (subnormal) is zero at fp16's resolution."""
     a = save(tmp_path / "a.safetensors", {"model.norm.weight": np.full(8, value, np.float32)}, "F16")
     b = save(tmp_path / "b.safetensors", {"model.norm.weight": np.full(8, 2 * value, np.float32)}, "F16")

@@ -362,3 +362,79 @@ def test_float32_marks_set_the_counts_bits(K, bit):
         K.mark32(x, y, 8, codes)
     with pytest.raises(ValueError, match="codes"):
         K.mark_bf16_f32(half, y, 0, codes[:-1])
+
+
+NORMS_KINDS = {"b": (np.uint16, lambda u: values(u, "BF16")), "e": (np.uint16, lambda u: u.view(np.float16)),
+               "f": (np.uint32, lambda u: u.view(np.float32))}
+
+
+def test_norms_files_widen_every_16_bit_pattern(F, tmp_path):
+    """Every bf16 and fp16 bit pattern (subnormals, +-0, +-inf, NaNs), one entry a call, read as base
+    and checkpoint: ||W||^2 is exactly its value squared in float64, as numpy widens it, and the
+    distances are (v - v)^2 (0, or NaN for an inf or a NaN)."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    (fd, _), = files_of(tmp_path, [bits], [0])
+    buf, out = np.empty(16 * 8 + 4160, np.uint8), np.empty(4)
+    try:
+        for kind, widened in (("b", values(bits, "BF16")), ("e", bits.view(np.float16))):
+            with np.errstate(invalid="ignore", over="ignore"):
+                v = widened.astype(np.float64)
+                expected = np.stack([v * v, v * v, (v - v) ** 2, (v - v) ** 2], axis=1)
+            got = np.empty_like(expected)
+            for i in range(bits.size):
+                F.norms_files([(fd, 2 * i), (fd, 2 * i)], kind * 2, 1, buf, out)
+                got[i] = out
+            np.testing.assert_array_equal(got, expected)  # NaN where numpy has NaN
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kinds", ["bb", "bfe", "fbfef", "eeb"])
+@pytest.mark.parametrize("chunk", [8, 1000, 1 << 16])
+def test_norms_files_are_drifts_sums(F, tmp_path, kinds, chunk):
+    """A base and checkpoints of mixed dtypes, at odd offsets, summed a chunk at a time (one vector's
+    worth, ragged, or all at once): the float64 sums of numpy over the widened values."""
+    rng = np.random.default_rng(len(kinds) * chunk)
+    n = 12_345
+    raw, vals = [], []
+    for k in kinds:
+        dtype, widen = NORMS_KINDS[k]
+        v = (rng.standard_normal(n) * 0.02).astype(np.float32)
+        bits = (v.view(np.uint32) >> 16).astype(np.uint16) if k == "b" else \
+            v.astype(np.float16).view(np.uint16) if k == "e" else v.view(np.uint32)
+        raw.append(bits.astype(dtype))
+        vals.append(widen(bits).astype(np.float64))
+    files = files_of(tmp_path, raw, [int(h) for h in rng.integers(0, 5000, len(kinds))])
+    T = len(kinds) - 1
+    out = np.full(3 * T + 1, np.nan)
+    try:
+        F.norms_files(files, kinds, n, np.empty(16 * chunk + 4160 + 3, np.uint8), out)
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+    sq = [np.sum(v ** 2) for v in vals]
+    to_base = [np.sum((v - vals[0]) ** 2) for v in vals[1:]]
+    step = [np.sum((vals[t] - vals[t - 1]) ** 2) for t in range(1, T + 1)]
+    np.testing.assert_allclose(out, sq + to_base + step, rtol=1e-12)
+
+
+def test_norms_files_refuses_bad_arguments(F, tmp_path):
+    files = files_of(tmp_path, [np.zeros(100, np.uint16)] * 3, [0, 0, 0])
+    buf, out = np.empty(16 * 64 + 4160, np.uint8), np.empty(7)
+    try:
+        with pytest.raises(ValueError, match="kind"):
+            F.norms_files(files, "bbx", 100, buf, out)
+        with pytest.raises(ValueError, match="kind"):
+            F.norms_files(files, "bb", 100, buf, out)
+        with pytest.raises(ValueError, match="kind"):
+            F.norms_files(files[:1], "b", 100, buf, out)
+        with pytest.raises(ValueError, match="out"):
+            F.norms_files(files, "bbb", 100, buf, out[:6])
+        with pytest.raises(ValueError, match="buf"):
+            F.norms_files(files, "bbb", 100, buf[:4160], out)
+        with pytest.raises(OSError) as e:
+            F.norms_files(files, "bbf", 100, buf, out)  # 400 bytes asked of a 203-byte file
+        assert e.value.filename == 2
+    finally:
+        for fd, _ in files:
+            os.close(fd)
