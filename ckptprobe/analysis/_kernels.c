@@ -259,8 +259,9 @@ static void tally8_loop(const uint8_t *restrict codes, Py_ssize_t rows, Py_ssize
 }
 
 /* Float32 values of n entries of one kind of float: bf16, fp16 or float32 bits, all exactly
-   representable. fp16: the bits moved into a float32's place and scaled by 2^112 (exact:
-   normal and subnormal fp16 alike become normal floats); inf and NaN keep every exponent bit. */
+   representable. fp16: a normal value's exponent is rebiased (15 -> 127), a subnormal one is its
+   mantissa times 2^-24 (a normal float32: no subnormal is computed, so a flush-to-zero mode
+   set elsewhere in the process cannot change it), inf and NaN keep every exponent bit. */
 VECTOR_CLONES
 static void widen_bf16(const uint16_t *restrict x, Py_ssize_t n, float *restrict out) {
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -272,12 +273,11 @@ static void widen_bf16(const uint16_t *restrict x, Py_ssize_t n, float *restrict
 VECTOR_CLONES
 static void widen_f16(const uint16_t *restrict x, Py_ssize_t n, float *restrict out) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t h = x[i], u = (h & 0x7FFFu) << 13;
-        float f;
-        memcpy(&f, &u, 4);
-        f *= 0x1p112f;
-        memcpy(&u, &f, 4);
-        u |= ((h & 0x7C00u) == 0x7C00u ? 0x7F800000u : 0u) | (h & 0x8000u) << 16;
+        uint32_t h = x[i], e = h & 0x7C00u, m = h & 0x3FFu, u;
+        float sub = (float)m * 0x1p-24f;
+        memcpy(&u, &sub, 4);
+        u = e == 0 ? u : e == 0x7C00u ? 0x7F800000u | m << 13 : ((h & 0x7FFFu) + (112u << 10)) << 13;
+        u |= (h & 0x8000u) << 16;
         memcpy(out + i, &u, 4);
     }
 }
