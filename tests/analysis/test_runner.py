@@ -127,11 +127,13 @@ def test_analyses_agree_on_every_path(odd, workers, fork, monkeypatch):
             assert t.base_norm == 0 and np.isnan(t.rel_to_base[0])
 
 
-def test_thirty_thousand_tiny_tensors(tmp_path):
-    """Per-tensor overhead stays small: 30,000 tensors of 8 entries are compared in seconds, exactly."""
+def test_ten_thousand_tiny_tensors(tmp_path):
+    """Per-tensor overhead stays small (a MoE checkpoint holds tens of thousands of tensors): 10,000
+    tensors of 8 entries are compared exactly in a few seconds of CPU (~0.1 ms each here; a cost growing
+    with the number of tensors, per tensor, would take minutes)."""
     rng = np.random.default_rng(0)
-    bits = rng.integers(0, 0x3F00, (30000, 8), dtype=np.uint16)
-    names = [f"model.layers.{i // 10}.t{i % 10}.weight" for i in range(30000)]
+    bits = rng.integers(0, 0x3F00, (10000, 8), dtype=np.uint16)
+    names = [f"model.layers.{i // 10}.t{i % 10}.weight" for i in range(10000)]
     base = dict(zip(names, bits))
     ft = dict(zip(names, bits ^ (rng.random(bits.shape) < 0.5)))
     write_safetensors(tmp_path / "a.safetensors", {n: ("BF16", x) for n, x in base.items()})
@@ -141,8 +143,8 @@ def test_thirty_thousand_tiny_tensors(tmp_path):
     r = sparsity(a, b)
     seconds = time.process_time() - start
     assert r.total.changed == sum(int(np.count_nonzero(base[n] != ft[n])) for n in base)
-    assert len(r.tensors) == 30000
-    assert seconds < 20, f"{seconds:.1f} s of CPU for 30,000 tiny tensors"
+    assert len(r.tensors) == 10000
+    assert seconds < 10, f"{seconds:.1f} s of CPU for 10,000 tiny tensors"
 
 
 def test_scratch_buffers_are_per_slot_per_thread_and_reused(odd):
