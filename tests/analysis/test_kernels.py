@@ -392,8 +392,9 @@ def test_norms_files_widen_every_16_bit_pattern(F, tmp_path):
 @pytest.mark.parametrize("kinds", ["bb", "bfe", "fbfef", "eeb"])
 @pytest.mark.parametrize("chunk", [8, 1000, 1 << 16])
 def test_norms_files_are_drifts_sums(F, tmp_path, kinds, chunk):
-    """A base and checkpoints of mixed dtypes, at odd offsets, summed a chunk at a time (one vector's
-    worth, ragged, or all at once): the float64 sums of numpy over the widened values."""
+    """A base and checkpoints of mixed dtypes, at odd offsets, summed a chunk at a time (fewer entries
+    than the loop's 16 lanes, ragged chunks, or all at once): the float64 sums of numpy over the
+    widened values."""
     rng = np.random.default_rng(len(kinds) * chunk)
     n = 12_345
     raw, vals = [], []
