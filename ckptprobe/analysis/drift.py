@@ -208,7 +208,7 @@ def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[np.ndarray, np.n
     sources = (plan.base, *(r.source for r in plan.runs))
     kinds = "".join(KINDS.get(s.info(plan.name).dtype, "?") for s in sources)
     norms_files = getattr(kernels.compiled, "norms_files", None)
-    if norms_files is not None and "?" not in kinds and not any(fp8.block_scaled(s, plan.name) for s in sources):
+    if norms_files is not None and "?" not in kinds:  # FP8 (block-scaled or not) and float64 have no kind
         with opened(sources, plan.name, start) as files:
             if files is not None:
                 out = np.empty(3 * T + 1)
