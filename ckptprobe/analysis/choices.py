@@ -23,6 +23,11 @@ class CompareMode(str, Enum):
     atol = "atol"
 
 
+def default_mode(dtype_a: str, dtype_b: str) -> CompareMode:
+    """Bitwise where both sides share a dtype; else both rounded to bf16."""
+    return CompareMode.bitwise if dtype_a == dtype_b else CompareMode.bf16
+
+
 class Kind(str, Enum):
     """Mask kinds: see `analysis/mask_expr.py`."""
 

@@ -43,7 +43,7 @@ import numpy as np
 from ckptprobe.analysis import kernels
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
-from ckptprobe.analysis.runner import opened, run_windows, scratch
+from ckptprobe.analysis.runner import buffer, opened, run_windows, scratch
 from ckptprobe.analysis.weights import read_values
 from ckptprobe.errors import UsageError
 from ckptprobe.io import fp8
@@ -212,7 +212,7 @@ def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[np.ndarray, np.n
         with opened(sources, plan.name, start) as files:
             if files is not None:
                 out = np.empty(3 * T + 1)
-                norms_files(files, kinds, stop - start, scratch(0, 16 * LOOP_CHUNK + 64 + READ_SLACK), out)
+                norms_files(files, kinds, stop - start, buffer(0, 16 * LOOP_CHUNK + 64 + READ_SLACK), out)
                 return out[:T + 1], out[T + 1:2 * T + 1], out[2 * T + 1:]
     sq, to_base, step = np.zeros(T + 1), np.zeros(T), np.zeros(T)
     size = max(s.info(plan.name).itemsize for s in sources)

@@ -11,6 +11,8 @@ A module from an older build (an editable install whose C source changed since) 
 another VERSION and is not used: rebuild with `pip install -e .`.
 """
 
+from ckptprobe.analysis.choices import CompareMode
+
 VERSION = 5  # of the loops' signatures and meaning, as `_kernels.c` states it
 
 try:
@@ -19,3 +21,11 @@ except ImportError:  # built without a C compiler
     compiled = None
 if getattr(compiled, "VERSION", None) != VERSION:
     compiled = None
+
+# Bits of the exponent field of the 16-bit floats: all ones means inf or NaN.
+EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}
+
+
+def one_pass(dtype_a: str, dtype_b: str, mode: CompareMode) -> bool:
+    """Whether a pair is counted in one compiled pass (`count16`): bitwise, one 16-bit float dtype."""
+    return compiled is not None and mode == CompareMode.bitwise and dtype_a == dtype_b in EXPONENT16

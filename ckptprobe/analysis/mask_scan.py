@@ -25,7 +25,7 @@ from ckptprobe.analysis import kernels
 from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
-from ckptprobe.analysis.runner import forkable, opened, run_windows, scratch
+from ckptprobe.analysis.runner import buffer, forkable, opened, run_windows, scratch
 from ckptprobe.analysis.update import (BELOW_TWO, DEFAULT_ATOL, DEFAULT_ETA, EXPONENT16, CompareMode, finiteness16,
                                       mark_wide, plain_bits16, update_mask)
 from ckptprobe.io.sources import READ_SLACK
@@ -262,7 +262,7 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
             m = min(step, n - c)
             code = codes[:m]
             if files is not None:  # read and marked in one compiled loop
-                buf = scratch(0, 2 * (2 * m + READ_SLACK))
+                buf = buffer(0, 2 * (2 * m + READ_SLACK))
                 nonfinite += loop([(fd, at + 2 * c) for fd, at in files], m, fast[0], buf, code)
             else:
                 code[:] = 0

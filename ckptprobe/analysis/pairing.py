@@ -4,15 +4,16 @@ a guess of why two checkpoints share no name at all."""
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Sequence
 
 from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import TensorInfo
 from ckptprobe.io.config import local_config
 from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import TensorSource, locate
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def selected(name: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:

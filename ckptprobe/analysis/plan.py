@@ -26,7 +26,7 @@ from fnmatch import fnmatchcase
 from typing import Callable, Sequence
 
 from ckptprobe.analysis.pairing import selected, why_disjoint
-from ckptprobe.analysis.update import CompareMode, default_mode
+from ckptprobe.analysis.choices import CompareMode, default_mode
 from ckptprobe.analysis.weights import is_expert_stack, not_a_weight
 from ckptprobe.errors import NoMatchingTensorsError, TensorMismatchError, UsageError
 from ckptprobe.io._safetensors import TensorInfo

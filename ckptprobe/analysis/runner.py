@@ -17,16 +17,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import mmap
 import os
 import threading
-from typing import Callable, Iterator, Sequence, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 from ckptprobe import _threads
 from ckptprobe.analysis.plan import TensorPlan
 from ckptprobe.errors import InvalidCheckpointError
 from ckptprobe.io.sources import TensorSource, locate
+
+if TYPE_CHECKING:
+    import numpy as np
 
 T = TypeVar("T")
 SERIAL_BYTES = 96 << 20  # below this much data, starting workers costs more than the work
@@ -40,19 +42,28 @@ def default_workers() -> int:
     return _threads.usable_cpus()
 
 
-def scratch(slot: int, shape: int | tuple[int, ...], dtype=np.uint8) -> np.ndarray:
-    """An uninitialized array of `shape` and `dtype`, on a buffer this thread keeps for `slot`.
+def buffer(slot: int, nbytes: int) -> mmap.mmap:
+    """A writable buffer of at least `nbytes` bytes that this thread keeps for `slot`.
 
     Work that runs per window (reads with `source.read(..., out=scratch(k, nbytes + READ_SLACK))`,
-    masks, counters) uses the same few buffers from call to call: they stay in cache, and no
-    fresh memory is faulted in per window. What a slot held is gone at its next use.
+    masks, counters, the compiled loops' read buffers) uses the same few buffers from call to
+    call: they stay in cache, and no fresh memory is faulted in per window. What a slot held is
+    gone at its next use. An anonymous map: page-aligned, and no numpy needed to make one.
     """
-    nbytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * np.dtype(dtype).itemsize
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(slot)
-    if buf is None or buf.size < nbytes:
-        buf = buffers[slot] = np.empty(max(nbytes, 1 << 16), np.uint8)
-    return buf[:nbytes].view(dtype).reshape(shape)
+    if buf is None or len(buf) < nbytes:
+        buf = buffers[slot] = mmap.mmap(-1, max(nbytes, 1 << 16))
+    return buf
+
+
+def scratch(slot: int, shape: int | tuple[int, ...], dtype="uint8") -> np.ndarray:
+    """An uninitialized array of `shape` and `dtype` on `buffer(slot, ...)`."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * dtype.itemsize
+    return np.frombuffer(buffer(slot, nbytes), np.uint8, nbytes).view(dtype).reshape(shape)
 
 
 @contextlib.contextmanager

@@ -25,12 +25,11 @@ import numpy as np
 
 from ckptprobe.analysis import kernels
 from ckptprobe.analysis.bf16 import to_bf16_bits, to_float32
-from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
+from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode  # noqa: F401 (re-exported)
+from ckptprobe.analysis.kernels import EXPONENT16, one_pass  # noqa: F401 (re-exported)
 from ckptprobe.errors import UsageError
 
 
-# Bits of the exponent field of the 16-bit floats: all ones means inf or NaN.
-EXPONENT16 = {"BF16": 0x7F80, "F16": 0x7C00}
 _CHUNK = 1 << 19  # elements per step of the fast path: 1 MiB of 16-bit values, sparsity's READ
 
 
@@ -87,10 +86,6 @@ def plain_bits16(x: np.ndarray, y: np.ndarray, xor: np.ndarray, exp: int, x_stat
     if not x_state or xor.view(np.int16).min() == -0x8000:
         return False
     return surely_finite16(y, exp)
-
-
-def default_mode(dtype_a: str, dtype_b: str) -> CompareMode:
-    return CompareMode.bitwise if dtype_a == dtype_b else CompareMode.bf16
 
 
 def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -164,11 +159,6 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
             tol = eta * np.maximum(np.abs(fa), np.abs(fb)) if mode == CompareMode.eta else atol
             changed = diff > tol
     return changed & ~nonfinite, nonfinite
-
-
-def one_pass(dtype_a: str, dtype_b: str, mode: CompareMode) -> bool:
-    """Whether `count_changes` counts such a pair in one compiled pass (bitwise, one 16-bit float dtype)."""
-    return kernels.compiled is not None and mode == CompareMode.bitwise and dtype_a == dtype_b in EXPONENT16
 
 
 def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: CompareMode,

@@ -15,13 +15,14 @@ not pass through `read_matrix`.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from ckptprobe.analysis.bf16 import to_float32
-from ckptprobe.io import fp8
 from ckptprobe.io._safetensors import FLOAT_DTYPES
 from ckptprobe.io.names import is_scale, parse_name
 from ckptprobe.io.sources import TensorSource
+
+if TYPE_CHECKING:  # the readers import numpy when they run: the planner, which asks what a weight is, does not
+    import numpy as np
 
 # safetensors dtype -> the name users know (for "1 int64 buffer")
 DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
@@ -58,6 +59,9 @@ def read_matrix(source: TensorSource, name: str, index: int | None = None) -> np
     `index` picks the matrix of a 3-D expert stack `(E, out, in)`; None reads a 2-D tensor whole.
     FP8 weights with block scales are dequantized (`io.fp8`).
     """
+    from ckptprobe.analysis.bf16 import to_float32
+    from ckptprobe.io import fp8
+
     if fp8.block_scaled(source, name):
         return fp8.read_dequantized(source, name, index)
     return to_float32(read_raw(source, name, index), source.info(name).dtype)
@@ -67,6 +71,9 @@ def read_values(source: TensorSource, name: str, start: int = 0, stop: int | Non
                 out: np.ndarray | None = None) -> np.ndarray:
     """Elements [start, stop) of a flattened weight as float32 values (FP8 with block scales: dequantized);
     `out`: a uint8 buffer the raw bytes may be read into (`TensorSource.read`)."""
+    from ckptprobe.analysis.bf16 import to_float32
+    from ckptprobe.io import fp8
+
     if fp8.block_scaled(source, name):
         return fp8.read_dequantized_range(source, name, start, stop)
     return to_float32(source.read(name, start, stop, out), source.info(name).dtype)

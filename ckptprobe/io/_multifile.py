@@ -12,12 +12,13 @@ copy) and `get_array(name)` (the whole tensor, shaped). A source of local files 
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from ckptprobe.errors import InvalidCheckpointError
 from ckptprobe.io._safetensors import READ_SLACK, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; convert the checkpoint with "

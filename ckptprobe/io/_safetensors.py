@@ -17,11 +17,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ckptprobe.errors import InvalidCheckpointError
 from ckptprobe.io._inputs import note_input
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 SMALL_READ = 1 << 16  # bytes: ranges up to this size are copied with one pread instead of mapped
@@ -31,16 +33,18 @@ SMALL_READ = 1 << 16  # bytes: ranges up to this size are copied with one pread 
 # `np.empty` (16 bytes into a page) meets for some tensors and not others.
 READ_SLACK = 4096
 
-# safetensors dtype -> numpy storage dtype. BF16 and FP8 have no numpy type: their raw
-# bits are returned as unsigned integers of the same width (see `to_float32`).
+# safetensors dtype -> numpy storage dtype, by name: numpy is imported by the reads that need it,
+# not by a header (a whole `sparsity` run of 16-bit files never imports it). BF16 and FP8 have no
+# numpy type: their raw bits are returned as unsigned integers of the same width (see `to_float32`).
 STORAGE_DTYPES = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
-    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
-    "F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64,
-    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64",
+    "F16": "float16", "BF16": "uint16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "uint8", "F8_E5M2": "uint8",
 }
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+            "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}  # bytes per element
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-_NP_DTYPES = {k: np.dtype(v) for k, v in STORAGE_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,17 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return _NP_DTYPES[self.dtype].itemsize
+        return ITEMSIZE[self.dtype]
 
 
 def byte_span(info: TensorInfo, data_offset: int, start: int, stop: int | None) -> tuple[np.dtype, int, int]:
     """Elements [start, stop) of a tensor whose data begins at file byte `data_offset` ->
     (storage dtype, first byte, end byte) in the file; stop is clipped to the tensor, and an
     empty range has end <= first."""
+    import numpy as np
+
     stop = info.numel if stop is None else min(stop, info.numel)
-    dtype = _NP_DTYPES[info.dtype]
+    dtype = np.dtype(STORAGE_DTYPES[info.dtype])
     return dtype, data_offset + start * dtype.itemsize, data_offset + stop * dtype.itemsize
 
 
@@ -238,6 +244,8 @@ class SafetensorsFile:
         return self._infos[name]
 
     def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        import numpy as np
+
         dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
         if end <= begin:
             return np.empty(0, dtype)

@@ -235,3 +235,35 @@ def test_console_entry_point(tiny_pair, tmp_path):
     p = subprocess.run(cmd + [str(tiny_pair.base), str(tiny_pair.ft), "-f", "json"], capture_output=True, text=True,
                        env=env)
     assert p.returncode == 0 and json.loads(p.stdout)["total"]["changed"] == planted(tiny_pair)[1]
+
+
+def test_a_run_on_16_bit_files_never_imports_numpy(tmp_path):
+    """The compiled loop reads and counts local bf16 and fp16 files itself: a whole run, small tensors
+    and large, in one process and on worker processes, loads no numpy (~0.1 s of each start)."""
+    from ckptprobe.analysis import kernels
+    from ckptprobe.io.sources import SMALL_READ
+
+    if not hasattr(kernels.compiled, "count16_files"):
+        pytest.skip("ckptprobe was installed without its compiled file loops (no C compiler, or no pread)")
+    rng = np.random.default_rng(3)
+    big = float32_to_bf16_bits(rng.standard_normal((64, SMALL_READ // 64)))  # 2 x SMALL_READ bytes
+    base = {"model.layers.0.mlp.up_proj.weight": ("BF16", big),
+            "model.layers.0.input_layernorm.weight": ("F16", rng.standard_normal(7).astype(np.float16)),
+            "model.norm.weight": ("BF16", float32_to_bf16_bits(rng.standard_normal(5)))}
+    changed = {n: rng.random(x.shape) < 0.3 for n, (_, x) in base.items()}
+    ft = {n: (d, np.where(changed[n], x.view(np.uint16) ^ 1, x.view(np.uint16)).view(x.dtype))  # one ULP
+          for n, (d, x) in base.items()}
+    write_safetensors(tmp_path / "a.safetensors", base)
+    write_safetensors(tmp_path / "b.safetensors", ft)
+    code = ("import sys; from ckptprobe.cli import main\n"
+            "a, b = sys.argv[1:3]\n"
+            "for i, workers in enumerate(sys.argv[3:]):\n"
+            "    main(['sparsity', a, b, '-f', 'json', '-o', f'{a}.{i}.json', '--workers', workers])\n"
+            "print('numpy' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                          "1", "2"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"  # with one worker the counts ran in this process
+    for i in range(2):
+        tensors = json.loads((tmp_path / f"a.safetensors.{i}.json").read_text())["tensors"]
+        assert {t["name"]: t["changed"] for t in tensors} == {n: int(m.sum()) for n, m in changed.items()}

@@ -85,6 +85,7 @@ def test_torch_only_dtypes_round_trip(tmp_path, dtype):
     safetensors.torch.save_file({"w": x, "s": x[0, 0].clone()}, str(lib))
     f = SafetensorsFile(lib)
     assert f.info("w").dtype == dtype and f.info("s").shape == ()
+    assert f.info("w").nbytes == x.numel() * x.element_size() and f.info("w").itemsize == x.element_size()
     bits = x.view(bits_dtype).numpy().view(np_bits)
     np.testing.assert_array_equal(f.get_array("w"), bits)
     assert f.get_array("s").shape == () and f.get_array("s") == bits[0, 0]
