@@ -53,6 +53,7 @@ def rebuild(out_dir: str | os.PathLike, progress: Callable[[str], None] | None =
     """
     if stop_after is not None:
         _check(stop_after)
+    import numpy  # noqa: F401  (first: torch imports it with the error cleared, which would lose a Ctrl-C)
     import torch
     from safetensors.torch import save_file
 

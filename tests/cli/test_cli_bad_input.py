@@ -3,6 +3,7 @@ destroyed, never a hang. Cases that could hang run in a child process under a ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -148,8 +149,17 @@ def test_ctrl_c_says_so_and_leaves_nothing(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": REPO})
     time.sleep(1.5)  # past start-up: inside the command (the training imports torch first)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    # Pressed again while it runs, as a user would: a Ctrl-C landing inside some library's import is
+    # lost (torch imports numpy with the error cleared: 4 of 60 bare `import torch` runs lost one), and
+    # one run of this test in ~60 on a loaded machine went on training.
+    for _ in range(12):
+        p.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            out, err = p.communicate(timeout=5)
+            break
+    else:
+        p.kill()
+        out, err = p.communicate()
     assert p.returncode == 130 and out == ""
     assert err.strip().splitlines()[-1] == "Interrupted" and "Traceback" not in err
     assert not target.exists() and os.listdir(tmp_path) == []
