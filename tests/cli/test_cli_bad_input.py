@@ -145,9 +145,12 @@ def test_ctrl_c_says_so_and_leaves_nothing(tmp_path):
     import time
 
     target = tmp_path / "family"
+    # SIGINT at its default in the child: a runner that started this suite in the background of a
+    # script (`cmd &`) passes it down ignored, and then no program sees a Ctrl-C
     p = subprocess.Popen([sys.executable, "-m", "ckptprobe", "demo", "--rebuild", str(target)], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": REPO})
+                         env={**os.environ, "PYTHONPATH": REPO},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.5)  # past start-up: inside the command (the training imports torch first)
     # Pressed again while it runs, as a user would: a Ctrl-C landing inside some library's import is
     # lost (torch imports numpy with the error cleared: 4 of 60 bare `import torch` runs lost one), and
