@@ -8,7 +8,10 @@ the peak RSS of the consensus process (target < 2 GB).
 The CPU time (user + sys, including ~0.3 s of start-up and imports) is printed too: on a
 shared machine it is less disturbed by other processes than the wall time. Then the scan
 alone, in this process (no start-up), with the compiled loops and on the numpy path that an
-install without a C compiler takes.
+install without a C compiler takes. Last, where the scan's time goes: two forked processes
+read the same chunks into buffers only, then also mark the runs' bits (`mark16_files`), then
+also tally them (`tally8`), with their user and kernel CPU: the copy that `cat` pays too, and
+what each loop adds to it.
 
     python benchmarks/bench_consensus.py                      # 14 layers, 8 runs (~13.5 GB of files)
     python benchmarks/bench_consensus.py --layers 2 --runs 4 --dir /tmp/cons   # quick; files kept for reuse
@@ -61,6 +64,72 @@ def scan_seconds(base: Path, runs: list[Path], repeat: int, compiled: bool = Tru
 
     return scan_median(lambda: consensus(open_source(str(base)), [open_source(str(r)) for r in runs]), repeat,
                        compiled)
+
+
+STAGES = ("read into buffers only", "+ mark16 (the runs' bits)", "+ tally8 (histogram, row/col sums)")
+
+
+def stage_seconds(files: list[str], repeat: int) -> list[tuple[float, float, float]]:
+    """Where the scan's time goes: per stage of STAGES, (wall, user, sys) seconds (medians of `repeat`) of two
+    forked processes taking every other chunk of `mask_scan.LOOP_CHUNK` entries of the bf16 matrices,
+    as `consensus` reads them, with no pool, planner or per-window Python around the loops."""
+    import mmap
+
+    import numpy as np
+
+    from ckptprobe import open_source
+    from ckptprobe.analysis import kernels
+    from ckptprobe.analysis.mask_scan import LOOP_CHUNK
+    from ckptprobe.io.sources import READ_SLACK
+
+    sources = [open_source(f) for f in files]
+    chunks = []  # (byte offset of the chunk's first entry in each file, entries, columns)
+    for name in sources[0].keys():
+        info = sources[0].info(name)
+        if info.dtype == "BF16" and len(info.shape) == 2 and info.numel:
+            step = max(1, LOOP_CHUNK // info.shape[1]) * info.shape[1]
+            at = [s.locate(name)[1] for s in sources]
+            chunks += [([a + 2 * lo for a in at], min(step, info.numel - lo), info.shape[1])
+                       for lo in range(0, info.numel, step)]
+    most = max(m for _, m, _ in chunks)
+
+    def work(stage: int, mine: list) -> None:
+        fds = [os.open(f, os.O_RDONLY) for f in files]
+        buf = mmap.mmap(-1, 2 * (2 * most + READ_SLACK))
+        codes, counts, hist = np.empty(most, np.uint8), np.empty(most, np.uint8), np.zeros(256, np.int64)
+        for at, m, cols in mine:
+            if stage == 0:
+                for fd, a in zip(fds, at):
+                    os.preadv(fd, [memoryview(buf)[:2 * m]], a)
+                continue
+            kernels.compiled.mark16_files(list(zip(fds, at)), m, 0x7F80, buf, codes[:m])
+            if stage == 2:
+                kernels.compiled.tally8(codes[:m], cols, hist, counts[:m], np.zeros(m // cols, np.int64),
+                                        np.zeros(cols, np.int64))
+
+    out = []
+    for stage in range(len(STAGES)):
+        runs = []
+        for _ in range(repeat):
+            t, before = time.perf_counter(), os.times()
+            pids = []
+            for half in (chunks[0::2], chunks[1::2]):
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        work(stage, half)
+                        code = 0
+                    finally:
+                        os._exit(code)
+                pids.append(pid)
+            if any(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids):
+                raise SystemExit(f"a process timing {STAGES[stage]!r} failed")
+            after = os.times()
+            runs.append((time.perf_counter() - t, after.children_user - before.children_user,
+                         after.children_system - before.children_system))
+        out.append(tuple(statistics.median(r[i] for r in runs) for i in range(3)))
+    return out
 
 
 def write_tiny(folder: Path, n: int) -> list[str]:
@@ -169,6 +238,10 @@ def main() -> None:
           f"{'built' if kernels.compiled is not None else 'NOT built: both lines take the numpy path'})")
     print(f"peak RSS of consensus:               {rss / 2**20:.0f} MiB  (target < 2048 MiB)")
     print(f"base with an exact zero per 4096:    {zero_wall:.2f} s  (slowdown {zero_wall / wall:.2f}x; target ~1.0x)")
+    if getattr(kernels.compiled, "mark16_files", None) is not None:
+        print("where the scan's time goes (two forked processes, every other chunk each; CPU of both):")
+        for what, (w, user, system) in zip(STAGES, stage_seconds(files, args.repeat)):
+            print(f"  {what:36s} {w:.2f} s  (user {user:.2f} s, sys {system:.2f} s)")
     if tmp is not None:
         tmp.cleanup()
 
