@@ -53,7 +53,7 @@ def rebuild(out_dir: str | os.PathLike, progress: Callable[[str], None] | None =
     """
     if stop_after is not None:
         _check(stop_after)
-    import numpy  # noqa: F401  (first: torch imports it with the error cleared, which would lose a Ctrl-C)
+    import numpy  # noqa: F401  (first: a Ctrl-C landing in numpy's import is lost when torch imports it)
     import torch
     from safetensors.torch import save_file
 

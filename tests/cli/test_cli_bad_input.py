@@ -152,9 +152,9 @@ def test_ctrl_c_says_so_and_leaves_nothing(tmp_path):
                          env={**os.environ, "PYTHONPATH": REPO},
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.5)  # past start-up: inside the command (the training imports torch first)
-    # Pressed again while it runs, as a user would: a Ctrl-C landing inside some library's import is
-    # lost (torch imports numpy with the error cleared: 4 of 60 bare `import torch` runs lost one), and
-    # one run of this test in ~60 on a loaded machine went on training.
+    # Pressed again while it runs, as a user would: a Ctrl-C landing inside some library's import can be
+    # lost (4 of 60 bare `import torch` runs lost one inside torch's import of numpy), and one run of this
+    # command in ~80 on a loaded machine went on training.
     for _ in range(12):
         p.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
