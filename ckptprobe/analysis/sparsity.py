@@ -115,16 +115,23 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
     plan = plan_tensors(base, [finetuned], Want.floating, include, exclude, compare=True, mode=mode)
 
     local = forkable(plan.tensors)  # local files, read into buffers; the Hub: one request per window and side
+    count_files = getattr(kernels.compiled, "count16_files", None) if local else None
+
+    def looped(p: TensorPlan) -> bool:
+        """Whether `count16_files` reads and counts this pair: then numpy is not needed for it."""
+        return count_files is not None and kernels.one_pass(p.info.dtype, p.runs[0].info.dtype, p.runs[0].mode)
+
+    if not all(looped(p) for p in plan.tensors):  # numpy (~0.1 s): imported once here, not in each forked worker
+        import ckptprobe.analysis.update  # noqa: F401
 
     def count(p: TensorPlan, start: int, stop: int) -> tuple[int, int]:
         ft = p.runs[0]
-        count_files = getattr(kernels.compiled, "count16_files", None)
-        if local and count_files is not None and kernels.one_pass(p.info.dtype, ft.info.dtype, ft.mode):
+        if looped(p):
             with opened([base, finetuned], p.name, start) as files:
-                if files is not None:  # read and counted in one compiled loop, numpy never imported
+                if files is not None:  # read and counted in one compiled loop
                     return count_files(files, stop - start, kernels.EXPONENT16[p.info.dtype],
                                        buffer(0, 2 * (LOOP_READ + READ_SLACK)))
-        from ckptprobe.analysis.update import count_changes  # numpy: ~0.1 s of start-up the loop above does without
+        from ckptprobe.analysis.update import count_changes
 
         if not local or (stop - start) * p.info.itemsize <= SMALL_READ:  # a small window: one read a side
             return count_changes(base.read(p.name, start, stop), finetuned.read(p.name, start, stop),

@@ -255,15 +255,21 @@ def test_a_run_on_16_bit_files_never_imports_numpy(tmp_path):
           for n, (d, x) in base.items()}
     write_safetensors(tmp_path / "a.safetensors", base)
     write_safetensors(tmp_path / "b.safetensors", ft)
+    f32 = {n: ("F32", rng.standard_normal(5).astype(np.float32)) for n in ("x", "y")}
+    write_safetensors(tmp_path / "f32.safetensors", f32)
     code = ("import sys; from ckptprobe.cli import main\n"
-            "a, b = sys.argv[1:3]\n"
-            "for i, workers in enumerate(sys.argv[3:]):\n"
+            "a, b, f32 = sys.argv[1:4]\n"
+            "for i, workers in enumerate(sys.argv[4:]):\n"
             "    main(['sparsity', a, b, '-f', 'json', '-o', f'{a}.{i}.json', '--workers', workers])\n"
+            "print('numpy' in sys.modules)\n"
+            "main(['sparsity', f32, f32, '-f', 'json', '-o', f'{f32}.json', '--workers', '2'])\n"
             "print('numpy' in sys.modules)")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+    res = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "f32")),
                           "1", "2"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"  # with one worker the counts ran in this process
+    # with one worker the counts ran in this process; float32 pairs need numpy, imported here before
+    # the workers fork rather than in each of them
+    assert res.stdout.split() == ["False", "True"]
     for i in range(2):
         tensors = json.loads((tmp_path / f"a.safetensors.{i}.json").read_text())["tensors"]
         assert {t["name"]: t["changed"] for t in tensors} == {n: int(m.sum()) for n, m in changed.items()}
