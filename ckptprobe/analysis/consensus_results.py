@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ckptprobe.analysis.consensus_stats import (bernoulli_jaccard, jaccard_matrix, median, off_diagonal_mean,
-                                                poisson_binomial)
+                                                off_diagonal_means, poisson_binomial)
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped
 
@@ -125,14 +125,6 @@ def tensor_stats(tensors: Sequence[TensorConsensus], R: int) -> TensorStats:
                                       expected)))
 
 
-def _off_diagonal_means(m: np.ndarray) -> list:
-    """(T, R, R) -> per tensor the mean of its defined (non-NaN) off-diagonal entries, or None."""
-    vals = m[:, ~np.eye(m.shape[1], dtype=bool)]
-    count = (~np.isnan(vals)).sum(axis=1)
-    means = np.nansum(vals, axis=1) / np.maximum(count, 1)
-    return [float(x) if c else None for x, c in zip(means.tolist(), count.tolist())]
-
-
 def summaries(tensors: Sequence[TensorConsensus], n_runs: int, matrices: bool = False) -> list[dict]:
     """`TensorConsensus.summary()` of each tensor (with `matrices`, its `to_dict()`: the R x R
     Jaccard and baseline too), computed POOL_BATCH tensors at a time on stacked arrays."""
@@ -144,7 +136,7 @@ def summaries(tensors: Sequence[TensorConsensus], n_runs: int, matrices: bool = 
         density_mean = np.nansum(st.density, axis=1) / np.maximum(finite.sum(axis=1), 1)
         none = [None] * len(batch)
         columns = zip(batch, st.valid.tolist(), st.density.tolist(), density_mean.tolist(), finite.any(axis=1),
-                      _off_diagonal_means(st.jaccard), _off_diagonal_means(st.bernoulli), st.expected.tolist(),
+                      off_diagonal_means(st.jaccard), off_diagonal_means(st.bernoulli), st.expected.tolist(),
                       st.jaccard.tolist() if matrices else none, st.bernoulli.tolist() if matrices else none)
         for t, valid, d, d_mean, any_finite, j, b, expected, jac, bern in columns:
             full = len(t.runs) == R and t.numel > 0

@@ -53,6 +53,14 @@ def off_diagonal_mean(m: np.ndarray) -> float | None:
     return float(np.add.reduce(vals) / vals.size) if vals.size else None  # vals.mean(), without its overhead
 
 
+def off_diagonal_means(m: np.ndarray) -> list:
+    """`off_diagonal_mean` of each matrix of a (T, R, R) stack, in a few numpy calls."""
+    vals = m[:, _off_diagonal(m.shape[1])]
+    count = (~np.isnan(vals)).sum(axis=1)
+    means = np.nansum(vals, axis=1) / np.maximum(count, 1)
+    return [float(x) if c else None for x, c in zip(means.tolist(), count.tolist())]
+
+
 @functools.lru_cache(maxsize=64)
 def _off_diagonal(R: int) -> np.ndarray:
     """(R, R) bool, True off the diagonal (read-only: shared between calls)."""
