@@ -85,7 +85,7 @@ def profile(
     data["labels"] = names
     rows = result.rows(by.value)
     short = dict(zip(result.checkpoints, names))
-    key = "module" if by == By.tensor else by.value  # one layer: its module names a matrix
+    key = "name" if by == By.tensor else by.value  # a module type may name several matrices (experts)
     density_rows = [{"checkpoint": n, "changed": c, "numel": m, "density": d}
                     for n, c, m, d in zip(names, result.changed, result.numel, result.density)]
     shown = [{key: r[key], "checkpoint": short[r["checkpoint"]], "density": r["density"], "row corr": r["row_corr"],

@@ -203,3 +203,20 @@ def test_cli_by_group_csv(run):
     assert [line.split(",")[0] for line in lines[1:]] == ["attention"] * 3 + ["mlp"] * 3
     res = CliRunner().invoke(app, ["profile", str(base), *map(str, paths), "--by", "layer"])
     assert res.exit_code == 0 and "Profiles of layer 1, by layer" in res.stdout
+
+
+def test_table_names_each_matrix(tmp_path, capsys, monkeypatch):
+    """Two experts' matrices in one layer share a module type: the table tells them apart by name."""
+    rng = np.random.default_rng(5)
+    names = [f"model.layers.0.mlp.experts.{e}.up_proj.weight" for e in range(2)]
+    base = {n: float32_to_bf16_bits(rng.standard_normal((8, 16), np.float32)) for n in names}
+    paths = [tmp_path / "base.safetensors"]
+    write_safetensors(paths[0], {n: ("BF16", b) for n, b in base.items()})
+    for step in (1, 2):
+        paths.append(tmp_path / f"step{step}.safetensors")
+        write_safetensors(paths[-1], {n: ("BF16", np.where(rng.random(b.shape) < 0.2 * step, b + 1, b).astype(np.uint16))
+                                      for n, b in base.items()})
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["profile", *map(str, paths), "--layer", "0"]) == 0
+    table = capsys.readouterr().out.split("Profiles of layer 0")[1]
+    assert [sum(line.startswith(f"│ {n} ") for line in table.splitlines()) for n in names] == [2, 2]
