@@ -308,8 +308,9 @@ def _gram_matrix(blocks, n: int) -> np.ndarray | None:
     import numpy as np
 
     g = np.zeros((n, n))
-    for blk in blocks:  # G += B^T B (numpy calls dsyrk)
-        g += blk.T @ blk
+    with np.errstate(invalid="ignore"):  # inf * 0: the NaN it makes is the answer, not a warning for the user
+        for blk in blocks:  # G += B^T B (numpy calls dsyrk)
+            g += blk.T @ blk
     # G_jj = sum of squares of column j: NaN/inf iff W has any
     return g if np.isfinite(np.diagonal(g)).all() else None
 
