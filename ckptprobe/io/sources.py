@@ -116,6 +116,8 @@ def open_source(ref: str | os.PathLike, revision: str | None = None, token: str 
         if path.name.endswith(".index.json"):
             return open_folder(path.parent)
         return MultiFileSource(ref, _open_files([path]))
+    if path.is_symlink():  # a link to nothing (or a loop) is a local path all the same, never a Hub name
+        raise CheckpointNotFoundError(f"{ref}: a broken symbolic link (to {os.readlink(path)})")
     hub = parse_hub_ref(ref)
     if PATTERN.search(ref):
         raise UsageError(f"{ref}: a pattern names many checkpoints, and one is expected here",

@@ -116,6 +116,21 @@ def test_missing_reference(tmp_path, capsys, ref):
     run_error(capsys, ["sparsity", str(good), ref], ref, "no such file or folder")
 
 
+@pytest.mark.parametrize("target", ["/no/such/file.safetensors", "name"])  # a dangling link, a link to itself
+def test_broken_link_is_local_never_the_hub(tmp_path, capsys, monkeypatch, target):
+    """`org/name` that is a broken symbolic link names a local file: said so, and no Hub request is made
+    (HF_ENDPOINT points at a port that nothing serves: a request would fail with another message)."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").symlink_to(target)
+    good = tmp_path / "g.safetensors"
+    write_safetensors(good, {"w": ("F32", np.zeros(2, np.float32))})
+    with pytest.raises(CheckpointNotFoundError, match=f"^org/name: a broken symbolic link \\(to {target}\\)$"):
+        open_source("org/name")
+    run_error(capsys, ["sparsity", str(good), "org/name"], "org/name", "broken symbolic link")
+
+
 def test_folder_without_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     run_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], str(tmp_path), "no *.safetensors")
