@@ -95,7 +95,7 @@ def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: T
         tensors = {name: (f.info(name).dtype, _Deferred(f, name, transform, changed)) for name in f.keys()}
         write_safetensors(out / path.name, tensors, {**f.metadata, **(metadata or {})})
         if progress:
-            progress(f"wrote {path.name}")
+            progress(f"wrote {out / path.name}")
     written = {p.name for p in shards} | set(extra_files or {})
     for path in sorted(base.iterdir()):
         if path.name not in written and path.is_file() and not path.name.startswith("."):
