@@ -168,6 +168,12 @@ class DriftResult:
         return {k: sum((t.norms for t in ts), _empty(T)) for k, ts in grouped(self.tensors, key).items()}
 
     @property
+    def nonfinite(self) -> tuple[str, ...]:
+        """The tensors holding NaN or inf in the base or a checkpoint: their norms are NaN or inf, and so
+        are the pooled norms and ratios of every group, layer or module type they are in."""
+        return tuple(t.name for t in self.tensors if not np.isfinite(t.norms.sq).all())
+
+    @property
     def total(self) -> Norms:
         """Squared norms summed over every tensor: the whole model as one vector."""
         return sum((t.norms for t in self.tensors), _empty(len(self.checkpoints)))
@@ -186,7 +192,7 @@ class DriftResult:
 
     def to_dict(self) -> dict:
         return {"command": "drift", "base": self.base, "checkpoints": list(self.checkpoints),
-                "head": self.head, "z_threshold": self.z_threshold,
+                "head": self.head, "z_threshold": self.z_threshold, "nonfinite": list(self.nonfinite),
                 "surges": [s.to_dict() for s in self.surges],
                 "total": self.total.rows(self.checkpoints),
                 "groups": {key: self.rows(key) for key in KEYS},

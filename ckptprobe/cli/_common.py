@@ -134,6 +134,21 @@ def report_skipped(skipped: Sequence, verbose: bool) -> None:
         print(line, file=sys.stderr)
 
 
+def require_some(found: Sequence, skipped: Sequence, verbose: bool, what: str) -> None:
+    """Nothing compared is an error (one line: the skips in short), not an empty table and exit 0.
+    Call it before `report_skipped`; with `verbose` it lists the skipped tensors first."""
+    if found:
+        return
+    from ckptprobe.analysis.plan import skip_summary
+    from ckptprobe.errors import TensorMismatchError
+
+    if verbose:
+        report_skipped(skipped, True)
+    why = skip_summary(skipped)
+    raise TensorMismatchError(f"no {what} was compared" + (f" ({why})" if why else ""),
+                              hint=None if verbose or not why else "--verbose lists each with its reason")
+
+
 def wrote(paths: Sequence[Path]) -> None:
     """Say on stderr which files were written."""
     for p in paths:

@@ -158,8 +158,12 @@ HeadDimOpt = Annotated[Optional[int], typer.Option(
 # masks and SVDs
 RankOpt = Annotated[Optional[int], typer.Option(
     "--rank", "-k", min=1, metavar="K", show_default="min(64, min(m, n) // 16) per matrix, at least 1",
-    help="Rank k of the top-k singular subspaces (spectrum) and of the SVD reconstruction W0^(k) behind the "
-         "principal mask. A matrix whose smaller side is below k is skipped (and listed).")]
+    help="Rank k of the SVD reconstruction W0^(k) behind the principal mask. A matrix whose smaller side is "
+         "below k is skipped (and listed).")]
+SubspaceRankOpt = Annotated[Optional[int], typer.Option(  # spectrum: its own default (a quarter, not a 16th)
+    "--rank", "-k", min=1, metavar="K", show_default="min(64, min(m, n) // 4) per matrix, at least 1",
+    help="Rank k of the top-k singular subspaces compared. A matrix whose smaller side is below k is skipped "
+         "(and listed).")]
 AlphaOpt = Annotated[float, typer.Option(
     "--alpha", callback=_fraction, metavar="X",
     help="Fraction of each matrix in the principal mask (and in the low mask with --low-threshold "

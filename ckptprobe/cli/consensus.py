@@ -72,7 +72,8 @@ def consensus(
     """
     from ckptprobe.analysis.consensus import consensus as run
     from ckptprobe.cli._common import (check_output, check_plot, configure_threads, expand_series,
-                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, tolerances, wrote)
+                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, require_some,
+                                       tolerances, wrote)
     from ckptprobe.cli._common import emit as emit_result
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import fmt_num, progress_bar, table, warn
@@ -92,12 +93,11 @@ def consensus(
     with progress_bar("comparing", total_bytes) as advance:
         result = run(a, sources, mode, eta, atol, include or (), exclude or (), layer, progress=advance,
                      workers=workers)
+    require_some(result.tensors, result.skipped, verbose, "tensor")
     report_skipped(result.skipped, verbose)
     nonfinite = sum(int(t.nonfinite.sum()) for t in result.tensors)
     if nonfinite:
         warn(f"{nonfinite:,} entries (summed over runs) are NaN/inf in the base or a run; counted as unchanged")
-    if not result.tensors:
-        warn("no tensor was compared (check --include/--exclude and the checkpoints' names)")
 
     scope = "selected tensors" if include or exclude else "whole model"
     names = labels(list(result.runs))

@@ -52,7 +52,7 @@ def drift(
     """
     from ckptprobe.analysis.drift import drift as run
     from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, labels,
-                                       open_sources, report_skipped, wrote)
+                                       open_sources, report_skipped, require_some, wrote)
     from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)
@@ -63,13 +63,19 @@ def drift(
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))
     with progress_bar("reading", total) as advance:
         result = run(src, series, include or (), exclude or (), z, progress=advance, workers=workers)
+    require_some(result.tensors, result.skipped, verbose, "tensor")
     report_skipped(result.skipped, verbose)
     names = labels(result.checkpoints)
     rows = result.rows(by.value)
     key = "name" if by == By.tensor else by.value
     T = len(names)
+    bad = result.nonfinite
+    if bad:
+        warn(f"{len(bad)} tensor(s) hold NaN/inf in the base or a checkpoint, e.g. {bad[0]}: their norms and "
+             "the ratios of their groups are NaN or inf")
     undefined = any(r[kind] != r[kind] for r in rows for kind in ("rel_to_base", "rel_step"))  # NaN
-    caption = "-: undefined, the reference is zero at its dtype's resolution" if undefined else None
+    caption = None if not undefined else "-: undefined, " + ("NaN/inf entries (see the warning) or " if bad else "") \
+        + "the reference is zero at its dtype's resolution"
     tables = [table(f"Relative change {title}, by {by.value}", [
         {key: rows[i][key], **{names[t]: rows[i + t][kind] for t in range(T)}} for i in range(0, len(rows), T)],
         [key, *names], caption) for title, kind in (("from the base", "rel_to_base"), ("per step", "rel_step"))]
@@ -77,7 +83,7 @@ def drift(
         tables.append(table(f"lm_head surges ({result.head} step / body step, z > {result.z_threshold:g})",
                             [{**s.to_dict(), "checkpoint": names[s.index]} for s in result.surges],
                             ["checkpoint", "ratio", "z"], None if result.surges else "none"))
-    elif result.tensors:
+    else:
         warn("no lm_head or embedding among the compared tensors: no surge check (see --include/--exclude)")
     if figures:
         from ckptprobe.report.drift_plots import plot_drift

@@ -70,9 +70,9 @@ def principal(
     from ckptprobe.analysis.principal import MASKS, check_matrix, matrix_masks, principal_overlap
     from ckptprobe.analysis.svd import resolve_device
     from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, open_sources,
-                                       report_skipped, tolerances, wrote)
+                                       report_skipped, require_some, tolerances, wrote)
     from ckptprobe.errors import UsageError
-    from ckptprobe.report.output import progress_bar, table, warn
+    from ckptprobe.report.output import progress_bar, table
 
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
@@ -88,9 +88,8 @@ def principal(
     with progress_bar("measuring", total_bytes) as advance:
         result = principal_overlap(src, fts, rank, alpha, low_threshold, mode, eta, atol, include or (),
                                    exclude or (), dev, topk_method.value, progress=advance)
+    require_some(result.matrices, result.skipped, verbose, "matrix")
     report_skipped(result.skipped, verbose)
-    if not result.matrices:
-        warn("no matrix was measured (check --include/--exclude and the checkpoints' names)")
     data = result.to_dict()
     rows = result.rows(by.value)
     labels = {"principal": "principal", "low": "low", "principal_not_low": "principal & ~low"}

@@ -50,8 +50,8 @@ def sparsity(
     """
     from ckptprobe.analysis.sparsity import sparsity as run
     from ckptprobe.cli._common import (check_output, configure_threads, emit, open_sources, report_skipped,
-                                       tolerances)
-    from ckptprobe.report.output import progress_bar, table, warn
+                                       require_some, tolerances)
+    from ckptprobe.report.output import progress_bar, table
 
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
@@ -62,9 +62,8 @@ def sparsity(
     with progress_bar("comparing", names_bytes) as advance:
         result = run(a, b, mode, eta, atol, include or (), exclude or (),
                      progress=advance, workers=workers)
+    require_some(result.tensors, result.skipped, verbose, "tensor")
     report_skipped(result.skipped, verbose)
-    if not result.tensors:
-        warn("no tensor was compared (check --include/--exclude and the two checkpoints' names)")
     data = result.to_dict()
     rows = result.rows(by.value)
     total = result.total

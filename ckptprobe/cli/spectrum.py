@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from ckptprobe.cli._options import (AddPrefixOpt, BaseArg, By, DeviceOpt, DownloadOpt, ExcludeOpt, FinetunedArg,
-                                    FormatOpt, IncludeOpt, LayerOpt, OutputOpt, PlotOpt, RankOpt, RevisionOpt,
-                                    StripPrefixOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, VerboseOpt)
+                                    FormatOpt, IncludeOpt, LayerOpt, OutputOpt, PlotOpt, RevisionOpt, StripPrefixOpt,
+                                    SubspaceRankOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, VerboseOpt)
 from ckptprobe.errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -28,7 +28,7 @@ def parse_bytes(text: str) -> int:
 def spectrum(
     base: BaseArg,
     finetuned: FinetunedArg,
-    rank: RankOpt = None,
+    rank: SubspaceRankOpt = None,
     by: Annotated[By, typer.Option("--by", help="Rows of the table (and of CSV): one per matrix, or pooled per "
                                                 "module type, layer or group: NSS over the group's singular "
                                                 "values together, top-k energy change of the summed energies, "
@@ -91,7 +91,7 @@ def spectrum(
     from ckptprobe.analysis.spectrum import spectrum as run
     from ckptprobe.analysis.svd import resolve_device
     from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, labels,
-                                       open_sources, pick_layer, report_skipped, wrote)
+                                       open_sources, pick_layer, report_skipped, require_some, wrote)
     from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)
@@ -108,9 +108,8 @@ def spectrum(
     with progress_bar("spectrum", total) as advance:
         result = run(a, fts, rank, include or (), exclude or (), device, budget, topk_method,
                      fast, bounds, progress=advance)
+    require_some(result.matrices, result.skipped, verbose, "matrix")
     report_skipped(result.skipped, verbose)
-    if not result.matrices:
-        warn("no matrix was analysed (check --include/--exclude and the checkpoints' names)")
     for r in result.rows():
         if r["error"]:
             warn(f"{r['name']} ({r['finetuned']}): {r['error']}")

@@ -241,3 +241,24 @@ def test_cli_undefined_is_null_blank_and_dash(tmp_path, capsys):
     assert "by module" in text and "undefined" in text
     down = next(line for line in text.splitlines() if " down " in line)
     assert down.count(" - ") == 2
+
+
+def test_nonfinite_entries_are_named_not_called_zero(tmp_path, capsys):
+    """A checkpoint holding NaN/inf: the tensor is named in a warning and in JSON, and the legend of "-"
+    does not claim the reference is zero (it is not)."""
+    f = np.float32
+    w = np.array([[3, 0], [0, 4]], f)
+    a = save(tmp_path / "a.safetensors", {"model.layers.0.mlp.up_proj.weight": w,
+                                          "model.layers.0.self_attn.q_proj.weight": w}, "F32")
+    b = save(tmp_path / "b.safetensors", {"model.layers.0.mlp.up_proj.weight": w + 1,
+                                          "model.layers.0.self_attn.q_proj.weight": np.where(w == 0, np.nan, w)},
+             "F32")
+    r = drift(open_source(str(a)), [open_source(str(b))])
+    assert r.nonfinite == ("model.layers.0.self_attn.q_proj.weight",)
+    assert r.by("group")["mlp"].rel_to_base.tolist() == pytest.approx([2 / 5])
+    assert main(["drift", str(a), str(b)]) == 0
+    out, err = capsys.readouterr()
+    assert "1 tensor(s) hold NaN/inf" in err and "self_attn.q_proj.weight" in err
+    assert "NaN/inf entries (see the warning) or the reference is zero" in out
+    assert main(["drift", str(a), str(b), "-f", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nonfinite"] == ["model.layers.0.self_attn.q_proj.weight"]

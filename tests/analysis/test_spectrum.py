@@ -395,11 +395,17 @@ def test_cli_table_csv_bounds_and_plot(ckpts, tmp_path):
 
 
 def test_cli_errors_are_one_line(ckpts, capsys, monkeypatch):
-    assert main(["spectrum", ckpts["base"], ckpts["rl"], "-k", "30", "-f", "json"]) == 0  # too small: skipped
-    skipped = json.loads(capsys.readouterr().out)["skipped"]
-    assert {s["reason"] for s in skipped if s["category"] == "small"} == {
-        "shape (24, 24): smaller side 24 < k=30", "shape (40, 24): smaller side 24 < k=30",
-        "shape (24, 40): smaller side 24 < k=30"}
+    # every matrix too small for k: nothing compared, said in one line; --verbose lists why, tensor by tensor
+    assert main(["spectrum", ckpts["base"], ckpts["rl"], "-k", "30", "-f", "json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == ["Error: no matrix was compared (skipped 10 tensors: 9 smaller than "
+                                              "k=30, 1 1-D (norms, biases))",
+                                              "Hint: --verbose lists each with its reason"]
+    assert main(["spectrum", ckpts["base"], ckpts["rl"], "-k", "30", "-v"]) == 1
+    reasons = {line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()[:-1]}
+    assert reasons - {"1-D, not a matrix"} == {"shape (24, 24): smaller side 24 < k=30",
+                                               "shape (40, 24): smaller side 24 < k=30",
+                                               "shape (24, 40): smaller side 24 < k=30"}
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--max-memory", "lots"]) == 2
     assert "--max-memory 'lots'" in capsys.readouterr().err
     assert main(["spectrum", ckpts["base"], ckpts["rl"], "--plot", "x.png", "--layer", "9"]) == 2

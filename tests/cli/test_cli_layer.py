@@ -107,8 +107,9 @@ def test_the_same_option_is_spelled_the_same_in_every_command():
             if p.param_type_name != "option":
                 continue
             key = p.name
-            # --seed seeds different draws (mask positions, scramble rotations): one flag, its own help.
-            spec = (tuple(sorted(p.opts)), p.help if key not in ("by", "output", "layer", "seed") else None)
+            # --seed seeds different draws (mask positions, scramble rotations), -k ranks spectrum's subspaces
+            # and the principal mask's reconstruction, with other defaults: one flag, its own help.
+            spec = (tuple(sorted(p.opts)), p.help if key not in ("by", "output", "layer", "seed", "rank") else None)
             if key in seen and key not in ("output",):  # masks build -o is the mask file itself
                 assert seen[key][1] == spec, (name, key, seen[key])
             seen.setdefault(key, (name, spec))
@@ -116,6 +117,25 @@ def test_the_same_option_is_spelled_the_same_in_every_command():
                 "verbose", "revision", "token"):
         assert key in seen, key
     assert seen["rank"][1][0] == ("--rank", "-k")
+
+
+@pytest.mark.parametrize("command", ["spectrum", "principal", "masks build"])
+def test_the_default_rank_in_help_is_the_one_used(command):
+    """-k's default as its help states it, min(64, min(m, n) // d), against the function each command calls."""
+    import typer
+
+    from ckptprobe.analysis.mask_select import default_rank
+    from ckptprobe.analysis.spectrum import default_k
+    from ckptprobe.cli._app import build_app
+
+    found = typer.main.get_command(build_app())
+    for part in command.split():
+        found = found.commands[part]
+    shown = next(p.show_default for p in found.params if p.name == "rank")
+    d = int(re.fullmatch(r"min\(64, min\(m, n\) // (\d+)\) per matrix, at least 1", shown)[1])
+    rule = default_k if command == "spectrum" else default_rank
+    for shape in [(4096, 1536), (128, 64), (64, 300), (20, 7), (3, 3)]:
+        assert rule(shape) == max(1, min(64, min(shape) // d)), shape
 
 
 def test_library_errors_name_the_flag():
