@@ -7,7 +7,8 @@ An element mask says which entries may train; most trainers take something coars
 - Spectrum's YAML: the same `unfrozen_parameters:` list, whole tensors, grouped by module
   type in comments, as Spectrum's scanner writes it;
 - PEFT `target_modules` x `layers_to_transform`: adapters on the chosen module types in the
-  chosen layers (a LoRA update may change every entry of a targeted matrix).
+  chosen layers (a LoRA update may change every entry of a targeted matrix); never on an MoE's
+  experts or routers, which PEFT cannot adapt as their names say (see `_peft`).
 
 Choosing a coarse selection is a knapsack: each unit (a block of rows, a tensor, a
 module-type x layer cell) costs its size and is worth its trainable entries, with at most
@@ -188,12 +189,25 @@ def _peft_layer(module: str) -> int | None:
 
 
 def _peft(masks: MaskFile, names: list[str], sizes: dict, capacity: int):
+    """Cells (module name x layer) of the layers' matrices, without the MoE experts and routers.
+
+    On transformers 5 an MoE layer's experts are fused 3-D parameters and its router a module of its own:
+    neither is an nn.Linear that `target_modules` can wrap (PEFT refuses `GptOssTopKRouter`). And PEFT 0.21
+    moves the v4 expert names of the families it converts (Mixtral's `w1`/`w3`/`w2`/`gate`, Qwen3-MoE's and
+    DeepSeek-V3's `gate_proj`/`up_proj`/`down_proj`/`gate`) to `target_parameters` on the fused stacks: in
+    every MoE layer whatever `layers_to_transform` says, gate and up only together, and then no longer the
+    dense layers' or shared experts' modules of those names. Which families it converts is PEFT's table,
+    not the checkpoint's (Qwen3-MoE yes, Qwen2-MoE no), so a name an expert's or router's module ends in is
+    never a target, in any module: experts are not PEFT units (axolotl and Spectrum name their tensors).
+    """
     # Adapters wrap modules: a module's `.weight`, never a bare parameter (Mamba's A_log, DBRX's experts.mlp.w1).
     weights = [n for n in names if n.endswith(".weight")]
+    # the names experts' and routers' modules end in: never targets, in any module (above)
+    moe = {_leaf(n) for n in names if (p := parse_name(n)).module == "router" or p.expert is not None or p.stacked}
     cells: dict[tuple[str, int], list[int]] = {}  # (module, layer) -> [size, trainable]
     for n in weights:
         layer = parse_name(n).layer
-        if len(masks.shape(n)) != 2 or layer is None:  # adapters go on the layers' matrices
+        if len(masks.shape(n)) != 2 or layer is None or _leaf(n) in moe:  # adapters go on the layers' matrices
             continue
         cell = cells.setdefault((_leaf(n), layer), [0, 0])
         cell[0] += sizes[n]
@@ -204,6 +218,19 @@ def _peft(masks: MaskFile, names: list[str], sizes: dict, capacity: int):
     def density(key, axis):
         size = sum(s for k, (s, t) in cells.items() if k[axis] == key)
         return sum(t for k, (s, t) in cells.items() if k[axis] == key) / size if size else 0.0
+
+    # PEFT matches target_modules by the last name component and the layer by the first `.name.N.`, so
+    # the modules of those names and numbers in a vision tower would be adapted too. Then the export
+    # is one regular expression (PEFT matches it against whole module names) that keeps out the towers.
+    # But on the MoE families it converts PEFT reads a regular expression as the bare names it matches,
+    # in every layer and tower. So with experts in the checkpoint the export is a list, of the module types
+    # it states exactly: PEFT finds each of their modules in its cell's layer, and those in no cell (a
+    # tower's) outside every cell's layer.
+    cell_of = {n[:-len(".weight")]: (_leaf(n), parse_name(n).layer) for n in weights}
+    if moe:
+        loose = {c[0] for k, c in cell_of.items()
+                 if (_peft_layer(k) != c[1] if c in cells else _peft_layer(k) in layers)}
+        modules = [m for m in modules if m not in loose]
 
     # The grid is a product: rank module types and layers by density, try every (k modules, j layers).
     modules.sort(key=lambda m: -density(m, 0))
@@ -218,10 +245,6 @@ def _peft(masks: MaskFile, names: list[str], sizes: dict, capacity: int):
     chosen_modules, chosen_layers = sorted(best[0]), sorted(best[1])
     chosen = [_Unit((m, layer), cells[m, layer][0], cells[m, layer][1], f"{m}@{layer}")
               for m in chosen_modules for layer in chosen_layers if (m, layer) in cells]
-    # PEFT matches target_modules by the last name component and the layer by the first `.name.N.`, so
-    # the modules of those names and numbers in a vision tower would be adapted too. Then the export
-    # is one regular expression (PEFT matches it against whole module names) that keeps out the towers.
-    cell_of = {n[:-len(".weight")]: (_leaf(n), parse_name(n).layer) for n in weights}
     picked = {u.key for u in chosen}
     wanted = {k for k, c in cell_of.items() if c in picked}
     peft = {k for k, c in cell_of.items() if c[0] in chosen_modules and _peft_layer(k) in chosen_layers}

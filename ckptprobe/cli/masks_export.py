@@ -17,7 +17,8 @@ def export(
     to: Annotated[Target, typer.Option(
         "--to", show_default=False,
         help="axolotl: unfrozen_parameters regexes with [start:end] row ranges. spectrum: Spectrum's YAML "
-             "(whole tensors by module type). peft: target_modules and layers_to_transform (JSON).")],
+             "(whole tensors by module type). peft: target_modules and layers_to_transform (JSON); never an MoE's "
+             "experts or routers, which PEFT cannot target by module name (axolotl and spectrum can).")],
     budget: Annotated[float, typer.Option(
         "--budget", metavar="X", help="At most this fraction of all parameters is unfrozen.")] = 0.25,
     output: ExportOpt = None,

@@ -159,3 +159,66 @@ def test_peft_selection_keeps_out_a_vision_tower(tmp_path):
     text = re.compile(r"language_model\.model\.layers\.(\d+)\..*\.(\w+)\.weight")
     unfrozen = {n: np.full(s, bool((m := text.fullmatch(n)) and (m[2], m[1]) in cells)) for n, s in shapes.items()}
     check_coverage(result, mf, unfrozen)
+
+
+def _tiny_moe(family):
+    """A tiny transformers MoE model (hidden 16, 2 layers, 4 experts) of `family`."""
+    import transformers as t
+
+    text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                num_experts_per_tok=2)
+    if family == "qwen3_moe":  # layer 0 dense: an nn.Linear `mlp.down_proj` beside layer 1's expert `down_proj`s
+        return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(**text, intermediate_size=32, moe_intermediate_size=8,
+                                                      num_experts=4, head_dim=8, mlp_only_layers=[0]))
+    if family == "qwen2_moe":  # a shared expert (nn.Linear `gate_proj`/`up_proj`/`down_proj`) and its gate
+        return t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(**text, intermediate_size=32, moe_intermediate_size=8,
+                                                      shared_expert_intermediate_size=16, num_experts=4))
+    if family == "deepseek_v3":  # layer 0 dense; layer 1 has a shared expert (nn.Linear `shared_experts.gate_proj`)
+        return t.DeepseekV3ForCausalLM(t.DeepseekV3Config(
+            **text, intermediate_size=32, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4,
+            qk_nope_head_dim=4, v_head_dim=8))
+    if family == "mixtral":
+        return t.MixtralForCausalLM(t.MixtralConfig(**text, intermediate_size=8, num_local_experts=4))
+    if family == "gpt_oss":  # experts stored fused (`mlp.experts.gate_up_proj`), router `mlp.router.weight`
+        return t.GptOssForCausalLM(t.GptOssConfig(**text, intermediate_size=8, num_local_experts=4, head_dim=8))
+    # Qwen3-Omni's thinker: Qwen3-MoE text layers `model.layers.N` beside an audio tower `audio_tower.layers.N`
+    # of the same module names (`self_attn.q_proj`), and a vision tower
+    return t.Qwen3OmniMoeThinkerForConditionalGeneration(t.Qwen3OmniMoeThinkerConfig(
+        text_config=dict(**text, intermediate_size=32, moe_intermediate_size=8, num_experts=4, head_dim=8),
+        audio_config=dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=8,
+                          output_dim=16, downsample_hidden_size=8),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=4)))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss", "qwen3_omni_moe"])
+def test_peft_selection_on_moe_models(tmp_path, family):
+    """MoE, with the experts, the routers and every other MLP matrix dense in the mask: PEFT accepts the export
+    on the transformers 5 model and adapts exactly the matrices the coverage counts. Routers there are modules
+    of their own and experts fused stacks; on the families PEFT converts (Qwen3-MoE, DeepSeek-V3, Mixtral,
+    Qwen3-Omni) it turns expert names into every MoE layer's stacks, and a regular expression into bare names."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file
+
+    torch.manual_seed(0)
+    model = _tiny_moe(family)
+    model.save_pretrained(tmp_path / "moe")
+    tensors = load_file(tmp_path / "moe" / "model.safetensors")
+    rng = np.random.default_rng(2)
+    attention = re.compile(r"model\.layers\.1\.self_attn\.q_(b_)?proj\.weight")  # the text layers' q in layer 1
+    masks = {n: rng.random(x.shape) < (0.9 if re.search(r"\.(mlp|block_sparse_moe)\.", n) and "visual" not in n
+                                       else 0.5 if attention.fullmatch(n) else 0.05) for n, x in tensors.items()}
+    write_masks(tmp_path / "m.safetensors", masks, {"kind": "test"}, {n: "F32:x" for n in masks})
+    mf = read_masks(tmp_path / "m.safetensors")
+    result = coarse_export(mf, Target.peft, budget=0.3)
+    chosen = json.loads(result.text)
+    peft_model = get_peft_model(model, LoraConfig(r=2, **chosen))
+    # the checkpoint tensor each adapted matrix was saved as (module and checkpoint names differ in Qwen3-Omni)
+    saved = {x.tobytes(): n for n, x in tensors.items()}
+    adapted = [mod.get_base_layer() for _, mod in peft_model.named_modules() if hasattr(mod, "lora_A")]
+    assert adapted and all(isinstance(m, torch.nn.Linear) for m in adapted)  # not a router, not an expert stack
+    adapted = {saved[m.weight.detach().numpy().tobytes()] for m in adapted}
+    check_coverage(result, mf, {n: np.full(x.shape, n in adapted) for n, x in tensors.items()})
