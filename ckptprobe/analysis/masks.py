@@ -296,7 +296,7 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
         raise UsageError("no weight matrix of the base is selected: there is nothing to compute a mask for",
                          hint="check --include/--exclude and -k")
     if others and vectors is None:
-        raise UsageError(f"{len(others)} weight(s) get no computed mask (1-D, not selected, or smaller than k), "
+        raise UsageError(f"{len(others)} weight(s) get no computed mask (not a matrix, not selected, or smaller than k), "
                          f"e.g. {others[0]}: say whether they train or stay frozen",
                          hint="add --vectors train or --vectors freeze")
     for run in runs:
