@@ -86,6 +86,16 @@ class Frozen:
             yield s, size, _unpack(self.where[s // 8:(s + size + 7) // 8], size), self.values[offset:offset + self.counts[i]]
             offset += self.counts[i]
 
+    def check(self, t: torch.Tensor) -> None:
+        """Refuse a tensor that is not the one the values were saved from: `model.to(dtype or device)` after the
+        masks were applied keeps the parameters but swaps their data, and the step would then move frozen entries
+        that could not be written back."""
+        if t.dtype != self.values.dtype or t.device != self.values.device or t.numel() != self.numel:
+            raise UsageError(f"{self.name} is now {t.dtype} on {t.device} ({t.numel():,} entries); its masks were "
+                             f"applied to {self.values.dtype} on {self.values.device} ({self.numel:,}): frozen "
+                             "entries could not be kept bitwise", hint="apply the masks after moving the model to "
+                                                                       "its device and dtype")
+
     @torch.no_grad()
     def zero(self, grad: torch.Tensor) -> None:
         """Zero the frozen entries of `grad` (shaped like the tensor) in place; a NaN there becomes 0 too."""

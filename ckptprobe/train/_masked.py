@@ -35,7 +35,8 @@ class MaskedUpdates:
     """What is installed on an optimizer; `remove()` takes it all out and frees the saved values.
 
     `frozen` maps each constrained parameter to its `Frozen` entries on this process, by its
-    first name; without names, by the mask that landed on it (`param[i] shape` when none did).
+    first name; without names, by the mask that landed on it (`param[i] shape` when none did), with `(param[i])`
+    after a name that an earlier parameter has (bitwise-equal base tensors).
     """
 
     frozen: dict[str, Frozen]
@@ -74,9 +75,13 @@ def _check_missing(missing: str) -> None:
 
 def _install(optimizer, params, names, source: MaskSource, pieces, missing: str) -> MaskedUpdates:
     plan = []  # (label, param, keep mask of the local part or None = all frozen)
+    labels = set()
     for i, (p, ns, pcs) in enumerate(zip(params, names, pieces, strict=True)):
         label = ns[0] if ns else f"param[{i}] {tuple(p.shape)}" if not pcs else \
             pcs[0].name + (f" (+{len(pcs) - 1} more)" if len(pcs) > 1 else "")
+        if label in labels:  # bare parameters: bitwise-equal base tensors (norms) land on one mask name
+            label += f" (param[{i}])"
+        labels.add(label)
         if not pcs:
             if missing == "error":
                 raise MaskFileError(f"no mask for {label}, which the optimizer trains",
@@ -109,6 +114,8 @@ def _install(optimizer, params, names, source: MaskSource, pieces, missing: str)
                              "swaps in flat fp32 partitions; add_param_group adds tensors): frozen entries "
                              "would not stay fixed", hint="apply the masks after the optimizer is complete; "
                              "DeepSpeed ZeRO is not supported")
+        for p, frozen in entries:
+            frozen.check(local(p))
         for p, frozen in assigned:
             if p.grad is not None:
                 frozen.zero(local(p.grad))

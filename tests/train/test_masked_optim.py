@@ -273,3 +273,33 @@ def test_swapped_parameters_refused_at_step(tmp_path):
     flat.grad = torch.ones_like(flat)
     with pytest.raises(UsageError, match="DeepSpeed"):
         opt.step()
+
+
+@pytest.mark.parametrize("way", ["optimizer", "hooks"])
+def test_dtype_changed_after_masks_refused_before_the_step(tmp_path, way):
+    """`model.to(bfloat16)` after the masks were applied keeps the parameter objects but swaps their data:
+    the step is refused before it runs, naming the tensor, and no weight has moved."""
+    model = bf16_block()
+    mask_file(tmp_path / "m.safetensors", dict(model.named_parameters()))
+    if way == "hooks":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        mask_updates(model, tmp_path / "m.safetensors", opt)
+    else:
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, masks=tmp_path / "m.safetensors")
+    model.to(torch.bfloat16)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss(model, torch.Generator().manual_seed(0)).backward()
+    with pytest.raises(UsageError, match=r"embed_tokens.weight is now torch.bfloat16 on cpu .*applied to torch.float32"):
+        opt.step()
+    assert all(torch.equal(bits(p), bits(start[n])) for n, p in model.named_parameters())
+
+
+def test_bare_parameters_with_equal_base_tensors_each_keep_their_frozen_entries(tmp_path):
+    """Bare parameters whose base tensors are bitwise equal (norms of ones) land on one mask name: each
+    still has its own entry in `frozen`, and `nbytes` counts them all."""
+    model = nn.Module()
+    model.a, model.b, model.c = (nn.Parameter(torch.ones(4, 4)) for _ in range(3))
+    mask_file(tmp_path / "m.safetensors", {"x.a": model.a, "x.b": model.b, "x.c": model.c}, density=0.0)
+    handle = masked(torch.optim.SGD)(model.parameters(), lr=0.1, masks=tmp_path / "m.safetensors").masked_updates
+    assert sorted(handle.frozen) == ["x.a", "x.a (param[1])", "x.a (param[2])"]
+    assert handle.nbytes == 3 * 16 * 4  # each all frozen: its 16 float32 values
