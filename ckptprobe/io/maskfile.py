@@ -174,6 +174,10 @@ class MaskSet(dict):
     recipe: dict
     fingerprints: dict
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write these masks as a mask file (atomically)."""
+        write_masks(path, {n: m.cpu().numpy() for n, m in self.items()}, self.recipe, self.fingerprints)
+
 
 def load_masks(path: str | os.PathLike, device="cpu") -> MaskSet:
     """Load a mask file as boolean torch tensors on `device`, shaped like their parameters."""

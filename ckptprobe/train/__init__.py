@@ -7,7 +7,7 @@ transformers when first used.
 """
 
 from ckptprobe.train._gate import GateStep, GradientGate
-from ckptprobe.train._masked import MaskedUpdates, mask_updates
+from ckptprobe.train._masked import MaskedUpdates, mask_updates, model_masks
 from ckptprobe.train._optim import MaskedAdam, MaskedAdamW, MaskedSGD, masked
 from ckptprobe.train._pcr import apply_pcr, gradient_conflict, gradient_variance, pcr_combine
 
@@ -24,6 +24,7 @@ __all__ = [
     "gradient_variance",
     "mask_updates",
     "masked",
+    "model_masks",
     "pcr_combine",
 ]
 

@@ -18,14 +18,15 @@ optimizer class that constrains the tensors it steps itself (see `_optim`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ckptprobe.errors import MaskFileError, UsageError
+from ckptprobe.io.maskfile import MaskSet
 from ckptprobe.train._frozen import Frozen
-from ckptprobe.train._resolve import MaskSource, is_dtensor, local, local_keep, resolve
+from ckptprobe.train._resolve import MaskSource, is_dtensor, local, local_keep, resolve, tensor_fingerprint
 
 MISSING = ("error", "freeze", "train")
 
@@ -166,15 +167,9 @@ def mask_updates(model: torch.nn.Module, masks, optimizer: torch.optim.Optimizer
     that are not the model's parameters (UsageError): fp32 master copies are constrained by
     building the optimizer with `ckptprobe.train.masked(...)` over the masters instead.
     """
-    params, names, index = [], [], {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in index:
-            index[id(p)] = len(params)
-            params.append(p)
-            names.append([])
-        names[index[id(p)]].append(name)
+    params, names = _named(model)
     stepped = {id(p) for p in _stepped(optimizer)}
-    if stepped - index.keys():
+    if stepped - {id(p) for p in params}:
         raise UsageError("the optimizer steps tensors that are not parameters of the model (fp32 master "
                          "copies?): frozen entries could not be kept fixed",
                          hint="build the optimizer with ckptprobe.train.masked(...) over the tensors it steps")
@@ -188,3 +183,40 @@ def mask_updates(model: torch.nn.Module, masks, optimizer: torch.optim.Optimizer
     keep = [i for i, p in enumerate(params) if id(p) in stepped]
     return _install(optimizer, [params[i] for i in keep], [names[i] for i in keep], source,
                     [pieces[i] for i in keep], missing)
+
+
+def _named(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[list[str]]]:
+    """The model's distinct parameters and each one's names (a tied parameter has several)."""
+    params, names, index = [], [], {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in index:
+            index[id(p)] = len(params)
+            params.append(p)
+            names.append([])
+        names[index[id(p)]].append(name)
+    return params, names
+
+
+def model_masks(masks, model: torch.nn.Module) -> MaskSet:
+    """`masks` (checkpoint coordinates) in the coordinates of `model`: {parameter name: bool tensor shaped like
+    the parameter}, placed as `mask_updates` places them, with fingerprints of the parameters as they are now.
+
+    `model` must hold the base weights (content placement needs them). Its use is resuming: once trained
+    entries have moved, `check_base=False` places masks by name only, and a checkpoint's names are not a
+    model's when transformers renames (vision-language models) or fuses (MoE experts) them on loading. Save
+    the result (`.save(path)`, a mask file) at the start of a run and resume with that file and
+    `check_base=False`; or, at resume, compute it again on the base model."""
+    params, names = _named(model)
+    source = MaskSource(masks)
+    out = MaskSet()
+    out.recipe, out.fingerprints = {**source.recipe, "coordinates": "model"}, {}
+    for p, ns, pcs in zip(params, names, resolve(params, names, source), strict=True):
+        if not pcs:
+            continue
+        if is_dtensor(p):
+            raise UsageError(f"{ns[0]} is sharded (a DTensor): compute the model's masks before fully_shard")
+        out[ns[0]] = torch.from_numpy(local_keep(p, pcs, source))
+        fp = source.fingerprints.get(pcs[0].name)
+        if fp is not None:
+            out.fingerprints[ns[0]] = tensor_fingerprint(p, fp.split(":")[0])
+    return out

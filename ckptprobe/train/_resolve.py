@@ -63,14 +63,14 @@ def tensor_fingerprint(t: torch.Tensor, dtype: str) -> str:
 class MaskSource:
     """Masks in checkpoint coordinates: a mask file path, a `MaskSet`, or {name: bool tensor or array}.
 
-    `shapes` {name: shape}, `fingerprints` {name: "DTYPE:hash"} (empty for a plain dict), and
-    `array(name)` -> bool numpy array, read when needed.
+    `shapes` {name: shape}, `fingerprints` {name: "DTYPE:hash"} (empty for a plain dict), `recipe` (the
+    file's, a `MaskSet`'s, or empty), and `array(name)` -> bool numpy array, read when needed.
     """
 
     def __init__(self, masks):
         if isinstance(masks, (str, os.PathLike)):
             mf = read_masks(masks)
-            self.label = str(masks)
+            self.label, self.recipe = str(masks), mf.recipe
             fps = {n: e["fingerprint"] for n, e in mf.tensors.items() if e.get("fingerprint")}
             # A mask over an integer or bool base tensor (a buffer such as BERT's position_ids) masks
             # nothing an optimizer steps: such entries are not weights and are left out.
@@ -84,7 +84,7 @@ class MaskSource:
         for name, m in masks.items():
             if m.dtype not in (torch.bool, np.bool_):
                 raise MaskFileError(f"mask for {name!r} is {m.dtype}, expected bool")
-        self.label = "the masks"
+        self.label, self.recipe = "the masks", dict(getattr(masks, "recipe", None) or {})
         self.shapes = {n: tuple(m.shape) for n, m in masks.items()}
         self.fingerprints = dict(getattr(masks, "fingerprints", None) or {})
         self._masks = masks
@@ -225,9 +225,12 @@ def resolve(params: Sequence[torch.Tensor], names: Sequence[Sequence[str]], sour
     unplaced = [m for m in source.shapes if m not in owner]
     if unplaced:
         raise MaskFileError(
-            f"{source.label}: {len(unplaced)} mask(s) match no parameter by name or content, e.g. {unplaced[0]!r}",
+            f"{source.label}: {len(unplaced)} mask(s) match no parameter by name{' or content' if check else ''}, "
+            f"e.g. {unplaced[0]!r}",
             hint="check that the mask file was made for this model's base checkpoint, and that the parameters "
-                 "still hold the base weights (content matching needs them)")
+                 "still hold the base weights (content matching needs them)" if check else
+                 "with check_base=False masks are placed by name only: where the model renames or fuses the "
+                 "checkpoint's tensors, resume with the masks in its coordinates (ckptprobe.train.model_masks)")
     return pieces
 
 

@@ -303,3 +303,68 @@ def test_bare_parameters_with_equal_base_tensors_each_keep_their_frozen_entries(
     handle = masked(torch.optim.SGD)(model.parameters(), lr=0.1, masks=tmp_path / "m.safetensors").masked_updates
     assert sorted(handle.frozen) == ["x.a", "x.a (param[1])", "x.a (param[2])"]
     assert handle.nbytes == 3 * 16 * 4  # each all frozen: its 16 float32 values
+
+
+def _tiny(family: str):
+    import transformers as t
+
+    text = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    if family == "qwen3_moe":  # experts stored per expert, fused into 3-D parameters on loading
+        return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(**text, intermediate_size=32, moe_intermediate_size=8,
+                                                      num_experts=4, num_experts_per_tok=2, head_dim=8))
+    # Llava: stored as `language_model.model.layers...`, loaded as `model.language_model.layers...`
+    return t.LlavaForConditionalGeneration(t.LlavaConfig(
+        text_config=t.LlamaConfig(**text, intermediate_size=32),
+        vision_config=t.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=8, patch_size=4),
+        image_token_index=3))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llava"])
+def test_resume_with_the_masks_in_model_coordinates(tmp_path, family):
+    """Checkpoint names are not parameter names here, so a resumed run (trained entries moved, masks placed by
+    name only) cannot use the checkpoint's mask file; the masks in the model's coordinates, saved at the start
+    or computed again on the base model, resume it, and the frozen entries stay the base's through both runs."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from ckptprobe.train import model_masks
+
+    torch.manual_seed(0)
+    _tiny(family).save_pretrained(tmp_path / "base")
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)  # checkpoint names and shapes; vectors train (`--vectors train`)
+    masks = {n: torch.rand(t.shape, generator=gen) < 0.5 if t.ndim > 1 else torch.ones(t.shape, dtype=torch.bool)
+             for n, t in stored.items()}
+    write_masks(tmp_path / "m.safetensors", {n: m.numpy() for n, m in masks.items()}, {"kind": "test"},
+                {n: bf16_fingerprint(t) for n, t in stored.items()})
+    cls = getattr(transformers, type(_tiny(family)).__name__)
+    model = cls.from_pretrained(tmp_path / "base")
+    in_model = model_masks(tmp_path / "m.safetensors", model)
+    in_model.save(tmp_path / "model-masks.safetensors")
+    assert set(in_model) == {n for n, _ in model.named_parameters()} and set(in_model) != set(masks)
+
+    def run(model, masks, check_base, out):
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, masks=masks, check_base=check_base)
+        gen = torch.Generator().manual_seed(len(out))
+        for _ in range(3):
+            ids = torch.randint(4, 32, (2, 6), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.save_pretrained(tmp_path / out)
+
+    run(model, tmp_path / "m.safetensors", True, "step3")
+    resumed = cls.from_pretrained(tmp_path / "step3")
+    with pytest.raises(MaskFileError, match="match no parameter"):
+        MaskedAdamW(resumed.named_parameters(), masks=tmp_path / "m.safetensors", check_base=False)
+    again = model_masks(tmp_path / "m.safetensors", cls.from_pretrained(tmp_path / "base"))
+    assert again.keys() == in_model.keys() and all(torch.equal(again[n], in_model[n]) for n in again)
+    run(resumed, tmp_path / "model-masks.safetensors", False, "step6")
+    final = load_file(tmp_path / "step6" / "model.safetensors")
+    assert final.keys() == stored.keys()
+    moved = 0
+    for n, keep in masks.items():
+        assert torch.equal(bits(final[n])[~keep], bits(stored[n])[~keep]), n
+        moved += int((bits(final[n]) != bits(stored[n]))[keep].sum())
+    assert moved > 0.5 * sum(int(k.sum()) for n, k in masks.items() if "vision" not in n)
