@@ -228,7 +228,9 @@ def resolve(params: Sequence[torch.Tensor], names: Sequence[Sequence[str]], sour
             f"{source.label}: {len(unplaced)} mask(s) match no parameter by name{' or content' if check else ''}, "
             f"e.g. {unplaced[0]!r}",
             hint="check that the mask file was made for this model's base checkpoint, and that the parameters "
-                 "still hold the base weights (content matching needs them)" if check else
+                 "still hold the base weights (content matching needs them); an optimizer over some of the "
+                 "model's parameters (a frozen tower left out) takes mask_updates(model, masks, optimizer), "
+                 "which sees them all" if check else
                  "with check_base=False masks are placed by name only: where the model renames or fuses the "
                  "checkpoint's tensors, resume with the masks in its coordinates (ckptprobe.train.model_masks)")
     return pieces
