@@ -176,7 +176,8 @@ class MaskSet(dict):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write these masks as a mask file (atomically)."""
-        write_masks(path, {n: m.cpu().numpy() for n, m in self.items()}, self.recipe, self.fingerprints)
+        write_masks(path, {n: m.cpu().numpy() for n, m in self.items()}, getattr(self, "recipe", {}),
+                    getattr(self, "fingerprints", {}))
 
 
 def load_masks(path: str | os.PathLike, device="cpu") -> MaskSet:
