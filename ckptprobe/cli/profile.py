@@ -59,7 +59,8 @@ def profile(
     """
     from ckptprobe.analysis.profile import profile as run
     from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series,
-                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, tolerances, wrote)
+                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, require_some,
+                                       tolerances, wrote)
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import progress_bar, table, warn
 
@@ -77,6 +78,7 @@ def profile(
     with progress_bar("comparing", total_bytes) as advance:
         result = run(a, sources, layer, mode, eta, atol, smooth, include or (), exclude or (), progress=advance,
                      workers=workers)
+    require_some([n for n in result.numel if n], result.skipped, verbose, "tensor")  # in no checkpoint
     report_skipped(result.skipped, verbose)
     if not result.tensors:
         warn(f"layer {layer} has no matrix in common with the checkpoints")

@@ -168,16 +168,16 @@ def test_ctrl_c_says_so_and_leaves_nothing(tmp_path):
     assert not target.exists() and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("command", ["sparsity", "spectrum", "principal", "consensus", "drift"])
+@pytest.mark.parametrize("command", ["sparsity", "spectrum", "principal", "consensus", "drift", "profile"])
 def test_nothing_compared_is_an_error(tmp_path, capsys, command):
     """Checkpoints with the same names but other shapes (another model size): no table and exit 0, but
     one line saying nothing was compared and why."""
     w = tiny_weights(0)
     base = save(tmp_path / "base.safetensors", w)
     other = save(tmp_path / "other.safetensors", {n: np.zeros((2, *x.shape), np.float32) for n, x in w.items()})
-    runs = [other, other] if command == "consensus" else [other]
+    runs = [other, other] if command in ("consensus", "profile") else [other]
     line = run_error(capsys, [command, str(base), *map(str, runs)], "was compared", "shape differs")
-    assert line.startswith("Error: no tensor" if command in ("sparsity", "consensus", "drift") else "Error: no matrix")
+    assert line.startswith("Error: no matrix" if command in ("spectrum", "principal") else "Error: no tensor")
     assert main([command, str(base), *map(str, runs), "-v"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) > len(w) // 2 and all(e.startswith("skipped ") for e in err[:-1]) and err[-1].startswith("Error:")
