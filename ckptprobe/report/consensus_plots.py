@@ -16,7 +16,7 @@ import numpy as np
 
 from ckptprobe.analysis.consensus import GroupConsensus, TensorConsensus
 from ckptprobe.analysis.profile import ProfileResult
-from ckptprobe.report.figures import pyplot, save_figure
+from ckptprobe.report.figures import matrix_label, pyplot, save_figure
 
 HEATMAP_MODULES = ("q", "k", "v", "qkv", "o", "down")
 
@@ -56,7 +56,7 @@ def plot_heatmaps(tensors: Sequence[TensorConsensus], n_runs: int, path: str | o
         axis = head_axis(t.module, t.transposed)
         for pos in _boundaries(t.shape[axis], head_dim) if axis is not None else ():
             (ax.axhline if axis == 0 else ax.axvline)(pos, color="cyan", lw=0.9, alpha=0.9)
-        ax.set_title(f"{t.name.split('.')[-2]} {rows}x{cols}\n(block {t.heat_block}x{t.heat_block})", fontsize=9)
+        ax.set_title(f"{matrix_label(t.name)} {rows}x{cols}\n(block {t.heat_block}x{t.heat_block})", fontsize=9)
         ax.set_xlabel("column")
     axes[0, 0].set_ylabel("row")
     bar = fig.add_axes((1 - 1.0 / width, 0.5 / height, 0.15 / width, 1 - 1.3 / height))
@@ -123,7 +123,7 @@ def plot_ratios(tensors: Sequence[TensorConsensus], path: str | os.PathLike, hea
             _ratio_panel(ax, x, t, axis, head_dim, color="C0")
             ax.axhline(float(np.mean(x)), color="k", lw=0.6, ls="--")
             idx = t.row_stripe_index if axis == 0 else t.col_stripe_index
-            ax.set_title(f"{t.name.split('.')[-2]}: {what} ratio" + (f" (stripe index {idx:.1f})" if idx else ""),
+            ax.set_title(f"{matrix_label(t.name)}: {what} ratio" + (f" (stripe index {idx:.1f})" if idx else ""),
                          fontsize=8)
     save_figure(fig, path, fitted=True)
 
@@ -141,7 +141,7 @@ def plot_profile(result: ProfileResult, labels: Sequence[str], path: str | os.Pa
                 _ratio_panel(ax, x, t, axis, head_dim, color=colors[s], label=labels[s])
             corr = t.row_corr if axis == 0 else t.col_corr
             known = [c for c in corr if c is not None]
-            ax.set_title(f"{t.name.split('.')[-2]}: {what} ratio" +
+            ax.set_title(f"{matrix_label(t.name)}: {what} ratio" +
                          (f" (consecutive r {min(known):.2f}..{max(known):.2f})" if known else ""), fontsize=8)
     axes[0, 1].legend(fontsize=7, loc="upper right")
     save_figure(fig, path, fitted=True)

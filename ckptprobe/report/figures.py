@@ -23,6 +23,15 @@ def pyplot():
     return plt
 
 
+def matrix_label(name: str) -> str:
+    """A matrix's name in a panel title: from its layer on, without `.weight` (`mlp.experts.3.down_proj`
+    of `model.layers.1.mlp.experts.3.down_proj.weight`), so that two experts' matrices differ."""
+    from ckptprobe.io.names import LAYER
+
+    m = LAYER.search(name)
+    return (name[m.end():] if m else name).removesuffix(".weight")
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 130, fitted: bool = False) -> Path:
     """Save `fig` atomically; the format follows the suffix (.png, .pdf, .svg). Closes the figure.
 

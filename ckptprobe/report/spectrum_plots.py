@@ -14,7 +14,7 @@ import numpy as np
 
 from ckptprobe.analysis.spectrum import SpectrumResult
 from ckptprobe.errors import UsageError
-from ckptprobe.io.names import MODULE_ORDER
+from ckptprobe.io.names import MODULE_ORDER, parse_name
 from ckptprobe.report.figures import pyplot, save_figure
 from ckptprobe.report.labels import label as short_label
 
@@ -67,7 +67,9 @@ def plot_spectrum(result: SpectrumResult, path: str | os.PathLike, layer: int | 
                 ax_a.plot(i, c.angles_u, color=color, lw=1, label=f"{short_label(c.finetuned)} U")
                 ax_a.plot(i, c.angles_v, color=color, lw=1, ls="--", label=f"{short_label(c.finetuned)} V")
         ax_s.set_yscale("log")
-        ax_s.set_title(f"layer {layer} {module} {m.shape[0]}x{m.shape[1]}", fontsize=9)
+        expert = m.expert if m.expert is not None else parse_name(m.name).expert  # a stack's index, or the name's
+        which = f" (expert {expert})" if expert is not None else ""  # one matrix stands for its module type
+        ax_s.set_title(f"layer {layer} {module}{which} {m.shape[0]}x{m.shape[1]}", fontsize=9)
         ax_s.set_xlabel("index i")
         ax_a.set_xlabel(f"i (top-{m.k} subspace)")
         if col == 0:

@@ -220,3 +220,14 @@ def test_table_names_each_matrix(tmp_path, capsys, monkeypatch):
     assert main(["profile", *map(str, paths), "--layer", "0"]) == 0
     table = capsys.readouterr().out.split("Profiles of layer 0")[1]
     assert [sum(line.startswith(f"│ {n} ") for line in table.splitlines()) for n in names] == [2, 2]
+    # and so do the plot's panels
+    import ckptprobe.report.consensus_plots as plots
+
+    titles = []
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: (
+        titles.extend(ax.get_title() for ax in fig.axes), save(fig, path, **kw))[1])
+    assert main(["profile", *map(str, paths), "--layer", "0", "--plot", str(tmp_path / "p.png")]) == 0
+    for e in range(2):
+        assert [t.split(" (")[0] for t in titles if f"experts.{e}." in t] == \
+            [f"mlp.experts.{e}.up_proj: row ratio", f"mlp.experts.{e}.up_proj: column ratio"], titles
