@@ -46,7 +46,7 @@ def _tolerance(value: float | None) -> float | None:
 
 def _fraction(value: float) -> float:
     if not 0 < value <= 1:
-        raise typer.BadParameter(f"must be a fraction in (0, 1], got {value:g}")
+        raise typer.BadParameter(f"must be a fraction in (0, 1], got {value:.15g}")  # :g would show 1.0000001 as 1
     return value
 
 

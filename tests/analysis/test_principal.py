@@ -137,6 +137,7 @@ def test_cli_json_csv_plot(tiny_pair, tmp_path, capsys):
     (["--plot", "{tmp}/f.png", "--matrix", "model.norm.weight"], "not a 2-D float matrix"),
     (["-k", "0"], "--rank: must be >= 1, got 0"),
     (["--alpha", "2"], "--alpha: must be a fraction in (0, 1], got 2"),
+    (["--alpha", "1.0000001"], "--alpha: must be a fraction in (0, 1], got 1.0000001"),
     (["{ft}"], "is given twice"),
 ])
 def test_cli_errors_exit_2(tiny_pair, tmp_path, capsys, args, match):
