@@ -118,7 +118,7 @@ def build(
     from ckptprobe.cli._common import configure_threads, open_sources, tolerances, writable
     from ckptprobe.errors import UsageError
     from ckptprobe.io.maskfile import write_packed
-    from ckptprobe.report.output import err, progress_bar, show, table
+    from ckptprobe.report.output import err, progress_bar, show, table, warn
 
     if (kind is None) == (expr is None):
         raise UsageError("give exactly one of --kind and --expr")
@@ -145,6 +145,10 @@ def build(
         result = build_masks(src, spec, run_sources, kind.value if kind else None, include or (), exclude or (),
                              vectors, progress=advance)
     write_packed(output, result.packed(), result.recipe, result.fingerprints)
+    small = [s for s in result.skipped if s.category == "small"]
+    if small:  # a "principal" mask that trains (or freezes) a whole matrix should not pass unnoticed
+        warn(f"{len(small)} matri{'ces' if len(small) > 1 else 'x'} smaller than k: no computed mask, --vectors "
+             f"{vectors.value} instead (e.g. {small[0].name}, {small[0].reason})")
     total = result.total
     density = f"{100 * total['density']:.1f}%" if total["numel"] else "no"
     err.print(f"{result.recipe['expression']}: {density} of entries trainable ({total['trainable']:,} of "

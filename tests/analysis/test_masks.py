@@ -420,3 +420,20 @@ def test_info_accepts_a_base_saved_in_another_float_dtype(runs, tmp_path, capsys
     capsys.readouterr()
     assert main(["masks", "info", str(out), "--base", str(tmp_path / "other32.safetensors")]) == 1
     assert f"{name}: the model's tensor differs" in capsys.readouterr().err
+
+
+def test_cli_matrices_smaller_than_k_are_said_to_follow_vectors(tmp_path, capsys):
+    """-k above a matrix's smaller side: that matrix gets no principal mask but --vectors, and stderr says so."""
+    rng = np.random.default_rng(3)
+    w = {"model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float32),
+         "model.layers.0.mlp.down_proj.weight": rng.standard_normal((2, 5)).astype(np.float32)}
+    base = save(tmp_path / "base.safetensors", w)
+    out = tmp_path / "m.safetensors"
+    assert main(["masks", str(base), "--kind", "principal", "-k", "3", "--vectors", "train", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Warning: 1 matrix smaller than k: no computed mask, --vectors train instead (e.g. " \
+           "model.layers.0.mlp.down_proj.weight, shape (2, 5): smaller side 2 < k=3)" in err
+    mf = read_masks(out)
+    assert mf.tensors["model.layers.0.mlp.down_proj.weight"]["computed"] is False
+    assert mf.count("model.layers.0.mlp.down_proj.weight") == 10
+    assert mf.count("model.layers.0.mlp.up_proj.weight") == keep_count(0.05, 128)
