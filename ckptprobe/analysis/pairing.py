@@ -3,6 +3,7 @@ a guess of why two checkpoints share no name at all."""
 
 from __future__ import annotations
 
+import functools
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,9 +18,18 @@ if TYPE_CHECKING:
 
 
 def selected(name: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
-    """True if `name` matches one of `include` (or there is none) and none of `exclude`."""
-    return (not include or any(fnmatchcase(name, p) for p in include)) and not any(
-        fnmatchcase(name, p) for p in exclude)
+    """True if `name` matches one of `include` (or there is none) and none of `exclude` (`globs`)."""
+    return (not include or any(fnmatchcase(name, p) for p in globs(tuple(include)))) and not any(
+        fnmatchcase(name, p) for p in globs(tuple(exclude)))
+
+
+@functools.lru_cache(maxsize=256)
+def globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The glob patterns with braces expanded as bash does, as checkpoint patterns are: `*.{q,k}_proj.*`
+    is `*.q_proj.*` and `*.k_proj.*` (fnmatch alone would look for a literal brace, and match nothing)."""
+    from ckptprobe.io.series import expand_braces
+
+    return tuple(g for p in patterns for g in expand_braces(p))
 
 
 def layers_of(base: TensorSource, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[int]:

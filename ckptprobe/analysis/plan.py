@@ -25,7 +25,7 @@ from enum import Enum
 from fnmatch import fnmatchcase
 from typing import Callable, Sequence
 
-from ckptprobe.analysis.pairing import selected, why_disjoint
+from ckptprobe.analysis.pairing import globs, selected, why_disjoint
 from ckptprobe.analysis.choices import CompareMode, default_mode
 from ckptprobe.analysis.weights import is_expert_stack, not_a_weight
 from ckptprobe.errors import NoMatchingTensorsError, TensorMismatchError, UsageError
@@ -179,7 +179,7 @@ def _not_matrix(name: str, info: TensorInfo) -> Skipped | None:
 def _check_filters(base: TensorSource, include: Sequence[str], exclude: Sequence[str]) -> None:
     names = base.keys()
     for p in include:
-        if not any(fnmatchcase(n, p) for n in names):
+        if not any(fnmatchcase(n, g) for g in globs((p,)) for n in names):
             raise NoMatchingTensorsError(f"--include {p!r} matches no tensor of {base.ref}",
                                          hint="names are globs over full tensor names, e.g. '*.layers.13.*'")
     if names and not any(selected(n, include, exclude) for n in names):

@@ -94,10 +94,12 @@ AddPrefixOpt = Annotated[Optional[str], typer.Option(
     help="Put PREFIX before the tensor names of every checkpoint after BASE (after --strip-prefix).")]
 IncludeOpt = Annotated[Optional[List[str]], typer.Option(
     "--include", "-i", metavar="GLOB",
-    help="Only tensors whose name matches this glob (repeatable), e.g. `*.layers.13.*`.")]
+    help="Only tensors whose name matches this glob (repeatable; braces as in bash), e.g. `*.layers.13.*` or "
+         "`*.layers.{0,13}.*`.")]
 ExcludeOpt = Annotated[Optional[List[str]], typer.Option(
     "--exclude", "-x", metavar="GLOB",
-    help="Leave out tensors whose name matches this glob (repeatable), e.g. `*norm*`.")]
+    help="Leave out tensors whose name matches this glob (repeatable; braces as in bash), e.g. `*norm*` or "
+         "`*.{q,k}_proj.*`.")]
 
 # output
 FormatOpt = Annotated[Optional[Format], typer.Option(

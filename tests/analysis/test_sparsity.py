@@ -155,8 +155,14 @@ def test_include_exclude(tiny_pair):
     r = sparsity(a, b, include=["*.layers.0.*", "lm_head.*"], exclude=["*norm*", "*.q_proj.*"])
     assert {t.name for t in r.tensors} == {n for n in tiny_pair.changed if (".layers.0." in n or n.startswith("lm_head"))
                                            and "norm" not in n and "q_proj" not in n}
+    # braces as bash expands them, in --include and --exclude alike
+    r = sparsity(a, b, include=["*.layers.{0,1}.*"], exclude=["*.{q,k}_proj.*"])
+    assert {t.name for t in r.tensors} == {n for n in tiny_pair.changed if ".layers." in n
+                                           and "q_proj" not in n and "k_proj" not in n}
     with pytest.raises(NoMatchingTensorsError, match=r"--include 'nothing\*' matches no tensor of .*base"):
         sparsity(a, b, include=["nothing*"])
+    with pytest.raises(NoMatchingTensorsError, match=r"--include '\*.layers.\{7,9\}.\*' matches no tensor"):
+        sparsity(a, b, include=["*.layers.{7,9}.*"])
     with pytest.raises(NoMatchingTensorsError, match="leave no tensor"):
         sparsity(a, b, include=["*.layers.0.*"], exclude=["*.layers.*"])
     assert Counts(0, 0).sparsity is None
