@@ -94,7 +94,8 @@ def open_source(ref: str | os.PathLike, revision: str | None = None, token: str 
                 download: bool = False) -> TensorSource:
     """Resolve a checkpoint reference: a file, a folder, or a Hub repo (or a folder in one).
 
-    An existing local path always wins over a Hub name. Hub references are
+    An existing local path always wins over a Hub name, and so does an existing local folder: `run/step-3`
+    inside a local `run/` is a missing local checkpoint (`hf://run/step-3` names the repo). Hub references are
     `org/name`, `org/name@revision`, `org/name@revision:sub/folder` (or `org/name:sub/folder`),
     optionally prefixed `hf://`; `revision` applies to Hub references that do not name one
     with `@`. A pattern naming many checkpoints (`org/name@step-*`) is refused here: expand it
@@ -122,6 +123,10 @@ def open_source(ref: str | os.PathLike, revision: str | None = None, token: str 
     if PATTERN.search(ref):
         raise UsageError(f"{ref}: a pattern names many checkpoints, and one is expected here",
                          hint="drift, profile and consensus take patterns; elsewhere name one checkpoint")
+    if hub is not None and not ref.startswith("hf://") and path.parent.is_dir():
+        # `run/step-3` beside `run/step-1`: a local folder's missing entry (a gap in a series), not a repo
+        raise CheckpointNotFoundError(f"{ref}: no such file or folder in the local folder {path.parent}",
+                                      hint=f"for the Hub repo of that name, write hf://{ref}")
     if hub is not None:
         from ckptprobe.io.hub import HubSource  # only Hub users pay for importing huggingface_hub
 

@@ -131,6 +131,20 @@ def test_broken_link_is_local_never_the_hub(tmp_path, capsys, monkeypatch, targe
     run_error(capsys, ["sparsity", str(good), "org/name"], "org/name", "broken symbolic link")
 
 
+def test_missing_entry_of_a_local_folder_is_local_never_the_hub(tmp_path, capsys, monkeypatch):
+    """`run/step-3` where a local `run/` holds other steps (a gap in a brace range) is a missing local
+    checkpoint, said so; `hf://` still names the Hub repo (HF_ENDPOINT points at nothing: its own error)."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    good = tmp_path / "run" / "step-1.safetensors"
+    write_safetensors(good, {"w": ("F32", np.zeros(2, np.float32))})
+    run_error(capsys, ["sparsity", str(good), "run/step-3"], "run/step-3: no such file or folder in the local "
+              "folder run", hint="hf://run/step-3")
+    line = run_error(capsys, ["sparsity", str(good), "hf://run/step-3"])
+    assert "local folder" not in line
+
+
 def test_folder_without_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     run_error(capsys, ["sparsity", str(tmp_path), str(tmp_path)], str(tmp_path), "no *.safetensors")
