@@ -330,6 +330,9 @@ def scramble_checkpoint(base: str | os.PathLike, out: str | os.PathLike, seed: i
     from ckptprobe.io.rewrite import rewrite_folder
 
     folder = Path(base)
+    if folder.is_file():  # a checkpoint file: its folder holds the config and every other file to copy
+        raise UsageError(f"{base}: a file; scramble rewrites a whole model folder (config.json, shards, tokenizer)",
+                         hint=f"give its folder: {folder.parent}")
     arch = Arch.from_config(read_config(folder), str(folder / "config.json"))
     plan = Scramble(arch, range(arch.layers) if layers is None else layers, seed,
                     list(Kind) if kinds is None else kinds)

@@ -44,6 +44,9 @@ def test_refusals(tiny_llama, tmp_path, capsys):
     run_error(capsys, ["scramble", base, "-o", out, "--seed", "0", "--layers", "3"], "layer 3", "0..2", code=2)
     run_error(capsys, ["scramble", base, "-o", out, "--seed", "0", "--layers", "1-x"], "--layers", code=2)
     run_error(capsys, ["scramble", str(tmp_path / "nope"), "-o", out, "--seed", "0"], "config.json", "not found")
+    shard = next(Path(base).glob("*.safetensors"))  # a file, not its folder
+    run_error(capsys, ["scramble", str(shard), "-o", out, "--seed", "0"], f"{shard}: a file", code=2,
+              hint=f"give its folder: {base}")
     config = json.loads((tiny_llama / "config.json").read_text())
     (tiny_llama / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     run_error(capsys, ["scramble", base, "-o", out, "--seed", "0"], "config.json", "gpt2", "llama")
