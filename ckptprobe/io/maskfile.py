@@ -136,7 +136,7 @@ def read_masks(path: str | os.PathLike) -> MaskFile:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         fingerprint = entry.get("fingerprint") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-                and isinstance(fingerprint, (str, type(None)))):
+                and (fingerprint is None or isinstance(fingerprint, str) and all(fingerprint.partition(":")[::2]))):
             raise MaskFileError(f"{path}: mask {name!r} has a malformed metadata entry {str(entry)[:200]}")
         info = f.info(name)
         n = math.prod(shape)  # exact: a product that overflows int64 must not wrap to a small number

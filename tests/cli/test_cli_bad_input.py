@@ -124,7 +124,8 @@ def test_a_mask_file_whose_metadata_lies(tmp_path, capsys):
     from safetensors.numpy import save_file
 
     for shape, fingerprint, needle in (([1 << 32, 1 << 32], None, "entries"), ([1 << 70], None, "entries"),
-                                       ([8, 8], 5, "malformed metadata entry")):
+                                       ([8, 8], 5, "malformed metadata entry"),
+                                       ([8, 8], "0f3a9c", "malformed metadata entry")):  # no DTYPE: prefix
         entry = {"shape": shape, **({"fingerprint": fingerprint} if fingerprint is not None else {})}
         meta = {"format": 1, "tensors": {"w": entry}}
         path = tmp_path / "m.safetensors"
