@@ -45,6 +45,7 @@ _MODULES = {
     "router": "router", "e_score_correction_bias": "router",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "embed_in": "embed",
     "wpe": "pos_embed", "position_embeddings": "pos_embed", "token_type_embeddings": "pos_embed",
+    "relative_attention_bias": "pos_embed",  # T5's learned relative-position buckets
     "pos_embed": "pos_embed", "patch_embed": "patch_embed", "patch_embedding": "patch_embed",
     "lm_head": "lm_head", "embed_out": "lm_head",
 }
@@ -137,6 +138,8 @@ def _module(stem: list[str]) -> str:
     if last == "gate" and parent in ("mlp", "block_sparse_moe", "moe", "feed_forward"):
         return "router"  # MoE router: mlp.gate.weight is (num_experts, hidden)
     if last == "head" and parent == "shared_head":  # DeepSeek-V3's multi-token-prediction head
+        return "lm_head"
+    if last == "decoder" and parent == "predictions":  # BERT's masked-LM head: cls.predictions.decoder
         return "lm_head"
     if parent == "gate" and last == "e_score_correction_bias":
         return "router"

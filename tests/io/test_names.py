@@ -165,6 +165,9 @@ MORE = {
     "decoder.block.0.layer.2.DenseReluDense.wi_1.weight": (0, "up", "mlp", False),
     "encoder.block.3.layer.1.DenseReluDense.wo.weight": (3, "down", "mlp", False),
     "shared.weight": (None, "embed", "embedding", False),
+    "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (0, "pos_embed", "embedding", False),
+    # BERT's masked-LM head
+    "cls.predictions.decoder.weight": (None, "lm_head", "head", False),
     # StableLM: one norm per head
     "model.layers.1.self_attn.q_layernorm.norms.3.weight": (1, "norm", "norm", False),
     # GraniteMoE: fused expert stacks without an `experts.` component, router.layer
