@@ -25,7 +25,6 @@ from ckptprobe.analysis.spectrum import default_k, principal_angles, spectrum
 from ckptprobe.analysis.svd import TopkMethod
 from ckptprobe.cli import main
 from ckptprobe.cli._app import app
-from ckptprobe.errors import UsageError
 from ckptprobe.io.sources import open_source
 from ckptprobe.io.writer import write_safetensors
 
