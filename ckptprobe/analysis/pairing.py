@@ -11,6 +11,7 @@ from ckptprobe.errors import UsageError
 from ckptprobe.io._safetensors import TensorInfo
 from ckptprobe.io.config import local_config
 from ckptprobe.io.names import parse_name
+from ckptprobe.io.series import expand_braces
 from ckptprobe.io.sources import TensorSource, locate
 
 if TYPE_CHECKING:
@@ -27,8 +28,6 @@ def selected(name: str, include: Sequence[str] = (), exclude: Sequence[str] = ()
 def globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
     """The glob patterns with braces expanded as bash does, as checkpoint patterns are: `*.{q,k}_proj.*`
     is `*.q_proj.*` and `*.k_proj.*` (fnmatch alone would look for a literal brace, and match nothing)."""
-    from ckptprobe.io.series import expand_braces
-
     return tuple(g for p in patterns for g in expand_braces(p))
 
 

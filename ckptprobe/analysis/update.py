@@ -26,7 +26,7 @@ import numpy as np
 from ckptprobe.analysis import kernels
 from ckptprobe.analysis.bf16 import to_bf16_bits, to_float32
 from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode  # noqa: F401 (re-exported)
-from ckptprobe.analysis.kernels import EXPONENT16, one_pass  # noqa: F401 (re-exported)
+from ckptprobe.analysis.kernels import EXPONENT16, one_pass
 from ckptprobe.errors import UsageError
 
 

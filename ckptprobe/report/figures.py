@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckptprobe.io.names import LAYER
 from ckptprobe.io.writer import atomic_write
 
 
@@ -26,8 +27,6 @@ def pyplot():
 def matrix_label(name: str) -> str:
     """A matrix's name in a panel title: from its layer on, without `.weight` (`mlp.experts.3.down_proj`
     of `model.layers.1.mlp.experts.3.down_proj.weight`), so that two experts' matrices differ."""
-    from ckptprobe.io.names import LAYER
-
     m = LAYER.search(name)
     return (name[m.end():] if m else name).removesuffix(".weight")
 

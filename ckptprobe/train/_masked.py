@@ -207,14 +207,15 @@ def model_masks(masks, model: torch.nn.Module) -> MaskSet:
     the result (`.save(path)`, a mask file) at the start of a run and resume with that file and
     `check_base=False`; or, at resume, compute it again on the base model."""
     params, names = _named(model)
+    sharded = next((ns[0] for p, ns in zip(params, names) if is_dtensor(p)), None)
+    if sharded is not None:  # before resolving: that would gather every parameter first
+        raise UsageError(f"{sharded} is sharded (a DTensor): compute the model's masks before fully_shard")
     source = MaskSource(masks)
     out = MaskSet()
     out.recipe, out.fingerprints = {**source.recipe, "coordinates": "model"}, {}
     for p, ns, pcs in zip(params, names, resolve(params, names, source), strict=True):
         if not pcs:
             continue
-        if is_dtensor(p):
-            raise UsageError(f"{ns[0]} is sharded (a DTensor): compute the model's masks before fully_shard")
         out[ns[0]] = torch.from_numpy(local_keep(p, pcs, source))
         fp = source.fingerprints.get(pcs[0].name)
         if fp is not None:
