@@ -82,3 +82,26 @@ def test_libraries_loaded_after_configure_start_with_the_count():
             "print(torch.get_num_threads(), *{i['num_threads'] for i in threadpool_info()})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(threads)] * 2
+
+
+@pytest.mark.parametrize("command, runs", [("sparsity", 1), ("consensus", 2), ("drift", 2), ("profile", 2)])
+def test_window_commands_start_numpy_on_one_blas_thread(tmp_path, command, runs):
+    """Their work runs in worker processes and uses no BLAS: the thread policy is applied before numpy
+    loads (an OpenBLAS thread started at import spins for ~0.1 s of CPU beside the workers) and leaves
+    BLAS one thread per worker."""
+    from tests.factory import save, tiny_weights
+
+    paths = [str(save(tmp_path / f"{i}.safetensors", tiny_weights(i))) for i in range(runs + 1)]
+    code = ("import os, sys\n"
+            "for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'): os.environ.pop(var, None)\n"
+            "from ckptprobe import _threads\n"
+            "seen, configure = [], _threads.configure\n"
+            "_threads.configure = lambda *a, **k: seen.append('numpy' in sys.modules) or configure(*a, **k)\n"
+            "from ckptprobe.cli import main\n"
+            f"code = main([{command!r}, *{paths!r}, '--format', 'json'])\n"
+            "from threadpoolctl import threadpool_info\n"
+            "print(code, seen, sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    exit_code, numpy_before, blas = out.splitlines()[-1].split(" ", 2)
+    assert (exit_code, numpy_before) == ("0", "[False]")
+    assert blas in ("[]", "[1]")  # `sparsity` loads no numpy in the main process at all

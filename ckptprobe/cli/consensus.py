@@ -70,10 +70,12 @@ def consensus(
 
     `ckptprobe consensus base/ rl-1/ rl-2/ --by tensor --include '*.layers.13.*'`
     """
+    from ckptprobe.cli._common import configure_threads
+
+    configure_threads(threads, workers)  # first: before numpy starts its BLAS
     from ckptprobe.analysis.consensus import consensus as run
-    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, expand_series,
-                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, require_some,
-                                       tolerances, wrote)
+    from ckptprobe.cli._common import (check_output, check_plot, expand_series, head_dim_of, labels, open_sources,
+                                       pick_layer, report_skipped, require_some, tolerances, wrote)
     from ckptprobe.cli._common import emit as emit_result
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import fmt_num, progress_bar, table, warn
@@ -85,7 +87,6 @@ def consensus(
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot, ("jaccard", "heatmaps", "ratios"))
-    configure_threads(threads)
     a, *sources = open_sources([base, *runs], revision, token, download, strip_prefix, add_prefix)
     if layer is not None or figures:
         layer = pick_layer(a, include or (), exclude or (), layer)

@@ -50,14 +50,16 @@ def drift(
 
     `ckptprobe drift $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1-step050) $(ckptprobe demo --path rl-1)`
     """
+    from ckptprobe.cli._common import configure_threads
+
+    configure_threads(threads, workers)  # first: before numpy starts its BLAS
     from ckptprobe.analysis.drift import drift as run
-    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, labels,
-                                       open_sources, report_skipped, require_some, wrote)
+    from ckptprobe.cli._common import (check_output, check_plot, emit, expand_series, labels, open_sources,
+                                       report_skipped, require_some, wrote)
     from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
-    configure_threads(threads)
     src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download,
                                 strip_prefix, add_prefix)
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))

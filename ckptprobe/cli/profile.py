@@ -57,17 +57,18 @@ def profile(
 
     `ckptprobe profile base/ run/step-*/ --smooth 9 -o profile.json`
     """
+    from ckptprobe.cli._common import configure_threads
+
+    configure_threads(threads, workers)  # first: before numpy starts its BLAS
     from ckptprobe.analysis.profile import profile as run
-    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series,
-                                       head_dim_of, labels, open_sources, pick_layer, report_skipped, require_some,
-                                       tolerances, wrote)
+    from ckptprobe.cli._common import (check_output, check_plot, emit, expand_series, head_dim_of, labels,
+                                       open_sources, pick_layer, report_skipped, require_some, tolerances, wrote)
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import progress_bar, table, warn
 
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
     figures = check_plot(plot)
-    configure_threads(threads)
     a, *sources = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download,
                                strip_prefix, add_prefix)
     layer = pick_layer(a, include or (), exclude or (), layer)

@@ -48,14 +48,15 @@ def sparsity(
 
     `ckptprobe sparsity org/base org/ft@v2 --include '*.layers.13.*'`
     """
+    from ckptprobe.cli._common import configure_threads
+
+    configure_threads(threads, workers)  # first: before numpy starts its BLAS
     from ckptprobe.analysis.sparsity import sparsity as run
-    from ckptprobe.cli._common import (check_output, configure_threads, emit, open_sources, report_skipped,
-                                       require_some, tolerances)
+    from ckptprobe.cli._common import check_output, emit, open_sources, report_skipped, require_some, tolerances
     from ckptprobe.report.output import progress_bar, table
 
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
-    configure_threads(threads)
     a, b = open_sources([base, finetuned], revision, token, download, strip_prefix, add_prefix)
     b_keys = set(b.keys())
     names_bytes = sum(a.info(n).nbytes + b.info(n).nbytes for n in a.keys() if n in b_keys)
