@@ -44,9 +44,10 @@ def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def save(path: Path, tensors: dict[str, np.ndarray], dtype: str = "BF16", shards: int = 1) -> Path:
-    """Save float32 arrays as `dtype` (BF16, F16, F32): one file, or a folder of `shards` files plus an index."""
+    """Save float32 arrays as `dtype` (BF16, F16, F32, F64): one file, or a folder of `shards` files plus an index."""
     def stored(x):
-        return float32_to_bf16_bits(x) if dtype == "BF16" else x.astype({"F16": np.float16, "F32": np.float32}[dtype])
+        return float32_to_bf16_bits(x) if dtype == "BF16" else x.astype({"F16": np.float16, "F32": np.float32,
+                                                                          "F64": np.float64}[dtype])
 
     items = {n: (dtype, stored(x)) for n, x in tensors.items()}
     if shards == 1:

@@ -222,17 +222,18 @@ def _sq_norms(plan: TensorPlan, start: int, stop: int) -> tuple[np.ndarray, np.n
                 return out[:T + 1], out[T + 1:2 * T + 1], out[2 * T + 1:]
     sq, to_base, step = np.zeros(T + 1), np.zeros(T), np.zeros(T)
     size = max(s.info(plan.name).itemsize for s in sources)
-    for lo in range(start, stop, CHUNK):
-        hi = min(lo + CHUNK, stop)
-        w0 = read_values(plan.base, plan.name, lo, hi, scratch(0, CHUNK * size + READ_SLACK)).astype(np.float64)
-        sq[0] += _dot(w0)
-        prev, d = w0, np.empty_like(w0)
-        for t, r in enumerate(plan.runs):
-            wt = read_values(r.source, plan.name, lo, hi, scratch(1, CHUNK * size + READ_SLACK)).astype(np.float64)
-            sq[t + 1] += _dot(wt)
-            to_base[t] += _dot(np.subtract(wt, w0, out=d))
-            step[t] += _dot(np.subtract(wt, prev, out=d))
-            prev = wt
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: `DriftResult.nonfinite` names the tensor
+        for lo in range(start, stop, CHUNK):
+            hi = min(lo + CHUNK, stop)
+            w0 = read_values(plan.base, plan.name, lo, hi, scratch(0, CHUNK * size + READ_SLACK)).astype(np.float64)
+            sq[0] += _dot(w0)
+            prev, d = w0, np.empty_like(w0)
+            for t, r in enumerate(plan.runs):
+                wt = read_values(r.source, plan.name, lo, hi, scratch(1, CHUNK * size + READ_SLACK)).astype(np.float64)
+                sq[t + 1] += _dot(wt)
+                to_base[t] += _dot(np.subtract(wt, w0, out=d))
+                step[t] += _dot(np.subtract(wt, prev, out=d))
+                prev = wt
     return sq, to_base, step
 
 

@@ -37,10 +37,16 @@ HEAT_SIZE = 256  # heatmaps are block-averaged to at most this many cells per si
 SMALL = 4096  # entries: a one-chunk block this small takes `_small_block` (its cost is per-block overhead)
 
 
+def profiled(plan: TensorPlan) -> bool:
+    """Whether the tensor gets row and column profiles: a matrix with entries (a (2^40, 0) header
+    entry is a valid empty tensor, and must not get a profile of 2^40 rows)."""
+    return len(plan.info.shape) == 2 and plan.info.numel > 0
+
+
 def rows_cols(plan: TensorPlan) -> tuple[int, int]:
-    """The tensor seen as (rows, cols): (out, in) for a matrix; (numel, 1) otherwise (no profiles)."""
+    """The tensor seen as (rows, cols): (out, in) for a `profiled` matrix; (numel, 1) otherwise."""
     shape = plan.info.shape
-    return (shape[0], shape[1]) if len(shape) == 2 else (plan.info.numel, 1)
+    return (shape[0], shape[1]) if profiled(plan) else (plan.info.numel, 1)
 
 
 def base_chunk(x: np.ndarray, exp: int | None, xor: np.ndarray, out: np.ndarray) -> tuple[int, np.ndarray | None]:
@@ -174,7 +180,7 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     """
     rows, cols = rows_cols(plan)
     n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
-    matrix = len(plan.info.shape) == 2
+    matrix = profiled(plan)
     exp = EXPONENT16.get(dtype)
     fast = [exp if r.mode == CompareMode.bitwise and r.info.dtype == dtype else None for r in plan.runs]
     if 0 < n <= min(SMALL, _chunk_rows(cols) * cols) and not keep:  # one chunk, and small
@@ -245,7 +251,7 @@ def _code_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     """
     rows, cols = rows_cols(plan)
     n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
-    matrix = len(plan.info.shape) == 2
+    matrix = profiled(plan)
     nonfinite, code_hist = np.zeros(R, np.int64), np.zeros(256, np.int64)
     row_sums = np.zeros(hi - lo, np.int64) if matrix else None
     col_sums = np.zeros(cols, np.int64) if matrix else None
@@ -328,7 +334,7 @@ class _Acc:
         rows, cols = rows_cols(plan)
         self.changed, self.nonfinite = np.zeros(R, np.int64), np.zeros(R, np.int64)
         self.inter, self.hist = np.zeros((R, R), np.int64), np.zeros(R + 1, np.int64)
-        matrix = len(plan.info.shape) == 2
+        matrix = profiled(plan)
         self.row_sums = np.zeros(rows, np.int64) if matrix else None
         self.col_sums = np.zeros(cols, np.int64) if matrix else None
         self.heat = None
@@ -391,7 +397,7 @@ def scan(plans: Sequence[TensorPlan], n_runs: int, eta: float = DEFAULT_ETA, ato
     row/column ratio profiles and a heatmap. `progress`, if given, is called with the bytes
     read after each block.
     """
-    keep = {p.name for p in plans if p.name in profiles and len(p.info.shape) == 2 and p.info.numel > 0}
+    keep = {p.name for p in plans if p.name in profiles and profiled(p)}
 
     def work(plan: TensorPlan, start: int, stop: int) -> _Block:
         cols = rows_cols(plan)[1]  # windows are whole rows

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 from ckptprobe.analysis.pairing import globs, selected, why_disjoint
 from ckptprobe.analysis.choices import CompareMode, default_mode
 from ckptprobe.analysis.weights import is_expert_stack, not_a_weight
-from ckptprobe.errors import NoMatchingTensorsError, TensorMismatchError, UsageError
+from ckptprobe.errors import InvalidCheckpointError, NoMatchingTensorsError, TensorMismatchError, UsageError
 from ckptprobe.io._safetensors import TensorInfo
 from ckptprobe.io.names import ParamName, conv1d_layout, is_bias, parse_name
 from ckptprobe.io.sources import TensorSource
@@ -195,6 +195,13 @@ def check_distinct(finetuned: Sequence[TensorSource]) -> None:
         raise UsageError(f"{twice[0]} is given twice", hint="name each fine-tuned checkpoint once")
 
 
+def require_tensors(sources: Sequence[TensorSource]) -> None:
+    """Refuse a checkpoint that holds no tensor (an empty header, an index with an empty weight map)."""
+    empty = next((s for s in sources if not s.keys()), None)
+    if empty is not None:
+        raise InvalidCheckpointError(f"{empty.ref} holds no tensors (an empty header or index)")
+
+
 def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = Want.floating,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), compare: bool = False,
                  mode: CompareMode | None = None, k: int | None = None,
@@ -208,10 +215,12 @@ def plan_tensors(base: TensorSource, runs: Sequence[TensorSource], want: Want = 
     (`mode` per run, None: bitwise for one dtype, bf16 otherwise). partial: a run that lacks a
     tensor (or holds another shape) is left out of that tensor only, and the tensor is planned
     while one run holds it; else the tensor is skipped.
-    Raises NoMatchingTensorsError, TensorMismatchError (no name in common) or UsageError.
+    Raises InvalidCheckpointError (a checkpoint without tensors), NoMatchingTensorsError, TensorMismatchError
+    (no name in common) or UsageError.
     """
     if k is not None and k < 1:
         raise UsageError(f"k={k}: the rank must be at least 1", param="k")
+    require_tensors([base, *runs])
     _check_filters(base, include, exclude)
     names = [n for n in base.keys() if selected(n, include, exclude)]
     c_weights = [n for n in base.keys() if n.endswith((".c_attn.weight", ".c_fc.weight"))]

@@ -343,9 +343,11 @@ def scramble_checkpoint(base: str | os.PathLike, out: str | os.PathLike, seed: i
             record["base_record"] = json.loads(previous.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidCheckpointError(f"{previous}: not valid JSON ({e})") from None
+    from ckptprobe.analysis.plan import require_tensors
     from ckptprobe.io.sources import open_folder
 
     source = open_folder(folder)
+    require_tensors([source])
     for name in source.keys():  # refuse before writing anything
         plan.check(name, source.info(name))
     changed = rewrite_folder(folder, out, lambda name, info, raw: plan.apply_stored(name, raw, info.dtype),

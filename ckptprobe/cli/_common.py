@@ -108,9 +108,11 @@ def open_sources(refs: Sequence[str], revision: str | None, token: str | None, d
     """Open every reference (file, folder or Hub repo) with the same Hub options; the names of every
     checkpoint after the first (the base) lose `strip_prefix` and gain `add_prefix`."""
     from ckptprobe.analysis.pairing import renamed
+    from ckptprobe.analysis.plan import require_tensors
     from ckptprobe.io.sources import open_source
 
     sources = [open_source(r, revision, token, download) for r in refs]
+    require_tensors(sources)
     return sources[:1] + [renamed(s, strip_prefix, add_prefix) for s in sources[1:]]
 
 

@@ -187,6 +187,7 @@ def info(
     """
     from ckptprobe.analysis.masks import TensorMask, fingerprint_as, group_densities
     from ckptprobe.cli._common import check_output, emit, open_sources
+    from ckptprobe.analysis.weights import not_a_weight
     from ckptprobe.io.maskfile import check_against, read_masks
     from ckptprobe.io.names import parse_name
     from ckptprobe.report.output import table, warn
@@ -200,7 +201,7 @@ def info(
         fps = {n: fingerprint_as(src.get_array(n), src.info(n).dtype,
                                  (mf.tensors[n].get("fingerprint") or ":").split(":")[0]) for n in names}
         check_against(mf, shapes, fps)
-        missing = [n for n in shapes if n not in mf.tensors]
+        missing = [n for n in shapes if n not in mf.tensors and not_a_weight(src, n) is None]  # buffers never have one
         if missing:
             warn(f"{len(missing)} tensor(s) of {src.ref} have no mask, e.g. {missing[0]}; "
                  "mask_updates(missing=...) decides what happens to them")

@@ -25,6 +25,30 @@ PICKLE_HINT = ("pickle files can run arbitrary code and are never opened; conver
                "transformers' `model.save_pretrained(dir, safe_serialization=True)` and point ckptprobe at that")
 
 
+def model_files(names: list[str], where: str) -> tuple[str | None, list[str]]:
+    """Which of a folder's files (`names`, in it) hold the model: (its index or None, its safetensors files).
+
+    As transformers picks them: `model.safetensors`, else `model.safetensors.index.json`; else the
+    folder's one `*.safetensors.index.json`, else every `*.safetensors` (files without an index).
+    A folder may hold other safetensors beside the model's (Mistral's `consolidated.safetensors`, the
+    same weights under other names); opening them too would count each weight twice. Several
+    indexes, none of them the standard one, name no model: InvalidCheckpointError.
+    The safetensors list is empty for an index (its weight map names the shards) and where there is none.
+    """
+    if "model.safetensors" in names:
+        return None, ["model.safetensors"]
+    indexes = sorted(n for n in names if n.endswith(".safetensors.index.json"))
+    if "model.safetensors.index.json" in indexes:
+        return "model.safetensors.index.json", []
+    if len(indexes) > 1:
+        raise InvalidCheckpointError(f"{where}: {len(indexes)} safetensors indexes ({', '.join(indexes[:4])}), none "
+                                     "named model.safetensors.index.json: which one describes the model?",
+                                     hint="keep one index in the folder")
+    if indexes:
+        return indexes[0], []
+    return None, sorted(n for n in names if n.endswith(".safetensors"))
+
+
 class TensorSource(Protocol):
     ref: str
     forkable: bool  # a forked worker process may read it (local files; not an HTTP session)

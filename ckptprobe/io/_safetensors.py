@@ -158,9 +158,11 @@ def _entry(name: str, entry, what: str) -> tuple[TensorInfo, int, int]:
     if not (type(offsets) is list and len(offsets) == 2 and {type(o) for o in offsets} == {int} and min(offsets) >= 0):
         raise InvalidCheckpointError(f"{what}: tensor {name!r} has a malformed header entry: data_offsets "
                                      f"{str(offsets)[:200]} is not [begin, end]")
+    if math.prod(d or 1 for d in shape) * ITEMSIZE[dtype] >= 1 << 63:  # a zero among the dims hides nothing
+        raise InvalidCheckpointError(f"{what}: tensor {name!r} has shape {str(shape)[:200]}, whose size "
+                                     "a 64-bit count cannot hold")
     info = TensorInfo(name, dtype, tuple(shape))
     begin, end = offsets
-    # numel is a Python int: a shape whose count overflows int64 is just a huge number that fails here.
     if end < begin or end - begin != info.nbytes:
         raise InvalidCheckpointError(
             f"{what}: tensor {name!r} has data_offsets [{begin}, {end}] that do not hold "
@@ -266,6 +268,8 @@ class SafetensorsFile:
                 if len(data) != end - begin:
                     raise InvalidCheckpointError(f"{self.path}: tensor {name!r}: file shrank while being read")
                 return np.frombuffer(data, dtype)
+            if os.fstat(fd).st_size < end:  # a map past the end would fail (ValueError), or fault on use
+                raise InvalidCheckpointError(f"{self.path}: tensor {name!r}: file shrank while being read")
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
             # MAP_POPULATE maps every page up front: one system call instead of a page
             # fault per 4 KiB, about a third of the cost of reading page-cached data.

@@ -35,7 +35,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, httpx
 
 from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
-from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource
+from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource, model_files
 from ckptprobe.io._safetensors import SafetensorsFile, TensorInfo, byte_span, header_length, parse_header
 
 TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
@@ -130,14 +130,14 @@ class HubSource:
         """The safetensors files to open among `names` (paths relative to the subfolder), and the
         index's weight map if any."""
         root = sorted(n for n in names if "/" not in n)
-        indexes = [n for n in root if n.endswith(".safetensors.index.json")]
-        if indexes:
+        index, files = model_files(root, self._label)
+        if index:
             try:
-                weight_map = json.loads(read_text(indexes[0])).get("weight_map")
+                weight_map = json.loads(read_text(index)).get("weight_map")
             except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 weight_map = None
             if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
-                raise InvalidCheckpointError(f"{self._label}: {indexes[0]} is not a safetensors index "
+                raise InvalidCheckpointError(f"{self._label}: {index} is not a safetensors index "
                                              "(no 'weight_map' object of file names)")
             shards = sorted(set(weight_map.values()))
             for shard in shards:
@@ -146,10 +146,9 @@ class HubSource:
                 if self._offline:
                     raise HubError(f"{self._label}: shard {shard} is not in the Hub cache, and HF_HUB_OFFLINE=1 "
                                    "forbids downloading it", hint=OFFLINE_HINT)
-                raise CheckpointNotFoundError(f"{self._label}: {indexes[0]} names shard {shard!r}, "
+                raise CheckpointNotFoundError(f"{self._label}: {index} names shard {shard!r}, "
                                               "which is not in the repo")
             return shards, weight_map
-        files = [n for n in root if n.endswith(".safetensors")]
         if files:
             return files, None
         pickles = [n for n in root if n.endswith(PICKLE_SUFFIXES)]

@@ -19,7 +19,7 @@ import numpy as np
 
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
 from ckptprobe.io._safetensors import STORAGE_DTYPES, SafetensorsFile, TensorInfo
-from ckptprobe.io.sources import open_folder
+from ckptprobe.io.sources import PICKLE_SUFFIXES, model_files, open_folder
 from ckptprobe.io.writer import atomic_write, write_safetensors
 
 # (name, info, storage array) -> the storage array to write (same dtype and shape)
@@ -27,13 +27,13 @@ Transform = Callable[[str, TensorInfo, np.ndarray], np.ndarray]
 
 
 def shard_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files in order: the index's shards, or every *.safetensors."""
+    """The model's safetensors files in the folder (`model_files`), in order: the index's shards, or the files."""
     open_folder(folder)  # validates the index, the shards and that no tensor is held twice
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+    index, files = model_files([p.name for p in folder.iterdir()], str(folder))
+    if index:
+        weight_map = json.loads((folder / index).read_text())["weight_map"]
         return [folder / s for s in sorted(set(map(str, weight_map.values())))]
-    return sorted(folder.glob("*.safetensors"))
+    return [folder / f for f in files]
 
 
 def check_output_folder(base: Path, out: Path) -> None:
@@ -75,7 +75,9 @@ def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: T
     """Copy the checkpoint folder `base` into the new folder `out`, passing every tensor through `transform`.
 
     Shard files keep their names and tensors; each gets the base's metadata updated with
-    `metadata`. Other regular top-level files are copied; `extra_files` ({name: text}) are
+    `metadata`. Other regular top-level files are copied, except other copies of the weights
+    (safetensors beside the model's, pickles and their indexes), which would keep the old
+    values; `extra_files` ({name: text}) are
     written first, so an interrupted run leaves them behind as a marker. Returns the names
     of the tensors `transform` changed (by value).
     """
@@ -97,8 +99,14 @@ def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: T
         if progress:
             progress(f"wrote {out / path.name}")
     written = {p.name for p in shards} | set(extra_files or {})
+    index = model_files([p.name for p in base.iterdir()], str(base))[0]
     for path in sorted(base.iterdir()):
-        if path.name not in written and path.is_file() and not path.name.startswith("."):
-            with open(path, "rb") as src, atomic_write(out / path.name) as dst:
-                shutil.copyfileobj(src, dst)
+        if path.name in written or not path.is_file() or path.name.startswith("."):
+            continue
+        if path.name != index and path.name.endswith((".safetensors", ".index.json", *PICKLE_SUFFIXES)):
+            if progress:  # another copy of the weights (pickles, Mistral's consolidated.safetensors): the old ones
+                progress(f"left out {path.name}: weights the rewrite does not hold")
+            continue
+        with open(path, "rb") as src, atomic_write(out / path.name) as dst:
+            shutil.copyfileobj(src, dst)
     return changed

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
 from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, READ_SLACK  # noqa: F401 (re-exported)
-from ckptprobe.io._multifile import MultiFileSource, TensorSource, locate  # noqa: F401 (re-exported)
+from ckptprobe.io._multifile import MultiFileSource, TensorSource, locate, model_files  # noqa: F401 (re-exported)
 from ckptprobe.io._safetensors import MAX_HEADER_BYTES, SMALL_READ, SafetensorsFile, regular_size  # noqa: F401
 
 # org/name[@revision][:sub/folder]; git forbids ':' in ref names, so it cannot be part of a revision.
@@ -58,10 +58,10 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def open_folder(folder: Path) -> MultiFileSource:
-    """A folder with `*.safetensors.index.json`, `model.safetensors`, or several `*.safetensors`."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        index_path = indexes[0]
+    """A folder with `model.safetensors`, an index and its shards, or several `*.safetensors` (`model_files`)."""
+    index, files = model_files([p.name for p in folder.iterdir()], str(folder))
+    if index:
+        index_path = folder / index
         size = regular_size(index_path)
         if size > MAX_HEADER_BYTES:
             raise InvalidCheckpointError(f"{index_path}: {size:,} bytes, too large for an index")
@@ -81,9 +81,8 @@ def open_folder(folder: Path) -> MultiFileSource:
                 raise CheckpointNotFoundError(f"{index_path}: names shard {shard!r}, which does not exist")
             shards[shard] = SafetensorsFile(path)
         return MultiFileSource(str(folder), shards, weight_map)
-    files = sorted(folder.glob("*.safetensors"))
     if files:
-        return MultiFileSource(str(folder), _open_files(files))
+        return MultiFileSource(str(folder), _open_files(folder / f for f in files))
     pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         _refuse_pickle(pickles[0])

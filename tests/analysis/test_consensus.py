@@ -506,3 +506,28 @@ def test_float32_runs_and_bases(engine, tmp_path):
         assert t.inter[0, 2] == int((ref[0][0] & ref[2][0]).sum()), kind
         assert t.hist.tolist() == np.bincount(sum(c.astype(int) for c, _ in ref), minlength=4).tolist(), kind
 
+
+
+def test_an_empty_matrix_of_many_rows_gets_no_profile(tmp_path):
+    """A (2^40, 0) tensor is a valid empty tensor: counted (no entries), with no row profile of 2^40 rows
+    (8 TiB of counts) and nothing else allocated per row."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0x3C00, 0x3C10, (4, 4)).astype(np.uint16)
+    paths = []
+    for i in range(3):
+        y = x if i == 0 else np.where(rng.random(x.shape) < 0.5, x + 1, x).astype(np.uint16)
+        tensors = {"model.layers.0.mlp.up_proj.weight": ("BF16", np.zeros((1 << 40, 0), np.uint16)),
+                   "model.layers.0.mlp.gate_proj.weight": ("BF16", np.zeros((0, 1 << 40), np.uint16)),
+                   "model.layers.0.mlp.down_proj.weight": ("BF16", y)}
+        write_safetensors(tmp_path / f"{i}.safetensors", tensors)
+        paths.append(str(tmp_path / f"{i}.safetensors"))
+    base, *runs = [open_source(p) for p in paths]
+    result = consensus(base, runs, layer=0)
+    by_name = {t.name: t for t in result.tensors}
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+        t = by_name[name]
+        assert t.numel == 0 and list(t.changed) == [0, 0] and t.row_ratio is None and t.col_ratio is None
+    down = by_name["model.layers.0.mlp.down_proj.weight"]
+    masks = [np.frombuffer(open_source(p).read(down.name), np.uint16).reshape(4, 4) != x for p in paths[1:]]
+    assert list(down.changed) == [int(m.sum()) for m in masks]
+    np.testing.assert_allclose(down.row_ratio, sum(m.sum(axis=1) for m in masks) / (2 * 4))

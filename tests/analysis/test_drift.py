@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -243,16 +244,18 @@ def test_cli_undefined_is_null_blank_and_dash(tmp_path, capsys):
     assert down.count(" - ") == 2
 
 
-def test_nonfinite_entries_are_named_not_called_zero(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["F32", "F64"])  # F64: numpy's loop whatever the engine
+def test_nonfinite_entries_are_named_not_called_zero(tmp_path, capsys, engine, dtype, monkeypatch):
     """A checkpoint holding NaN/inf: the tensor is named in a warning and in JSON, and the legend of "-"
-    does not claim the reference is zero (it is not)."""
-    f = np.float32
-    w = np.array([[3, 0], [0, 4]], f)
+    does not claim the reference is zero (it is not); no numpy warning on the way (inf - inf is NaN)."""
+    monkeypatch.setattr(warnings, "filters", [("error", None, Warning, None, 0), *warnings.filters])
+    w = np.array([[3, 0], [0, 4]], np.float64)
+    q = np.array([[3, 0], [0, np.inf]], np.float64)
     a = save(tmp_path / "a.safetensors", {"model.layers.0.mlp.up_proj.weight": w,
-                                          "model.layers.0.self_attn.q_proj.weight": w}, "F32")
+                                          "model.layers.0.self_attn.q_proj.weight": q}, dtype)
     b = save(tmp_path / "b.safetensors", {"model.layers.0.mlp.up_proj.weight": w + 1,
-                                          "model.layers.0.self_attn.q_proj.weight": np.where(w == 0, np.nan, w)},
-             "F32")
+                                          "model.layers.0.self_attn.q_proj.weight": np.where(q == 0, np.nan, q)},
+             dtype)
     r = drift(open_source(str(a)), [open_source(str(b))])
     assert r.nonfinite == ("model.layers.0.self_attn.q_proj.weight",)
     assert r.by("group")["mlp"].rel_to_base.tolist() == pytest.approx([2 / 5])

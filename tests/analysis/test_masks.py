@@ -19,6 +19,7 @@ from ckptprobe.errors import TensorMismatchError, UsageError
 from ckptprobe.io.maskfile import read_masks
 from ckptprobe.io.names import parse_name
 from ckptprobe.io.sources import open_source
+from ckptprobe.io.writer import write_safetensors
 
 
 # ---------------------------------------------------------------- brute-force references
@@ -298,6 +299,25 @@ def test_include_exclude_follow_vectors(runs):
 
 
 # ---------------------------------------------------------------- command line
+
+def test_info_against_a_base_names_weights_without_a_mask_never_buffers(tmp_path, capsys):
+    w = tiny_weights(0)
+    base = tmp_path / "base.safetensors"
+    write_safetensors(base, {**{n: ("F32", x) for n, x in w.items()},
+                             "model.position_ids": ("I64", np.arange(8, dtype=np.int64)[None])})
+    out = tmp_path / "m.safetensors"
+    assert main(["masks", str(base), "--kind", "low", "--vectors", "train", "-o", str(out)]) == 0
+    assert main(["masks", "info", str(out), "--base", str(base)]) == 0
+    assert "no mask" not in capsys.readouterr().err  # the int64 buffer is not a weight
+    headless = tmp_path / "headless.safetensors"  # the same model without its lm_head: a weight with no mask
+    write_safetensors(headless, {n: ("F32", x) for n, x in w.items() if n != "lm_head.weight"})
+    part = tmp_path / "part.safetensors"
+    assert main(["masks", str(headless), "--kind", "low", "--vectors", "train", "-o", str(part)]) == 0
+    capsys.readouterr()
+    assert main(["masks", "info", str(part), "--base", str(base)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 tensor(s) of " in err and "e.g. lm_head.weight" in err
+
 
 def test_cli_build_and_info_round_trip(runs, tmp_path, capsys):
     root, w, changed = runs

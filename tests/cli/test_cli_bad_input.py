@@ -182,3 +182,33 @@ def test_nothing_compared_is_an_error(tmp_path, capsys, command):
     assert main([command, str(base), *map(str, runs), "-v"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) > len(w) // 2 and all(e.startswith("skipped ") for e in err[:-1]) and err[-1].startswith("Error:")
+
+
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+                "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+                "vocab_size": 48}
+
+
+@pytest.mark.parametrize("command", ["sparsity", "spectrum", "principal", "consensus", "drift", "profile",
+                                     "masks build", "scramble"])
+@pytest.mark.parametrize("empty_side", ["base", "run"])
+def test_a_checkpoint_without_tensors_is_named(tmp_path, capsys, command, empty_side):
+    """An empty header (a valid safetensors file) or an index with an empty weight map: one line naming it,
+    not "no tensor name in common: e.g. None vs None"."""
+    full = save(tmp_path / "full.safetensors", tiny_weights(0))
+    empty_file = tmp_path / "empty.safetensors"
+    write_safetensors(empty_file, {}, {"format": "pt"})
+    empty_folder = tmp_path / "empty"
+    empty_folder.mkdir()
+    (empty_folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    (empty_folder / "config.json").write_text(json.dumps(LLAMA_CONFIG))  # what scramble reads first
+    for empty in (empty_folder,) if command == "scramble" else (empty_file, empty_folder):
+        base, run = (empty, full) if empty_side == "base" else (full, empty)
+        args = {"masks build": ["masks", "build", str(base), "--kind", "update", "--from", str(run), "--vectors",
+                                "train", "-o", str(tmp_path / "m.ckmask")],
+                "scramble": ["scramble", str(base), "-o", str(tmp_path / "out"), "--seed", "1"]}.get(
+                    command, [command, str(base), *[str(run)] * (2 if command in ("consensus", "profile") else 1)])
+        if command == "scramble" and empty_side == "run":
+            continue  # scramble reads one checkpoint
+        run_error(capsys, args, str(empty), "holds no tensors")
+        assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from factory import HIDDEN, INTER, run_error, save, tiny_weights
 
 from ckptprobe.analysis.scramble import RECORD_FILE
 from ckptprobe.cli import main
+from ckptprobe.io.writer import write_safetensors
 
 
 # ---------------------------------------------------------------- refusals, one line each
@@ -64,6 +65,22 @@ def test_writes_the_record_and_copies_other_files(tiny_llama, tmp_path, capsys):
     assert (record["layers"], record["kinds"], record["seed"]) == ([0, 2], ["permute-mlp"], 4)
     assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in tiny_llama.iterdir()), RECORD_FILE])
     assert "scrambled 6 tensors in layers 0, 2 (permute-mlp, seed 4)" in capsys.readouterr().err
+
+
+def test_other_copies_of_the_weights_are_left_out(tiny_llama, tmp_path, capsys):
+    """Weights beside the model's (a pickle, Mistral's consolidated.safetensors) would keep the old values in
+    the scrambled folder: never copied, and said so."""
+    (tiny_llama / "pytorch_model.bin").write_bytes(b"\x80\x04not a real pickle")
+    (tiny_llama / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    write_safetensors(tiny_llama / "consolidated.safetensors", {"layers.0.w": ("F32", np.ones(4, np.float32))})
+    out = tmp_path / "out"
+    assert main(["scramble", str(tiny_llama), "-o", str(out), "--seed", "1"]) == 0
+    kept = {"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", RECORD_FILE}
+    assert {p.name for p in out.iterdir()} == kept
+    err = capsys.readouterr().err
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.safetensors"):
+        assert f"left out {name}: weights the rewrite does not hold" in err
 
 
 def _add_tensor(folder: Path, name: str, array: np.ndarray, dtype: str = "F32") -> None:

@@ -165,6 +165,9 @@ def test_read_into_a_buffer_from_a_file_cut_short(tmp_path):
     os.truncate(path, path.stat().st_size - 1000)
     with pytest.raises(InvalidCheckpointError, match=r"cut\.safetensors: tensor 'w': file shrank"):
         f.read("w", 0, None, out=np.empty(400_000, np.uint8))
+    for start in (0, 99_000):  # mapped (a whole tensor), and copied (a few pages)
+        with pytest.raises(InvalidCheckpointError, match=r"cut\.safetensors: tensor 'w': file shrank"):
+            f.read("w", start)
 
 
 def test_metadata_and_alignment_of_written_file(tmp_path):

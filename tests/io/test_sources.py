@@ -195,3 +195,53 @@ def test_folder_with_only_pytorch_model_bin(tmp_path, capsys):
     run_error(capsys, ["sparsity", str(folder), str(folder)], "pytorch_model.bin", "refusing to open a pickle",
                    hint="safe_serialization=True")
     assert not marker.exists()
+
+
+def _mistral_like(tiny_pair, folder, sharded: bool) -> None:
+    """A folder as Mistral's repos hold one: the transformers checkpoint (one file, or shards and their
+    index), beside the same weights under Mistral's names in consolidated.safetensors, and a pickle."""
+    folder.mkdir()
+    if sharded:
+        for p in tiny_pair.base_dir.iterdir():
+            shutil.copy(p, folder / p.name)
+    else:
+        shutil.copy(tiny_pair.base, folder / "model.safetensors")
+    base = open_source(str(tiny_pair.base))
+    write_safetensors(folder / "consolidated.safetensors",
+                      {n.replace("model.", "", 1): (base.info(n).dtype, base.read(n)) for n in base.keys()})
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not a real pickle")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_model_files_of_a_folder_that_holds_other_weights(tiny_pair, tmp_path, monkeypatch, sharded):
+    """transformers' choice (model.safetensors, else model.safetensors.index.json), locally and on the Hub:
+    consolidated.safetensors would add every weight a second time under other names."""
+    from hubserver import FakeHub, files_of, use_fake_hub
+
+    _mistral_like(tiny_pair, tmp_path / "m", sharded)
+    want = open_source(str(tiny_pair.base))
+    same_tensors(open_source(str(tmp_path / "m")), want)
+    with FakeHub() as fake:
+        fake.add_repo("org/m", {"main": files_of(tmp_path / "m")})
+        use_fake_hub(fake, tmp_path, monkeypatch)
+        same_tensors(open_source("org/m"), want)
+
+
+def test_several_indexes_none_standard_are_refused(tiny_pair, tmp_path, capsys, monkeypatch):
+    from hubserver import FakeHub, files_of, use_fake_hub
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for p in tiny_pair.base_dir.iterdir():
+        name = p.name.replace("model.safetensors.index.json", "a.safetensors.index.json")
+        shutil.copy(p, folder / name)
+    shutil.copy(folder / "a.safetensors.index.json", folder / "b.safetensors.index.json")
+    run_error(capsys, ["sparsity", str(folder), str(folder)], str(folder), "2 safetensors indexes",
+              "a.safetensors.index.json, b.safetensors.index.json", hint="keep one index")
+    (folder / "b.safetensors.index.json").unlink()  # one index of any name is the model's
+    same_tensors(open_source(str(folder)), open_source(str(tiny_pair.base)))
+    shutil.copy(folder / "a.safetensors.index.json", folder / "b.safetensors.index.json")
+    with FakeHub() as fake:
+        fake.add_repo("org/two", {"main": files_of(folder)})
+        use_fake_hub(fake, tmp_path, monkeypatch)
+        run_error(capsys, ["sparsity", "org/two", "org/two"], "org/two", "2 safetensors indexes")
