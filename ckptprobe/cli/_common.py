@@ -3,6 +3,7 @@ open the checkpoints, label them, report what was skipped, and write the result.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +43,13 @@ def check_output(fmt: Format | None, output: Path | None, verbose: bool = False)
     return Output(fmt or implied or Format.table, output, verbose)
 
 
-def check_plot(plot: Path | None, figures: Sequence[str] = ()) -> list[Path]:
+def check_plot(plot: Path | None, out: Output, figures: Sequence[str] = ()) -> list[Path]:
     """The files `--plot FILE` will write: FILE itself, or for a command with several `figures`, one
-    file per figure named FILE's stem + '-' + figure. Checked (extension, writable) before any work."""
+    file per figure named FILE's stem + '-' + figure. Checked (extension, writable, not the `-o` of
+    `out`) before any work."""
     if plot is None:
         return []
-    text = str(plot)
-    if plot.is_dir() or text.endswith(("/", "\\")):
+    if plot.is_dir():  # a name ending in a separator is refused when parsed (`_options.file_name`)
         raise UsageError(f"--plot {plot} is a folder; --plot takes a file name",
                          hint=f"e.g. --plot {plot / 'figure.png'} (its extension gives the format)")
     if plot.suffix.lower() not in FIGURE_FORMATS:
@@ -57,6 +58,8 @@ def check_plot(plot: Path | None, figures: Sequence[str] = ()) -> list[Path]:
                          hint=f"e.g. --plot {example}")
     paths = [plot.with_name(f"{plot.stem}-{f}{plot.suffix}") for f in figures] if figures else [plot]
     for p in paths:
+        if out.path is not None and os.path.realpath(p) == os.path.realpath(out.path):
+            raise UsageError(f"--plot {plot} would write {p}, which -o also names", hint="give them other names")
         writable("--plot", p)
     return paths
 

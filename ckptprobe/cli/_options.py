@@ -102,19 +102,27 @@ ExcludeOpt = Annotated[Optional[List[str]], typer.Option(
          "`*.{q,k}_proj.*`.")]
 
 # output
+def file_name(text: str) -> Path:
+    """The value of an option naming a file to write: a name that ends in a separator names a folder
+    (`-o results/`), which Path would silently turn into a file `results`."""
+    if text.endswith(("/", "\\")):
+        raise typer.BadParameter(f"{text} ends in {text[-1]}, so it names a folder; give a file name")
+    return Path(text)
+
+
 FormatOpt = Annotated[Optional[Format], typer.Option(
     "--format", "-f", show_default="from the -o extension (.json, .csv), else table",
     help="table (for reading), json or csv (for machines).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", metavar="FILE",
+    "--output", "-o", metavar="FILE", parser=file_name,
     help="Write the result to this file instead of stdout (a regular file is replaced atomically; a "
          "device or pipe is written in place). Its extension .json or .csv sets the format.")]
 ExportOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", metavar="FILE",
+    "--output", "-o", metavar="FILE", parser=file_name,
     help="Write the export to this file instead of stdout (a regular file is replaced atomically; a device "
          "or pipe is written in place).")]
 PlotOpt = Annotated[Optional[Path], typer.Option(
-    "--plot", metavar="FILE", show_default=False,
+    "--plot", metavar="FILE", show_default=False, parser=file_name,
     help="Draw the figures into FILE, whose extension (.png, .pdf or .svg) gives the format. A command "
          "with several figures adds each one's name to the file name: --plot figs/run.png writes "
          "figs/run-jaccard.png, ...")]

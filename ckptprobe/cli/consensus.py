@@ -86,7 +86,7 @@ def consensus(
                          hint="give the base and two or more fine-tunes of it: ckptprobe consensus BASE RUN1 RUN2 ...")
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
-    figures = check_plot(plot, ("jaccard", "heatmaps", "ratios"))
+    figures = check_plot(plot, out, ("jaccard", "heatmaps", "ratios"))
     a, *sources = open_sources([base, *runs], revision, token, download, strip_prefix, add_prefix)
     if layer is not None or figures:
         layer = pick_layer(a, include or (), exclude or (), layer)

@@ -53,7 +53,7 @@ def demo(
         print(examples.path(path))
         return
     out = check_output(fmt, output)
-    figures = check_plot(plot, FIGURES)
+    figures = check_plot(plot, out, FIGURES)
     if rebuild:  # before minutes of training: the family is written there at the end
         writable("--rebuild", rebuild / "base" / "model.safetensors")
     configure_threads(threads)

@@ -59,7 +59,7 @@ def drift(
     from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)
-    figures = check_plot(plot)
+    figures = check_plot(plot, out)
     src, *series = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download,
                                 strip_prefix, add_prefix)
     total = sum(src.info(n).nbytes for n in src.keys()) * (1 + len(series))

@@ -10,7 +10,8 @@ from typer.core import TyperGroup
 
 from ckptprobe.cli._options import (DEFAULT_ALPHA, AlphaOpt, AtolOpt, BaseArg, By, DeviceOpt, DownloadOpt, EtaOpt,
                                     ExcludeOpt, FormatOpt, IncludeOpt, Kind, LowOpt, LowThreshold, ModeOpt, OutputOpt,
-                                    RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, Vectors)
+                                    RankOpt, RevisionOpt, ThreadsOpt, TokenOpt, TopkMethod, TopkMethodOpt, Vectors,
+                                    file_name)
 
 
 class _DefaultBuild(TyperGroup):
@@ -48,7 +49,7 @@ masks_app = typer.Typer(
 @masks_app.command("build", no_args_is_help=True)
 def build(
     base: BaseArg,
-    output: Annotated[Path, typer.Option("--output", "-o", show_default=False, metavar="FILE",
+    output: Annotated[Path, typer.Option("--output", "-o", show_default=False, metavar="FILE", parser=file_name,
                                          help="The mask file to write (safetensors, written atomically).")],
     kind: Annotated[Optional[Kind], typer.Option(
         "--kind", show_default=False,

@@ -76,7 +76,7 @@ def principal(
 
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
-    figures = check_plot(plot)
+    figures = check_plot(plot, out)
     if matrix and not plot:
         raise UsageError("--matrix only chooses what --plot draws", hint="add --plot FILE.png")
     dev = resolve_device(device)

@@ -68,7 +68,7 @@ def profile(
 
     eta, atol = tolerances(mode, eta, atol)
     out = check_output(fmt, output, verbose)
-    figures = check_plot(plot)
+    figures = check_plot(plot, out)
     a, *sources = open_sources([base, *expand_series(checkpoints, revision, token)], revision, token, download,
                                strip_prefix, add_prefix)
     layer = pick_layer(a, include or (), exclude or (), layer)

@@ -95,7 +95,7 @@ def spectrum(
     from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)
-    figures = check_plot(plot)
+    figures = check_plot(plot, out)
     if layer is not None and not plot:
         raise UsageError("--layer only chooses the layer that --plot draws", hint="add --plot FILE.png")
     budget = parse_bytes(max_memory)

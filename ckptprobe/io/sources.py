@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptprobe.errors import CheckpointNotFoundError, InvalidCheckpointError, UsageError
+from ckptprobe.io._inputs import note_input
 from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, READ_SLACK  # noqa: F401 (re-exported)
 from ckptprobe.io._multifile import MultiFileSource, TensorSource, locate, model_files  # noqa: F401 (re-exported)
 from ckptprobe.io._safetensors import MAX_HEADER_BYTES, SMALL_READ, SafetensorsFile, regular_size  # noqa: F401
@@ -59,7 +60,10 @@ def _refuse_pickle(path: Path) -> None:
 
 def open_folder(folder: Path) -> MultiFileSource:
     """A folder with `model.safetensors`, an index and its shards, or several `*.safetensors` (`model_files`)."""
-    index, files = model_files([p.name for p in folder.iterdir()], str(folder))
+    names = [p.name for p in folder.iterdir()]
+    if "config.json" in names and (folder / "config.json").is_file():
+        note_input((folder / "config.json").stat())  # part of the checkpoint: no output of this run replaces it
+    index, files = model_files(names, str(folder))
     if index:
         index_path = folder / index
         size = regular_size(index_path)

@@ -5,7 +5,7 @@ Every file ckptprobe writes goes through `atomic_write`, which looks at what the
 
 - a regular file, or nothing yet: the data lands in a temporary file beside it and is renamed over
   it only once complete, so a failed or interrupted run never leaves a half-written file behind
-  (a replaced file keeps its permission bits);
+  (a replaced file keeps its permission bits; one we may not write is refused, as `>` would be);
 - a symlink: followed; its target is written as above and the link stays a link;
 - a character or block device, a named pipe or a Unix socket (`-o /dev/null`, `-o /dev/stdout`,
   `-o >(gzip > x.gz)`): written to directly; renaming over it would replace the device with a file;
@@ -23,15 +23,18 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, IO, Iterator, Mapping
 
-from ckptprobe.io._inputs import is_input
+from ckptprobe.io._inputs import is_input, note_output
 
 if TYPE_CHECKING:  # numpy is loaded by `write_safetensors` alone: writing a report needs no array library
     import numpy as np
 
 
-def _refuse_input(path: Path, st: os.stat_result | None) -> None:
+def _refuse(path: Path, st: os.stat_result | None) -> None:
+    """An input of this run, or a regular file we may not write (`>` would fail): never replaced."""
     if st is not None and is_input(st):
         raise FileExistsError(errno.EEXIST, "refusing to write over an input of this run", str(path))
+    if st is not None and stat.S_ISREG(st.st_mode) and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "the file is read-only", str(path))
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -42,9 +45,10 @@ def check_writable(path: str | os.PathLike) -> Path:
         st = os.stat(path)  # follows symlinks: what counts is what the link points to
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
-        _refuse_input(path, st)
+        _refuse(path, st)
         if not stat.S_ISREG(st.st_mode):
             return path  # a device, pipe or socket is written in place
+        note_output(st, str(path))  # an input opened later is refused then, before the work
     folder = Path(os.path.realpath(path)).parent
     while not folder.exists():  # atomic_write creates missing folders
         folder = folder.parent
@@ -71,7 +75,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
-    _refuse_input(path, st)
+    _refuse(path, st)
     if st is not None and not stat.S_ISREG(st.st_mode):
         with _open_special(path, st, mode) as f:
             yield f

@@ -16,7 +16,7 @@ import numpy as np
 
 from ckptprobe.analysis.consensus import GroupConsensus, TensorConsensus
 from ckptprobe.analysis.profile import ProfileResult
-from ckptprobe.report.figures import matrix_label, pyplot, save_figure
+from ckptprobe.report.figures import legend, matrix_label, pyplot, save_figure
 
 HEATMAP_MODULES = ("q", "k", "v", "qkv", "o", "down")
 
@@ -143,5 +143,5 @@ def plot_profile(result: ProfileResult, labels: Sequence[str], path: str | os.Pa
             known = [c for c in corr if c is not None]
             ax.set_title(f"{matrix_label(t.name)}: {what} ratio" +
                          (f" (consecutive r {min(known):.2f}..{max(known):.2f})" if known else ""), fontsize=8)
-    axes[0, 1].legend(fontsize=7, loc="upper right")
+    legend(axes[0, 1], fontsize=7, loc="upper right")
     save_figure(fig, path, fitted=True)

@@ -31,6 +31,19 @@ def matrix_label(name: str) -> str:
     return (name[m.end():] if m else name).removesuffix(".weight")
 
 
+def log_y(ax) -> None:
+    """A log y axis, where the lines drawn hold a positive value (a checkpoint equal to its base, an all-zero
+    matrix: a log axis of nothing draws nothing and makes matplotlib warn)."""
+    if any(np.any(np.asarray(line.get_ydata(), float) > 0) for line in ax.get_lines()):
+        ax.set_yscale("log")
+
+
+def legend(ax, **kwargs) -> None:
+    """The axes' legend, where a line has a label (none drawn, say a fine-tune without angles: no legend)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 130, fitted: bool = False) -> Path:
     """Save `fig` atomically; the format follows the suffix (.png, .pdf, .svg). Closes the figure.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckptprobe.report.figures import block_average, pyplot, save_figure
+from ckptprobe.report.figures import block_average, legend, pyplot, save_figure
 from ckptprobe.report.labels import label as short_label
 
 MAX_PANELS = 4  # update-mask panels drawn for --matrix (one per fine-tune)
@@ -39,7 +39,7 @@ def plot_principal(result, path: Path, matrix: str | None = None, masks: dict | 
         ax.set_xlabel("layer")
         ax.set_ylabel("|M & X| / |M|")
         ax.set_title(f"overlap with {title}")
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     if masks:
         panels = [("principal", f"principal mask (k={_rank(result, matrix)}, alpha={result.alpha:g})")] + \
             [(ft, f"update mask: {short_label(ft)}") for ft in fts]

@@ -15,7 +15,7 @@ import numpy as np
 from ckptprobe.analysis.spectrum import SpectrumResult
 from ckptprobe.errors import UsageError
 from ckptprobe.io.names import MODULE_ORDER, parse_name
-from ckptprobe.report.figures import pyplot, save_figure
+from ckptprobe.report.figures import legend, log_y, pyplot, save_figure
 from ckptprobe.report.labels import label as short_label
 
 
@@ -66,7 +66,7 @@ def plot_spectrum(result: SpectrumResult, path: str | os.PathLike, layer: int | 
                 i = np.arange(1, len(c.angles_u) + 1)
                 ax_a.plot(i, c.angles_u, color=color, lw=1, label=f"{short_label(c.finetuned)} U")
                 ax_a.plot(i, c.angles_v, color=color, lw=1, ls="--", label=f"{short_label(c.finetuned)} V")
-        ax_s.set_yscale("log")
+        log_y(ax_s)
         expert = m.expert if m.expert is not None else parse_name(m.name).expert  # a stack's index, or the name's
         which = f" (expert {expert})" if expert is not None else ""  # one matrix stands for its module type
         ax_s.set_title(f"layer {layer} {module}{which} {m.shape[0]}x{m.shape[1]}", fontsize=9)
@@ -75,8 +75,8 @@ def plot_spectrum(result: SpectrumResult, path: str | os.PathLike, layer: int | 
         if col == 0:
             ax_s.set_ylabel("singular value")
             ax_a.set_ylabel("principal angle (deg)")
-            ax_s.legend(fontsize=7)
-            ax_a.legend(fontsize=7)
+            legend(ax_s, fontsize=7)
+            legend(ax_a, fontsize=7)
     all_modules = _modules(layered)
     maps = {}  # (fine-tune index, metric) -> (layers, modules) array, NaN where missing
     for j in range(len(fts)):

@@ -59,12 +59,13 @@ def test_output_over_an_input_is_refused(tiny_pair, tmp_path, capsys):
     ft.write_bytes(tiny_pair.ft.read_bytes())
     before = base.read_bytes(), ft.read_bytes()
     run_error(capsys, ["sparsity", str(base.parent), str(ft), "-f", "json", "-o", str(ft)],
-              f"refusing to write over an input of this run: {ft}")
+              f"{ft}: an output of this run, and also one of its inputs", code=2)
     run_error(capsys, ["masks", "build", str(base.parent), "--kind", "update", "--from", str(ft), "--vectors", "train",
-                       "-o", str(base)], f"refusing to write over an input of this run: {base}")
+                       "-o", str(base)], f"{base}: an output of this run, and also one of its inputs", code=2)
     link = tmp_path / "link.json"
     os.symlink(ft, link)  # through a symlink too
-    run_error(capsys, ["sparsity", str(base.parent), str(ft), "-f", "json", "-o", str(link)], "refusing to write over")
+    run_error(capsys, ["sparsity", str(base.parent), str(ft), "-f", "json", "-o", str(link)], "refusing to write over",
+              code=2)
     assert (base.read_bytes(), ft.read_bytes()) == before
     # the same command writes a new file, and a file it did not read
     assert main(["sparsity", str(base.parent), str(ft), "-o", str(tmp_path / "out.json")]) == 0

@@ -10,6 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from factory import run_error
 
@@ -157,3 +158,67 @@ def test_a_missing_layer_fails_before_the_svds(tiny_pair, tmp_path, capsys, monk
     run_error(capsys, ["spectrum", str(tiny_pair.base), str(tiny_pair.ft), "--layer", "1"],
               "--layer only chooses the layer that --plot draws", code=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_plot_and_output_naming_one_file_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-such-checkpoint")  # never opened: the clash is found first
+    run_error(capsys, ["drift", missing, missing, "--plot", "out.svg", "-o", "out.svg"], "--plot out.svg",
+              "which -o also names", code=2)
+    run_error(capsys, ["consensus", missing, missing, missing, "--plot", "c.png", "-o", "c-jaccard.png", "-f", "json"],
+              "would write c-jaccard.png", code=2)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["drift", "{m}", "{m}", "-o", "new/"], ["drift", "{m}", "{m}", "--plot", "new/"],
+                                  ["masks", "build", "{m}", "--kind", "low", "-o", "new/"],
+                                  ["masks", "export", "{m}", "--to", "peft", "-o", "new/"]])
+def test_a_name_ending_in_a_separator_names_a_folder(tmp_path, capsys, monkeypatch, args):
+    """Path("new/") is "new": without a look at the text, a file named `new` would be written."""
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-such-checkpoint")
+    run_error(capsys, [a.format(m=missing) for a in args], "new/ ends in /, so it names a folder", code=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_over_a_file_the_run_reads_is_refused_before_the_work(tiny_pair, tmp_path, capsys, monkeypatch):
+    """The clash is found when the input is opened, whichever comes first: never after the analysis."""
+    import ckptprobe.analysis.consensus as consensus
+
+    def never(*args, **kwargs):
+        raise AssertionError("the analysis ran")
+
+    monkeypatch.setattr(consensus, "consensus", never)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(tiny_pair.base.read_bytes())
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4,
+                                                  "hidden_size": 32, "head_dim": 8}))
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    for target in ("config.json", "model.safetensors"):  # a folder's config is part of the checkpoint
+        run_error(capsys, ["consensus", str(base), str(tiny_pair.ft), str(tiny_pair.ft), "-o", str(base / target),
+                           "-f", "json"], str(base / target), "refusing to write over it", code=2)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_a_read_only_file_is_not_replaced(tiny_pair, tmp_path, capsys, monkeypatch):
+    """As `>` would fail (root may write anyway, and so may ckptprobe: what os.access says decides)."""
+    import ckptprobe.io.writer as writer
+
+    target = tmp_path / "r.json"
+    target.write_text("keep")
+    real = os.access
+    monkeypatch.setattr(writer.os, "access", lambda p, mode: False if str(p) == str(target) else real(p, mode))
+    run_error(capsys, sparsity_args(tiny_pair, "-o", target), f"-o {target}", "read-only", code=2)
+    assert target.read_text() == "keep"
+
+
+def test_figures_of_checkpoints_equal_to_their_base_draw_without_warnings(tiny_pair, tmp_path):
+    """Nothing positive to put on a log axis, no angle to label (an all-zero base matrix): matplotlib's
+    warnings would reach the user's terminal (the suite turns every warning into an error)."""
+    from factory import save, tiny_weights
+
+    zeros = save(tmp_path / "zeros.safetensors", {n: np.zeros_like(x) for n, x in tiny_weights(0).items()})
+    assert main(["drift", str(tiny_pair.base), str(tiny_pair.base), "--plot", str(tmp_path / "d.png")]) == 0
+    assert main(["spectrum", str(zeros), str(tiny_pair.base), "-k", "2", "--plot", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
