@@ -72,7 +72,7 @@ def demo(
                     ["finding", "SFT", "RL (mean of 3)", "chance / none"], readings)]
     scr = [f for f in result.items if f.key.startswith("scramble_")]
     scr_rows = [{"layer": f.title.rsplit("layer ", 1)[1], "overlap": f.rl, "chance": f.baseline,
-                 "Jaccard": f.rl_runs["jaccard"], "Bernoulli": f.rl_runs["bernoulli"],
+                 "Jaccard": f.detail["jaccard"], "Bernoulli": f.detail["bernoulli"],
                  "rl-2 overlap": f.rl_runs["rl-2"]} for f in scr]
     tables.append(table("Scrambled base: rl-1-scrambled's update mask vs rl-1's, same coordinates", scr_rows,
                         ["layer", "overlap", "chance", "Jaccard", "Bernoulli", "rl-2 overlap"],

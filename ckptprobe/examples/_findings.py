@@ -123,11 +123,11 @@ NO_SFT = {"jaccard", "drift", "scramble_layer"}  # findings about the RL runs on
 
 def _finding(key: str, title: str, sft, rl, rl_runs: dict, baseline, **detail) -> "Finding":
     """A Finding read by `READINGS[key]`, or "not measured" when a number it needs is missing."""
-    f = Finding(key, title, sft, rl, rl_runs, baseline, "")
+    f = Finding(key, title, sft, rl, rl_runs, baseline, "", detail)
     stem = key.rstrip("0123456789")
     missing = rl is None or (sft is None and stem not in NO_SFT) or None in detail.get("series", ())
     reading = f"{title}: not measured (no tensor to measure it on)." if missing else READINGS[stem](f, detail)
-    return Finding(key, title, sft, rl, rl_runs, baseline, reading)
+    return Finding(key, title, sft, rl, rl_runs, baseline, reading, detail)
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,11 @@ class Finding:
     rl_runs: dict
     baseline: float | None  # what chance (or "no change") gives, when there is such a number
     reading: str
+    detail: dict = field(default_factory=dict)  # the other numbers the reading states (drift series, Jaccard, ...)
 
     def to_dict(self) -> dict:
         return {"key": self.key, "title": self.title, "sft": self.sft, "rl": self.rl, "rl_runs": self.rl_runs,
-                "baseline": self.baseline, "reading": self.reading}
+                "baseline": self.baseline, "reading": self.reading, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,7 @@ def findings(root: str | Path | None = None, rank: int = 8, alpha: float = 0.05,
         state = "scrambled" if layer in scrambled else "untouched"
         items.append(_finding(
             f"scramble_layer{layer}", f"rl-1-scrambled vs rl-1: overlap of update masks, layer {layer} ({state})",
-            None, g.overlap, {"rl-1-scrambled": g.overlap, "jaccard": g.jaccard, "bernoulli": g.bernoulli,
-                              "rl-2": seeds[layer].overlap}, g.chance,
+            None, g.overlap, {"rl-1-scrambled": g.overlap, "rl-2": seeds[layer].overlap}, g.chance,  # overlap with rl-1
             layer=layer, scrambled=layer in scrambled, jaccard=g.jaccard, bernoulli=g.bernoulli,
             seed_overlap=seeds[layer].overlap))
     return Findings(str(root or path("base").parent), rank, alpha, tuple(items),

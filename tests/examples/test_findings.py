@@ -46,9 +46,9 @@ def test_scrambling_a_layer_moves_rl_updates_to_chance_there_only(found):
     # rl-1's seed; at the same coordinates the update masks agree in layer 0 and fall to chance in layer 1.
     untouched, scrambled = found["scramble_layer0"], found["scramble_layer1"]
     assert untouched.rl > 2.5 * untouched.baseline  # shipped: 1.00 vs 0.34 (2.96x)
-    assert untouched.rl_runs["jaccard"] > 4 * untouched.rl_runs["bernoulli"]  # 1.00 vs 0.20 (4.9x)
+    assert untouched.detail["jaccard"] > 4 * untouched.detail["bernoulli"]  # 1.00 vs 0.20 (4.9x)
     assert scrambled.rl < 1.3 * scrambled.baseline  # 0.32 vs 0.28 (1.15x)
-    assert scrambled.rl_runs["jaccard"] < 1.3 * scrambled.rl_runs["bernoulli"]  # 0.19 vs 0.16 (1.18x)
+    assert scrambled.detail["jaccard"] < 1.3 * scrambled.detail["bernoulli"]  # 0.19 vs 0.16 (1.18x)
     assert "far above chance" in untouched.reading and "close to chance" in scrambled.reading
     assert scrambled.rl_runs["rl-2"] > 2 * scrambled.rl  # not seed noise: another seed, unscrambled, 0.90
 
@@ -60,6 +60,10 @@ def test_demo_json_and_plots(tmp_path, capsys):
     assert {f["key"] for f in data["findings"]} >= {"sparsity", "jaccard", "overlap_principal", "overlap_low",
                                                    "nss", "max_angle", "drift", "scramble_layer0",
                                                    "scramble_layer1"}
+    for f in data["findings"]:  # per run, the run's value; the other numbers of a reading are its detail
+        assert set(f["rl_runs"]) <= {"rl-1", "rl-2", "rl-3", "rl-1-scrambled"}, f
+        if f["key"].startswith("scramble_layer"):
+            assert f["detail"]["jaccard"] > 0 and f["detail"]["bernoulli"] > 0
     figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert figs == ["demo-consensus-heatmaps.png", "demo-consensus-ratios.png", "demo-drift.png", "demo-jaccard.png",
                     "demo-principal.png", "demo-spectrum.png"]
