@@ -10,7 +10,9 @@ GatedRepo). With `redirect=True`, .safetensors files are answered like the real 
 answers LFS files: a 302 (with `X-Linked-Etag`, `X-Linked-Size`) to a storage URL
 `/cdn/{org}/{name}/{commit}/{file}` that serves the bytes without a token. Every request is logged and every body byte of a file counted, so tests
 can assert what a command fetched. `quirks` make a repo answer like a broken server or proxy:
-"no-rfilename" (model info siblings without `rfilename`), "size-unknown" (`Content-Range: bytes a-b/*`).
+"no-rfilename" (model info siblings without `rfilename`), "size-unknown" (`Content-Range: bytes a-b/*`),
+"no-ranges" (a Range header is ignored: 200 and the whole file). With `tree_page_size`, the tree
+endpoint answers that many entries per page, the next page named by a `Link: <url>; rel="next"` header.
 
     with FakeHub() as hub:
         hub.add_repo("org/a", {"main": {"model.safetensors": data}, "v2": {...}})
@@ -64,6 +66,7 @@ class FakeHub:
 
     def __init__(self, redirect: bool = False) -> None:
         self.redirect = redirect  # answer .safetensors files with a 302 to /cdn/..., as the real Hub does
+        self.tree_page_size: int | None = None  # paginate tree listings, as the real Hub does (by 1000)
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[Request] = []
         self.bytes_served: Counter = Counter()  # (repo_id, path) -> file bytes sent in GET bodies
@@ -166,13 +169,27 @@ class _Handler(BaseHTTPRequestHandler):
         commit, files = found
         if rest and rest[0] == "tree":
             recursive = parse_qs(urlsplit(self.path).query).get("recursive", ["false"])[0].lower() in ("true", "1")
-            return self._json(_tree(files, folder.strip("/"), recursive))
+            return self._tree_page(_tree(files, folder.strip("/"), recursive))
         siblings = [{"rfilename": p, "size": len(d), "blobId": _git_oid(d),
                      **({"lfs": _lfs(d)} if p.endswith(".safetensors") else {})} for p, d in sorted(files.items())]
         if "no-rfilename" in repo.quirks:
             siblings = [{k: v for k, v in sib.items() if k != "rfilename"} for sib in siblings]
         self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                     "gated": "manual" if repo.token else False, "siblings": siblings})
+
+    def _tree_page(self, entries: list[dict]) -> None:
+        """`entries`, or one page of them (`tree_page_size`) from `?cursor=N`, with a Link to the next page."""
+        size = self.fake.tree_page_size
+        if not size:
+            return self._json(entries)
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        start = int(query.pop("cursor", ["0"])[0])
+        headers = {}
+        if start + size < len(entries):
+            rest = "".join(f"{k}={v[0]}&" for k, v in query.items())
+            headers["Link"] = f'<{self.fake.endpoint}{url.path}?{rest}cursor={start + size}>; rel="next"'
+        self._json(entries[start:start + size], headers)
 
     @staticmethod
     def _refs(repo: FakeRepo) -> dict:
@@ -215,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
                                          "ETag": f'"{_git_oid(data)}"', "X-Linked-Etag": etag,
                                          "X-Linked-Size": str(len(data))}, head)
         self._serve(request, (repo_id, path), data, {"X-Repo-Commit": commit, "ETag": etag}, head,
-                    size_unknown="size-unknown" in repo.quirks)
+                    size_unknown="size-unknown" in repo.quirks, ignore_range="no-ranges" in repo.quirks)
 
     def _cdn(self, request: Request, repo_id: str, commit: str, path: str, head: bool) -> None:
         repo = self.fake.repos.get(repo_id)
@@ -227,11 +244,11 @@ class _Handler(BaseHTTPRequestHandler):
                     head)
 
     def _serve(self, request: Request, key: tuple[str, str], data: bytes, headers: dict, head: bool,
-               size_unknown: bool = False) -> None:
+               size_unknown: bool = False, ignore_range: bool = False) -> None:
         """A file's bytes, or the byte range asked for (206), counted under `key`."""
         headers = {**headers, "Accept-Ranges": "bytes"}
         status, body = 200, data
-        if request.range:
+        if request.range and not ignore_range:
             span = _parse_range(request.range, len(data))
             if span is None:
                 self.fake._record(request)
@@ -247,8 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, code: str, headers: dict | None = None) -> None:
         self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code, **(headers or {})})
 
-    def _json(self, obj) -> None:
-        self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+    def _json(self, obj, headers: dict | None = None) -> None:
+        self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
 
     def _send(self, status: int, body: bytes, headers: dict | None = None, head: bool = False) -> None:
         self.send_response(status)

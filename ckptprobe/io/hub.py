@@ -6,9 +6,11 @@ file, 8 bytes and the header, and later only the byte ranges of the tensors aske
 comparing one layer of two 14 GB repos moves that layer, not 28 GB.
 
 With `download=True` whole files go into the Hub cache instead (`hf_hub_download`, one
-at a time, when a tensor of the file is first read) and are read from there. Files
-already in the cache are always read from it, and with HF_HUB_OFFLINE=1 the cache is
-the only source: no request is made at all.
+at a time, when the repo is opened) and are read from there, with no range request: a
+server or proxy that answers ranges badly still works. Files already in the cache are
+always read from it, and with HF_HUB_OFFLINE=1 the cache is the only source: no request
+is made at all, and series patterns (`matching_revisions`, `matching_folders`) match
+what the cache holds.
 
 URLs, auth headers, the endpoint (HF_ENDPOINT), the cache and error types are the
 `huggingface_hub` client's own. Only this module imports it, so local runs do not pay
@@ -20,19 +22,20 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import quote
 
 import numpy as np
-from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
+from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
                                     LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 # `httpx` is the client's own re-export of the HTTP library it uses (httpx2 in huggingface_hub 2.x),
 # kept stable for downstream code: its transport errors (refused, timed out) are not wrapped.
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, httpx
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, httpx, validate_repo_id
 
 from ckptprobe.errors import CheckpointNotFoundError, HubError, InvalidCheckpointError
 from ckptprobe.io._multifile import PICKLE_HINT, PICKLE_SUFFIXES, MultiFileSource, model_files
@@ -42,8 +45,6 @@ TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
 NETWORK_HINT = ("check the network and HF_ENDPOINT; to read files already in the Hub cache (from an earlier "
                 "--download run), set HF_HUB_OFFLINE=1")
 OFFLINE_HINT = "run once online with --download to fill the Hub cache, or unset HF_HUB_OFFLINE"
-
-_download_lock = threading.Lock()  # --download fetches one whole file at a time
 
 
 class HubSource:
@@ -168,7 +169,10 @@ class HubSource:
 
     def _open_file(self, path: str) -> SafetensorsFile | _RemoteFile:
         cached = try_to_load_from_cache(self.repo_id, path, revision=self.commit)
-        return SafetensorsFile(cached) if isinstance(cached, str) else _RemoteFile(self, path)
+        if isinstance(cached, str):
+            return SafetensorsFile(cached)
+        # With --download even the header comes from the whole file: no range request at all.
+        return SafetensorsFile(self._fetch(path)) if self._download else _RemoteFile(self, path)
 
     def _read_text(self, path: str) -> str:
         cached = try_to_load_from_cache(self.repo_id, path, revision=self.commit)
@@ -268,12 +272,26 @@ def hub_errors(repo_id: str, revision: str, what: str, authorized: bool = False)
 # -- series: many revisions or subfolders of one repo ---------------------------------------------
 
 def matching_revisions(repo_id: str, pattern: str, token: str | bool | None = None) -> list[str]:
-    """The repo's branches and tags whose name matches the glob `pattern` (fnmatch, case-sensitive)."""
+    """The repo's branches and tags whose name matches the glob `pattern` (fnmatch, case-sensitive).
+
+    With HF_HUB_OFFLINE=1, the revisions the Hub cache knows by name instead (those downloaded by
+    name, as --download does), and an error when none matches.
+    """
+    if constants.is_offline_mode():
+        refs = _cache_folder(repo_id) / "refs"
+        # refs/pr/N and the like are pull requests, which the online listing leaves out too
+        names = [p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()]
+        found = [n for n in names if not n.startswith("refs/") and fnmatch.fnmatchcase(n, pattern)]
+        if not found:
+            raise HubError(f"{repo_id}@{pattern}: the Hub cache ({constants.HF_HUB_CACHE}) holds no revision of "
+                           f"{repo_id} matching {pattern!r}, and HF_HUB_OFFLINE=1 forbids listing the repo's "
+                           "branches and tags", hint=OFFLINE_HINT)
+        return found
     with hub_errors(repo_id, pattern, f"{repo_id}@{pattern}", bool(token)):
         try:
-            refs = HfApi().list_repo_refs(repo_id, token=token or None)
-            names = [r.name for r in (*refs.branches, *refs.tags)]
-        except (KeyError, TypeError, AttributeError) as e:
+            refs = _api_pages(repo_id, "refs", token)[0]
+            names = [r["name"] for r in (*refs["branches"], *refs["tags"])]
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise HubError(f"{repo_id}: {constants.ENDPOINT} answered the refs request with a reply that is not "
                            f"the Hub's ({type(e).__name__}: {e})") from e
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -284,15 +302,50 @@ def matching_folders(repo_id: str, revision: str | None, pattern: str, token: st
     `/`) and that hold a safetensors checkpoint (`*.safetensors`, or an index) directly."""
     revision = revision or constants.DEFAULT_REVISION
     segments = pattern.strip("/").split("/")
-    with hub_errors(repo_id, revision, f"{repo_id}@{revision}:{pattern}", bool(token)):
-        try:
-            entries = list(HfApi().list_repo_tree(repo_id, revision=revision, recursive=True, token=token or None))
-            files = [e.path for e in entries if isinstance(e, RepoFile)]
-        except (KeyError, TypeError, AttributeError) as e:
-            raise HubError(f"{repo_id}@{revision}: {constants.ENDPOINT} answered the tree request with a reply "
-                           f"that is not the Hub's ({type(e).__name__}: {e})") from e
+    offline = constants.is_offline_mode()
+    if offline:  # the files of the revision's snapshot in the Hub cache (those downloaded)
+        cached = _cache_folder(repo_id)
+        ref = cached / "refs" / revision
+        snapshot = cached / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+        files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    else:
+        with hub_errors(repo_id, revision, f"{repo_id}@{revision}:{pattern}", bool(token)):
+            try:
+                pages = _api_pages(repo_id, f"tree/{quote(revision, safe='')}?recursive=true", token)
+                files = [e["path"] for page in pages for e in page if e["type"] == "file"]
+            except (KeyError, TypeError, json.JSONDecodeError) as e:
+                raise HubError(f"{repo_id}@{revision}: {constants.ENDPOINT} answered the tree request with a reply "
+                               f"that is not the Hub's ({type(e).__name__}: {e})") from e
     folders = {f.rpartition("/")[0] for f in files if f.endswith((".safetensors", ".safetensors.index.json"))}
-    return [f for f in folders if _match_segments(f.split("/"), segments)]
+    found = [f for f in folders if _match_segments(f.split("/"), segments)]
+    if offline and not found:
+        raise HubError(f"{repo_id}@{revision}: the Hub cache ({constants.HF_HUB_CACHE}) holds no folder matching "
+                       f"{pattern!r} with *.safetensors files, and HF_HUB_OFFLINE=1 forbids listing the repo",
+                       hint=OFFLINE_HINT)
+    return found
+
+
+def _api_pages(repo_id: str, path: str, token: str | bool | None) -> list:
+    """The JSON of `GET {endpoint}/api/models/{repo_id}/{path}`, one item per page (the next page is
+    named by a `Link: <url>; rel="next"` header).
+
+    Done here, not with HfApi's listings: those pass no timeout, and the client's shared session
+    has none, so an endpoint that accepts and never answers would hang the run.
+    """
+    validate_repo_id(repo_id)
+    headers = build_hf_headers(token=token or None)
+    url, pages = f"{constants.ENDPOINT}/api/models/{repo_id}/{path}", []
+    while url:
+        r = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        hf_raise_for_status(r)
+        pages.append(r.json())
+        url = r.links.get("next", {}).get("url")
+    return pages
+
+
+def _cache_folder(repo_id: str) -> Path:
+    """The model repo's folder in the Hub cache: `refs/{revision}` holds a commit, `snapshots/{commit}/` the files."""
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def _match_segments(parts: list[str], segments: list[str]) -> bool:
@@ -300,15 +353,10 @@ def _match_segments(parts: list[str], segments: list[str]) -> bool:
 
 
 class _RemoteFile:
-    """One safetensors file of a Hub repo: header fetched at open, tensors by byte range.
-
-    With `download`, the first read fetches the whole file into the Hub cache and every
-    read is then served from there.
-    """
+    """One safetensors file of a Hub repo: header fetched at open, tensors by byte range."""
 
     def __init__(self, hub: HubSource, filename: str):
         self._hub, self.filename = hub, filename
-        self._local: SafetensorsFile | None = None
         what = f"{hub._label}: {filename}"
         head, size = hub._get(filename, 0, 8)
         n = header_length(head, size, what)
@@ -323,17 +371,8 @@ class _RemoteFile:
         return self._infos[name]
 
     def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        if self._hub._download:
-            return self._downloaded().read(name, start, stop, out)
         dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
         if end <= begin:
             return np.empty(0, dtype)
         data, _ = self._hub._get(self.filename, begin, end)
         return np.frombuffer(data, dtype)
-
-    def _downloaded(self) -> SafetensorsFile:
-        if self._local is None:
-            with _download_lock:
-                if self._local is None:
-                    self._local = SafetensorsFile(self._hub._fetch(self.filename))
-        return self._local

@@ -54,6 +54,8 @@ def hub(tiny_pair, pr_mask, tmp_path_factory):
         fake.add_repo("org/nothing", {"main": {"README.md": b"# empty"}})
         fake.add_repo("org/truncated", {"main": {"model.safetensors": tiny_pair.base.read_bytes()[:30_000]}})
         fake.add_repo("org/tiny-file", {"main": {"model.safetensors": b"\x01\x00\x00"}})
+        fake.add_repo("org/no-ranges", {"main": files_of(tiny_pair.ft)}, quirks=("no-ranges",))
+        fake.add_repo("org/size-unknown", {"main": files_of(tiny_pair.ft)}, quirks=("size-unknown",))
         fake.add_repo("org/bad-index", {"main": {"model.safetensors.index.json": json.dumps(index).encode(),
                                                  "model-00001-of-00002.safetensors": tiny_pair.base.read_bytes()}})
         yield fake
@@ -233,14 +235,30 @@ def test_offline_without_cache_is_one_line(hf, capsys, monkeypatch):
     assert "--download" in err and hf.requests == []
 
 
-def test_offline_with_partial_cache_names_the_missing_shard(hf, capsys, monkeypatch):
+def test_offline_with_partial_cache_names_the_missing_shard(hf, tiny_pair, capsys, monkeypatch):
     import huggingface_hub.constants as c
+    from huggingface_hub import hf_hub_download
 
-    src = open_source("org/ft-sharded", download=True)
-    src.read("model.norm.weight")  # downloads only the shard holding it
+    shards = sorted(p.name for p in tiny_pair.ft_dir.glob("*.safetensors"))
+    for name in ("model.safetensors.index.json", shards[0]):  # the index and one of two shards
+        hf_hub_download("org/ft-sharded", name)
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     code, _, err = cli(capsys, "sparsity", "org/ft-sharded", "org/ft-sharded")
     assert code == 1 and "shard model-0000" in one_line_error(err) and "not in the Hub cache" in err
+
+
+@pytest.mark.parametrize("repo, words", [
+    ("org/no-ranges", ["org/no-ranges@main: model.safetensors", "HTTP 200, not 206"]),
+    ("org/size-unknown", ["org/size-unknown@main: model.safetensors", "without the file's size"]),
+])
+def test_download_makes_no_range_request(hf, tiny_pair, capsys, repo, words):
+    """A server or proxy that answers byte ranges badly: range reads fail, pointing at --download,
+    and --download fetches whole files, so it works."""
+    code, out, err = cli(capsys, "sparsity", "org/base", repo)
+    assert code == 1 and out == "" and all(w in one_line_error(err, hint="--download") for w in words)
+    hf.reset()
+    assert sparsity_json(capsys, "org/base", repo, "--download") == local_json(capsys, tiny_pair.base, tiny_pair.ft)
+    assert [r for r in hf.requests if r.range] == []
 
 
 # -- errors --------------------------------------------------------------------------------------

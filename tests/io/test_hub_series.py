@@ -9,6 +9,8 @@ local folders; every way must give the same numbers as the local files.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,54 @@ def test_subfolder_download_then_offline(hf, series, monkeypatch):
     np.testing.assert_array_equal(open_source(ref).get_array(name), online)
     assert hf.requests == []
     np.testing.assert_array_equal(online, open_source(str(series[20])).get_array(name))
+
+
+def test_paginated_tree_lists_every_folder(hf, monkeypatch):
+    monkeypatch.setattr(hf, "tree_page_size", 2)  # the real Hub pages by 1000 entries
+    assert expand_refs(["org/verl:global_step_*/*/huggingface"]) == [
+        f"org/verl:global_step_{s}/{role}/huggingface" for s in STEPS for role in ("actor", "critic")]
+    assert sum(r.path.startswith("/api/models/org/verl/tree/main?") for r in hf.requests) > 5
+
+
+@pytest.mark.parametrize("pattern, label", [("org/steps@step-*", "org/steps@step-*"),
+                                            ("org/verl:global_step_*/actor", "org/verl@main:global_step_*/actor")])
+def test_series_on_silent_endpoint_times_out(hf, capsys, monkeypatch, pattern, label):
+    import huggingface_hub.constants as c
+
+    with socket.socket() as s:  # accepts connections (the kernel's backlog) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        silent = f"http://127.0.0.1:{s.getsockname()[1]}"
+        monkeypatch.setattr(c, "ENDPOINT", silent)
+        monkeypatch.setattr(c, "HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
+        t0 = time.perf_counter()
+        run_error(capsys, ["drift", "org/steps", pattern], label,
+                  f"{silent} did not answer within HF_HUB_DOWNLOAD_TIMEOUT=0.3 s")
+        assert time.perf_counter() - t0 < 5
+
+
+def test_series_download_then_offline(hf, capsys, monkeypatch):
+    """Patterns expand from the Hub cache when HF_HUB_OFFLINE=1: the same output, no request."""
+    import huggingface_hub.constants as c
+
+    def run(*args):
+        assert main([*args, "-f", "json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    runs = [("drift", "org/steps", "org/steps@step-*"),
+            ("drift", "org/steps@v1", "org/verl:global_step_*/actor/huggingface")]
+    online = [run(*args, "--download") for args in runs]
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    hf.reset()
+    assert [run(*args) for args in runs] == online
+    assert online[0]["checkpoints"] == [f"org/steps@step-{s}" for s in STEPS]
+    assert hf.requests == []
+    hint = "run once online with --download"
+    run_error(capsys, ["drift", "org/steps", "org/steps@nope-*"], "org/steps@nope-*", "Hub cache",
+              "no revision", "'nope-*'", hint=hint)
+    run_error(capsys, ["drift", "org/steps", "org/verl:global_step_*/critic/huggingface"],  # on the Hub, not cached
+              "org/verl@main", "Hub cache", "no folder", "'global_step_*/critic/huggingface'", hint=hint)
+    assert hf.requests == []
 
 
 @pytest.mark.parametrize("args, code, words", [
