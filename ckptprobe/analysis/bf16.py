@@ -33,7 +33,9 @@ _F8_TABLES = {"F8_E4M3": _fp8_table(4, 3, 7, False), "F8_E5M2": _fp8_table(5, 2,
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """uint16 bf16 bits, any shape -> float32 of the same shape (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.astype(np.uint32)
+    out <<= 16  # in place: an embedding's float32 copy is made once, not twice
+    return out.view(np.float32)
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -28,6 +28,16 @@ def default_mode(dtype_a: str, dtype_b: str) -> CompareMode:
     return CompareMode.bitwise if dtype_a == dtype_b else CompareMode.bf16
 
 
+def same_rule(dtype_a: str, dtype_b: str, mode: CompareMode, eta: float) -> CompareMode:
+    """The cheapest mode that decides every pair of these dtypes as `mode` does: bitwise for two bf16 sides
+    in bf16 mode (rounding bf16 to bf16 changes nothing) or in eta mode with eta < 2^-8 (two distinct bf16
+    values differ by at least 2^-8 of the larger magnitude, so the rule holds exactly where the bits are
+    equal, +0 and -0 included: docs/sparsity.md); else `mode` itself."""
+    if dtype_a == dtype_b == "BF16" and (mode == CompareMode.bf16 or (mode == CompareMode.eta and eta < 2.0 ** -8)):
+        return CompareMode.bitwise
+    return mode
+
+
 class Kind(str, Enum):
     """Mask kinds: see `analysis/mask_expr.py`."""
 

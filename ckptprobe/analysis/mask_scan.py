@@ -22,6 +22,7 @@ from typing import Callable, Collection, Iterator, Sequence
 import numpy as np
 
 from ckptprobe.analysis import kernels
+from ckptprobe.analysis.choices import same_rule
 from ckptprobe.analysis.consensus_results import TensorConsensus
 from ckptprobe.analysis.consensus_stats import stripe_index
 from ckptprobe.analysis.plan import TensorPlan
@@ -182,7 +183,8 @@ def _scan_block(plan: TensorPlan, lo: int, hi: int, eta: float, atol: float, kee
     n, R, dtype = (hi - lo) * cols, len(plan.runs), plan.info.dtype
     matrix = profiled(plan)
     exp = EXPONENT16.get(dtype)
-    fast = [exp if r.mode == CompareMode.bitwise and r.info.dtype == dtype else None for r in plan.runs]
+    fast = [exp if same_rule(dtype, r.info.dtype, r.mode, eta) == CompareMode.bitwise and r.info.dtype == dtype
+            else None for r in plan.runs]
     if 0 < n <= min(SMALL, _chunk_rows(cols) * cols) and not keep:  # one chunk, and small
         x = plan.base.read(plan.name, lo * cols, hi * cols)
         ys = [r.source.read(plan.name, lo * cols, hi * cols) for r in plan.runs]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -104,13 +104,12 @@ class MatrixMasks:
             self._cache[atom] = self._compute(atom)
         return self._cache[atom].copy()
 
-    def _updates(self) -> list[np.ndarray]:
+    def _updates(self) -> Iterator[np.ndarray]:
+        """Each run's update mask, one at a time (a consensus of R runs holds one mask and the counts)."""
         s = self.spec
-        out = []
         for raw, dtype in self.runs:
             mode = s.mode or default_mode(self.dtype, dtype)
-            out.append(update_mask(self.raw, raw, self.dtype, dtype, mode, s.eta, s.atol)[0])
-        return out
+            yield update_mask(self.raw, raw, self.dtype, dtype, mode, s.eta, s.atol)[0]
 
     def _compute(self, atom: str) -> np.ndarray:
         s = self.spec
@@ -124,7 +123,7 @@ class MatrixMasks:
         if atom == "low":
             return low_mask(self.w, s.alpha, s.low_threshold)
         if atom == "update":
-            return self._updates()[0]
+            return next(self._updates())
         if atom == "consensus":
             changed = np.zeros(self.raw.shape, np.uint16)
             for m in self._updates():
@@ -285,7 +284,8 @@ def build_masks(base: TensorSource, spec: MaskSpec, runs: Sequence[TensorSource]
     computed = [p.name for p in plan.tensors]
     # every weight gets a mask; what is not a weight (an integer buffer) is never in a mask file
     names = [n for n in base.keys() if not not_a_weight(base, n)]
-    others = [n for n in names if n not in set(computed)]
+    done = set(computed)
+    others = [n for n in names if n not in done]
     small = [s for s in plan.skipped if s.category == SkipCategory.small]
     if not computed and small:
         what = f"k={spec.rank}" if spec.rank is not None else "k=default (min(64, min(m, n) // 16))"

@@ -173,7 +173,8 @@ class Scramble:
 
     def __init__(self, arch: Arch, layers: Iterable[int], seed: int, kinds: Iterable[Kind]):
         self.arch, self.seed = arch, int(seed)
-        self.kinds = tuple(k for k in Kind if k in set(kinds))
+        wanted = set(kinds)
+        self.kinds = tuple(k for k in Kind if k in wanted)
         self.layers = tuple(sorted(set(layers)))
         if not self.kinds:
             raise UsageError("nothing to do: choose at least one of --rotate-vo, --permute-heads, --permute-mlp")

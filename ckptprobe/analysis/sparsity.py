@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ckptprobe.analysis import kernels
-from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode
+from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, same_rule
 from ckptprobe.analysis.grouping import KEYS, grouped
 from ckptprobe.analysis.plan import Skipped, TensorPlan, Want, plan_tensors
 from ckptprobe.analysis.runner import buffer, forkable, opened, run_windows, scratch
@@ -119,7 +119,9 @@ def sparsity(base: TensorSource, finetuned: TensorSource, mode: CompareMode | No
 
     def looped(p: TensorPlan) -> bool:
         """Whether `count16_files` reads and counts this pair: then numpy is not needed for it."""
-        return count_files is not None and kernels.one_pass(p.info.dtype, p.runs[0].info.dtype, p.runs[0].mode)
+        dtype_b = p.runs[0].info.dtype
+        return count_files is not None and kernels.one_pass(p.info.dtype, dtype_b,
+                                                            same_rule(p.info.dtype, dtype_b, p.runs[0].mode, eta))
 
     if not all(looped(p) for p in plan.tensors):  # numpy (~0.1 s): imported once here, not in each forked worker
         import ckptprobe.analysis.update  # noqa: F401

@@ -287,11 +287,17 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
         return SVDRequest(values=not skip_values, k=kk, method=method)
 
     def load(source: TensorSource, chunk: list[tuple[str, int | None]]) -> np.ndarray:
-        mats = []
-        for unit in chunk:
+        """(B, m, n) float32, on CPU (the engine copies it to `dev`), each matrix written once: one matrix
+        alone (an embedding) is a view of the array `read_matrix` made, not a copy of it."""
+        out = None
+        for i, unit in enumerate(chunk):
             w = read_matrix(source, *unit)
-            mats.append(w.T if units[unit][1] else w)
-        return np.stack(mats)  # (B, m, n) float32, on CPU: the engine copies it to `dev`
+            w = np.ascontiguousarray(w.T if units[unit][1] else w)
+            if len(chunk) == 1:
+                return w[None]
+            out = np.empty((len(chunk), *w.shape), np.float32) if out is None else out
+            out[i] = w
+        return out
 
     def bytes_per_matrix(shape) -> int:  # base matrix and outputs are held while each fine-tune is decomposed
         kk = k or default_k(shape)
@@ -310,9 +316,10 @@ def spectrum(base: TensorSource, finetuned: Sequence[TensorSource], k: int | Non
             moved = [i for i, same in enumerate(_bitwise_equal(w0, w1)) if not same]
             comps = dict.fromkeys(range(len(chunk)))
             if moved:
-                b0m, w1 = _take(b0, moved), w1[moved]
+                every = len(moved) == len(chunk)  # the usual case: no copy of a subset
+                b0m, w1 = (b0, w1) if every else (_take(b0, moved), w1[moved])
                 b1 = decompose(w1, req, dev)
-                dw = (decompose(w1 - w0[moved], SVDRequest(values=True), dev).values[:, 0].tolist()
+                dw = (decompose(w1 - (w0 if every else w0[moved]), SVDRequest(values=True), dev).values[:, 0].tolist()
                       if bounds else None)
                 comps.update(zip(moved, _compare(b0m, b1, kk, src.ref, req.values, dw)))
             del w1

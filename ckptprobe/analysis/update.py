@@ -25,7 +25,7 @@ import numpy as np
 
 from ckptprobe.analysis import kernels
 from ckptprobe.analysis.bf16 import to_bf16_bits, to_float32
-from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode  # noqa: F401 (re-exported)
+from ckptprobe.analysis.choices import DEFAULT_ATOL, DEFAULT_ETA, CompareMode, default_mode, same_rule  # noqa: F401
 from ckptprobe.analysis.kernels import EXPONENT16, one_pass
 from ckptprobe.errors import UsageError
 
@@ -129,6 +129,7 @@ def update_mask(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode: 
     pass (`kernels`) when it can, and so does a pair with a float32 side (`wide_pair`) that
     holds no inf or NaN.
     """
+    mode = same_rule(dtype_a, dtype_b, mode, eta)
     if wide_pair(dtype_a, dtype_b, mode) and a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous:
         changed = np.zeros(a.shape, bool)  # bit 0 of each byte: a bool array
         if mark_wide(a, b, dtype_a, dtype_b, mode, 0, changed.view(np.uint8)) == 0:
@@ -171,8 +172,7 @@ def count_changes(a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, mode
     Two float32 checkpoints compared bitwise, and a bf16 one against a float32 one in bf16
     mode (the default for that pair), take one compiled pass as well.
     """
-    if mode == CompareMode.bf16 and dtype_a == dtype_b == "BF16":  # rounding bf16 to bf16 changes nothing
-        mode = CompareMode.bitwise
+    mode = same_rule(dtype_a, dtype_b, mode, eta)
     exp = EXPONENT16.get(dtype_a) if mode == CompareMode.bitwise and dtype_a == dtype_b else None
     compiled = kernels.compiled if a.flags.c_contiguous and b.flags.c_contiguous else None
     if exp is None:

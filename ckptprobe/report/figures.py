@@ -63,13 +63,19 @@ def block_average(m: np.ndarray, max_size: int = 256) -> np.ndarray:
     """Shrink a 2-D array to at most `max_size` per side by averaging blocks (for heatmaps of big matrices).
 
     (R, C) -> (ceil(R/b), ceil(C/b)) with one block size b for both axes so aspect is kept;
-    partial edge blocks average what they hold.
+    partial edge blocks average what they hold, and NaN entries are left out of their block's mean.
+    Summed a strip of b rows at a time: an embedding's mask costs no float64 copy of itself.
     """
-    m = np.asarray(m, dtype=np.float64)
+    m = np.asarray(m)
     b = max(1, -(-max(m.shape) // max_size))
-    if b == 1:
-        return m
-    rows, cols = -(-m.shape[0] // b), -(-m.shape[1] // b)
-    padded = np.full((rows * b, cols * b), np.nan)
-    padded[:m.shape[0], :m.shape[1]] = m
-    return np.nanmean(padded.reshape(rows, b, cols, b), axis=(1, 3))
+    if b == 1 or m.size == 0:
+        return m.astype(np.float64)
+    cols = np.arange(0, m.shape[1], b)
+    total, count = [], []
+    for r in range(0, m.shape[0], b):
+        strip = m[r:r + b]
+        valid = ~np.isnan(strip) if strip.dtype.kind in "fc" else np.ones(strip.shape, bool)
+        total.append(np.add.reduceat(np.where(valid, strip, 0).sum(axis=0, dtype=np.float64), cols))
+        count.append(np.add.reduceat(valid.sum(axis=0), cols))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a block of NaN only: NaN
+        return np.array(total) / np.array(count)

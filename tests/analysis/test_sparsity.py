@@ -69,6 +69,21 @@ def test_planted_counts(engine, tiny_pair, layout):
     assert 0.7 < r.total.sparsity < 0.9  # 10% / 30% of entries were bumped
 
 
+@pytest.mark.parametrize("eta", [1e-3, 0.1])
+def test_eta_on_bf16_counts_the_planted_changes(engine, tiny_pair, eta):
+    """eta 1e-3 < 2^-8 is the bitwise rule on bf16 (one compiled pass); 0.1 is not, and lets one-ULP
+    changes of every weight through: each count against the rule on the float64 values."""
+    base, ft = open_source(str(tiny_pair.base)), open_source(str(tiny_pair.ft))
+    r = sparsity(base, ft, CompareMode.eta, eta=eta)
+    for t in r.tensors:
+        a = bf16_bits_to_float32(base.get_array(t.name)).astype(np.float64)
+        b = bf16_bits_to_float32(ft.get_array(t.name)).astype(np.float64)
+        want = int(np.count_nonzero(np.abs(b - a) > eta * np.maximum(np.abs(a), np.abs(b))))
+        assert (t.counts.changed, t.mode) == (want, "eta"), t.name
+    planted = sum(int(m.sum()) for m in tiny_pair.changed.values())
+    assert r.total.changed == (planted if eta < 2 ** -8 else 0)
+
+
 def test_windows_and_workers_do_not_change_counts(engine, tiny_pair, monkeypatch):
     a, b = open_source(str(tiny_pair.base)), open_source(str(tiny_pair.ft))
     reference = sparsity(a, b).to_dict()

@@ -169,6 +169,22 @@ def test_eta_rule_every_bf16_neighbour():
             assert not nonfinite.any()
 
 
+@pytest.mark.parametrize("eta", [0.0, 1e-3, 2.0 ** -8 * (1 - 2 ** -20), 2.0 ** -8, 0.01])
+def test_eta_on_bf16_is_bitwise_below_one_step_only(eta):
+    """Two bf16 sides with eta < 2^-8 take the bitwise loops (the same rule, `choices.same_rule`); at 2^-8 the
+    step from 255/128 to 2 (exactly 2^-8 of the larger) passes the rule, so from there on the values decide.
+    Against the rule in exact rational arithmetic, every mantissa step of two binades, both signs."""
+    a = np.concatenate([np.arange(0x3F00, 0x4080, dtype=np.uint16), np.arange(0xBF00, 0xC080, dtype=np.uint16)])
+    b = a + np.uint16(1)
+    want = np.array([abs(Fraction(bf16_value(y)) - Fraction(bf16_value(x)))
+                     > Fraction(eta) * max(abs(Fraction(bf16_value(x))), abs(Fraction(bf16_value(y))))
+                     for x, y in zip(a.tolist(), b.tolist())])
+    changed, nonfinite = update_mask(a, b, "BF16", "BF16", CompareMode.eta, eta=eta)
+    np.testing.assert_array_equal(changed, want)
+    assert count_changes(a, b, "BF16", "BF16", CompareMode.eta, eta=eta) == (int(want.sum()), 0)
+    assert want.all() == (eta < 2.0 ** -8)  # the boundary: at 2^-8 the 255/128 -> 2 step is "unchanged"
+
+
 def test_f16_one_ulp_can_pass_the_eta_rule():
     """fp16 keeps 11 significant bits: near the top of a binade one ULP is < 1e-3 relative, so
     the eta rule and bitwise comparison differ there (they only coincide for bf16)."""
