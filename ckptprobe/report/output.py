@@ -104,6 +104,25 @@ class Table:
             t.add_row(*row)
         return t
 
+    def text(self) -> str:
+        """The table as `rich()` draws it at unbounded width (a pipe, a file), drawn here: rich takes ~1 ms
+        a row, which a per-tensor table of a MoE checkpoint (tens of thousands of rows) makes minutes."""
+        cells = [[fmt_num(r.get(c)) for c in self.columns] for r in self.rows]
+        widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(self.columns)]
+        left = [c in TEXT_COLUMNS for c in self.columns]
+
+        def line(values: Sequence[str], bar: str) -> str:
+            padded = (v.ljust(w) if text else v.rjust(w) for v, w, text in zip(values, widths, left))
+            return f"{bar} " + f" {bar} ".join(padded) + f" {bar}"
+
+        def rule(first: str, fill: str, cross: str, last: str) -> str:
+            return first + cross.join(fill * (w + 2) for w in widths) + last
+
+        lines = [self.title] if self.title else []
+        lines += [rule("┏", "━", "┳", "┓"), line(self.columns, "┃"), rule("┡", "━", "╇", "┩")]
+        lines += [line(row, "│") for row in cells] + [rule("└", "─", "┴", "┘")]
+        return "\n".join(lines + ([self.caption] if self.caption else [])) + "\n"
+
 
 def table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None, caption: str | None = None) -> Table:
     """A table of `rows` (dicts) with `columns` (default: the first row's keys)."""
@@ -113,7 +132,13 @@ def table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None
 def show(t: Table, console=None) -> None:
     """Print a table: on a narrow terminal text columns wrap, but numbers are never cut: a table that
     cannot fit is printed wider than the terminal (which then wraps its lines)."""
+    if console is None and not sys.stdout.isatty():  # a pipe or a file: nothing to fit, and rich not even loaded
+        sys.stdout.write(t.text())
+        return
     console = console or _stream(False)
+    if console.width >= UNBOUNDED:  # off a terminal (as rich sees it): nothing to wrap, no need for rich's layout
+        console.file.write(t.text())
+        return
     t = t.rich()
     width = console.width
     if t.min_width and t.min_width > width:
@@ -171,12 +196,9 @@ def emit(fmt: Format, data: dict, rows: Sequence[dict], tables: Sequence[Table],
     """Write `data` (json), `rows` (csv) or `tables` (table) to `output` or stdout."""
     if fmt == Format.table:
         if output:
-            from rich.console import Console
-
             with atomic_write(output, "w") as f:
-                c = Console(file=f, width=UNBOUNDED, soft_wrap=True)
                 for t in tables:
-                    c.print(t.rich())
+                    f.write(t.text())
             print(f"wrote {output}", file=sys.stderr)
         else:
             for t in tables:
