@@ -34,6 +34,7 @@ from ckptprobe.io.maskfile import MaskFile
 from ckptprobe.io.names import LAYER, TOWERS, parse_name
 
 ROW_BLOCKS = 64  # axolotl: each matrix is cut into at most this many row blocks (fewer, longer ranges)
+MIN_BLOCK = 1 << 16  # axolotl: and none of fewer entries (the 6,400 small experts of a MoE: a line each, not 32)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _axolotl(masks: MaskFile, names: list[str], capacity: int):
             continue
         per_row = masks.mask(n).reshape(shape[0], -1).sum(axis=1)  # (rows,)
         width = int(np.prod(shape[1:]))
-        step = -(-shape[0] // ROW_BLOCKS)
+        step = max(-(-shape[0] // ROW_BLOCKS), -(-MIN_BLOCK // width))
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             units.append(_Unit((order, start), (stop - start) * width, int(per_row[start:stop].sum()), (n, (start, stop))))

@@ -56,6 +56,7 @@ def test_axolotl_row_ranges_known_answer(rows_file, monkeypatch):
     import ckptprobe.analysis.coarse as coarse
 
     monkeypatch.setattr(coarse, "ROW_BLOCKS", 8)  # one row per block
+    monkeypatch.setattr(coarse, "MIN_BLOCK", 1)
     total = 3 * 64 + 8
     result = coarse_export(rows_file, Target.axolotl, budget=(64 + 8 + 32) / total)
     patterns = yaml.safe_load(result.text)["unfrozen_parameters"]
@@ -65,6 +66,30 @@ def test_axolotl_row_ranges_known_answer(rows_file, monkeypatch):
     unfrozen = axolotl_unfrozen(patterns, {n: rows_file.shape(n) for n in rows_file.keys()})
     check_coverage(result, rows_file, unfrozen)
     assert result.coverage.kept_fraction == 1.0 and result.coverage.extra == 0
+
+
+def test_axolotl_keeps_small_matrices_whole(tmp_path):
+    """Blocks of fewer than MIN_BLOCK entries are not cut: a MoE's small experts (32 x 64 here) are a line
+    each, while a big matrix is still cut into ROW_BLOCKS row ranges (2048 x 2048: 32 rows a block)."""
+    import ckptprobe.analysis.coarse as coarse
+
+    rng = np.random.default_rng(0)
+    masks = {f"layers.0.mlp.experts.{e}.down_proj.weight": rng.random((32, 64)) < (0.9 if e % 2 else 0.01)
+             for e in range(8)}
+    big = np.zeros((2048, 2048), bool)
+    big[:100] = True  # blocks 0-2 whole, block 3 (rows 96-127) holds 4 trainable rows
+    masks["layers.0.self_attn.o_proj.weight"] = big
+    write_masks(tmp_path / "m.safetensors", masks, {"kind": "test"}, {n: f"BF16:{i}" for i, n in enumerate(masks)})
+    mf = read_masks(tmp_path / "m.safetensors")
+    assert 32 * 64 < coarse.MIN_BLOCK == 2048 * 2048 // coarse.ROW_BLOCKS
+    total = 8 * 32 * 64 + 2048 * 2048
+    fits = 4 * 32 * 2048 + 4 * 32 * 64  # the four blocks and the four dense experts; not one more expert
+    result = coarse_export(mf, Target.axolotl, budget=(fits + 1000) / total)
+    patterns = yaml.safe_load(result.text)["unfrozen_parameters"]
+    assert patterns == [*(f"^layers.0.mlp.experts.{e}.down_proj.weight$" for e in (1, 3, 5, 7)),
+                        "^layers.0.self_attn.o_proj.weight$[0:128]"]
+    assert len(result.units) == 8  # four experts and four blocks, not 32 one-row units an expert
+    check_coverage(result, mf, axolotl_unfrozen(patterns, {n: mf.shape(n) for n in mf.keys()}))
 
 
 def test_spectrum_whole_tensors(rows_file):
