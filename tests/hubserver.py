@@ -25,10 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
@@ -340,3 +343,18 @@ def use_fake_hub(hub: FakeHub, tmp_path, monkeypatch) -> FakeHub:
         monkeypatch.delenv(var, raising=False)
     hub.reset()
     return hub
+
+
+@contextmanager
+def silent_endpoint(monkeypatch, timeout: float = 0.3) -> Iterator[str]:
+    """An endpoint that accepts connections (the kernel's backlog) and never answers, set as the client's
+    with `timeout` as HF_HUB_DOWNLOAD_TIMEOUT; yields its URL."""
+    import huggingface_hub.constants as c
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        monkeypatch.setattr(c, "ENDPOINT", url)
+        monkeypatch.setattr(c, "HF_HUB_DOWNLOAD_TIMEOUT", timeout)
+        yield url

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factory import bump, one_line_error
-from hubserver import FakeHub, commit_of, files_of, use_fake_hub
+from hubserver import FakeHub, commit_of, files_of, silent_endpoint, use_fake_hub
 
 from ckptprobe.analysis.sparsity import sparsity
 from ckptprobe.cli import main
@@ -306,14 +306,7 @@ def test_unreachable_endpoint_fails_fast(hf, capsys, monkeypatch):
 
 
 def test_silent_endpoint_times_out(hf, capsys, monkeypatch):
-    import huggingface_hub.constants as c
-
-    with socket.socket() as s:  # accepts connections (the kernel's backlog) but never answers
-        s.bind(("127.0.0.1", 0))
-        s.listen(8)
-        silent = f"http://127.0.0.1:{s.getsockname()[1]}"
-        monkeypatch.setattr(c, "ENDPOINT", silent)
-        monkeypatch.setattr(c, "HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
+    with silent_endpoint(monkeypatch) as silent:
         t0 = time.perf_counter()
         code, _, err = cli(capsys, "sparsity", "org/base", "org/ft")
         assert time.perf_counter() - t0 < 5

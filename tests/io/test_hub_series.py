@@ -9,14 +9,13 @@ local folders; every way must give the same numbers as the local files.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from factory import bump, one_line_error, run_error
-from hubserver import FakeHub, files_of, use_fake_hub
+from hubserver import FakeHub, files_of, silent_endpoint, use_fake_hub
 
 from ckptprobe.cli import main
 from ckptprobe.errors import CheckpointNotFoundError, DeviceError
@@ -149,14 +148,7 @@ def test_paginated_tree_lists_every_folder(hf, monkeypatch):
 @pytest.mark.parametrize("pattern, label", [("org/steps@step-*", "org/steps@step-*"),
                                             ("org/verl:global_step_*/actor", "org/verl@main:global_step_*/actor")])
 def test_series_on_silent_endpoint_times_out(hf, capsys, monkeypatch, pattern, label):
-    import huggingface_hub.constants as c
-
-    with socket.socket() as s:  # accepts connections (the kernel's backlog) but never answers
-        s.bind(("127.0.0.1", 0))
-        s.listen(8)
-        silent = f"http://127.0.0.1:{s.getsockname()[1]}"
-        monkeypatch.setattr(c, "ENDPOINT", silent)
-        monkeypatch.setattr(c, "HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
+    with silent_endpoint(monkeypatch) as silent:
         t0 = time.perf_counter()
         run_error(capsys, ["drift", "org/steps", pattern], label,
                   f"{silent} did not answer within HF_HUB_DOWNLOAD_TIMEOUT=0.3 s")
