@@ -34,7 +34,8 @@ from ckptprobe.io.maskfile import MaskFile
 from ckptprobe.io.names import LAYER, TOWERS, parse_name
 
 ROW_BLOCKS = 64  # axolotl: each matrix is cut into at most this many row blocks (fewer, longer ranges)
-MIN_BLOCK = 1 << 16  # axolotl: and none of fewer entries (the 6,400 small experts of a MoE: a line each, not 32)
+MIN_BLOCK = 1 << 16  # axolotl: and none of fewer entries (the 6,400 small experts of a MoE: a line each, not 32),
+# unless the budget is so small that such blocks would not fit in it: then 1/ROW_BLOCKS of the budget
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def coarse_export(masks: MaskFile, target: Target, budget: float) -> CoarseExpor
 
 
 def _axolotl(masks: MaskFile, names: list[str], capacity: int):
-    units = []
+    units, least = [], max(1, min(MIN_BLOCK, capacity // ROW_BLOCKS))  # entries a block holds at least
     for order, n in enumerate(names):
         shape = masks.shape(n)
         if len(shape) < 2 or shape[0] < 2:
@@ -138,7 +139,7 @@ def _axolotl(masks: MaskFile, names: list[str], capacity: int):
             continue
         per_row = masks.mask(n).reshape(shape[0], -1).sum(axis=1)  # (rows,)
         width = int(np.prod(shape[1:]))
-        step = max(-(-shape[0] // ROW_BLOCKS), -(-MIN_BLOCK // width))
+        step = max(-(-shape[0] // ROW_BLOCKS), -(-least // max(width, 1)))  # a (64, 0) matrix has no width
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
             units.append(_Unit((order, start), (stop - start) * width, int(per_row[start:stop].sum()), (n, (start, stop))))

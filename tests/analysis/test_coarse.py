@@ -69,8 +69,9 @@ def test_axolotl_row_ranges_known_answer(rows_file, monkeypatch):
 
 
 def test_axolotl_keeps_small_matrices_whole(tmp_path):
-    """Blocks of fewer than MIN_BLOCK entries are not cut: a MoE's small experts (32 x 64 here) are a line
-    each, while a big matrix is still cut into ROW_BLOCKS row ranges (2048 x 2048: 32 rows a block)."""
+    """No block holds fewer than MIN_BLOCK entries or 1/ROW_BLOCKS of the budget (4,239 here): a MoE's small
+    experts (32 x 64) are a line each, while a big matrix is still cut into ROW_BLOCKS row ranges (2048 x 2048:
+    32 rows a block). A tiny budget still gets row ranges (test_tensors_without_entries)."""
     import ckptprobe.analysis.coarse as coarse
 
     rng = np.random.default_rng(0)
