@@ -83,9 +83,9 @@ TokenOpt = Annotated[Optional[str], typer.Option(
     "--token", envvar="HF_TOKEN", show_envvar=True, metavar="TOKEN",
     help="Hub token for gated or private repos; default: HF_TOKEN, then the token saved by `hf auth login`.")]
 DownloadOpt = Annotated[bool, typer.Option(
-    "--download", help="Hub: download every shard whole into the Hub cache (one at a time) instead of reading "
-                       "only the needed byte ranges; faster for repeated runs, and what a later HF_HUB_OFFLINE=1 "
-                       "run reads.")]
+    "--download", help="Hub: download whole shards (those the run reads) into the Hub cache, one at a time, "
+                       "instead of reading only the needed byte ranges; faster for repeated runs, and what a later "
+                       "HF_HUB_OFFLINE=1 run reads.")]
 StripPrefixOpt = Annotated[Optional[str], typer.Option(
     "--strip-prefix", metavar="PREFIX",
     help="Remove PREFIX from the tensor names of every checkpoint after BASE, e.g. `model.` to compare a "

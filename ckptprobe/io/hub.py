@@ -6,11 +6,11 @@ file, 8 bytes and the header, and later only the byte ranges of the tensors aske
 comparing one layer of two 14 GB repos moves that layer, not 28 GB.
 
 With `download=True` whole files go into the Hub cache instead (`hf_hub_download`, one
-at a time, when the repo is opened) and are read from there, with no range request: a
-server or proxy that answers ranges badly still works. Files already in the cache are
-always read from it, and with HF_HUB_OFFLINE=1 the cache is the only source: no request
-is made at all, and series patterns (`matching_revisions`, `matching_folders`) match
-what the cache holds.
+at a time, when a tensor of the file is first read) and are read from there; a server or
+proxy that answers the header's range request badly gets the whole file at once. Files
+already in the cache are always read from it, and with HF_HUB_OFFLINE=1 the cache is the
+only source: no request is made at all, and series patterns (`matching_revisions`,
+`matching_folders`) match what the cache holds.
 
 URLs, auth headers, the endpoint (HF_ENDPOINT), the cache and error types are the
 `huggingface_hub` client's own. Only this module imports it, so local runs do not pay
@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,6 +46,8 @@ TOKEN_HINT = "pass --token or set HF_TOKEN (or run `hf auth login`)"
 NETWORK_HINT = ("check the network and HF_ENDPOINT; to read files already in the Hub cache (from an earlier "
                 "--download run), set HF_HUB_OFFLINE=1")
 OFFLINE_HINT = "run once online with --download to fill the Hub cache, or unset HF_HUB_OFFLINE"
+
+_download_lock = threading.Lock()  # --download fetches one whole file at a time
 
 
 class HubSource:
@@ -171,8 +174,12 @@ class HubSource:
         cached = try_to_load_from_cache(self.repo_id, path, revision=self.commit)
         if isinstance(cached, str):
             return SafetensorsFile(cached)
-        # With --download even the header comes from the whole file: no range request at all.
-        return SafetensorsFile(self._fetch(path)) if self._download else _RemoteFile(self, path)
+        try:  # the header by range request; with --download, the whole file at its first tensor read
+            return _RemoteFile(self, path)
+        except _RangesRefused:
+            if not self._download:
+                raise
+        return SafetensorsFile(self._fetch(path))  # a server or proxy that answers ranges badly: the whole file
 
     def _read_text(self, path: str) -> str:
         cached = try_to_load_from_cache(self.repo_id, path, revision=self.commit)
@@ -199,14 +206,14 @@ class HubSource:
                 data = r.read()
                 return data, len(data)
             if r.status_code != 206:  # checked before reading: a 200 would be the whole file
-                raise HubError(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range request "
-                               f"with HTTP {r.status_code}, not 206", hint="use --download")
+                raise _RangesRefused(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range request "
+                                     f"with HTTP {r.status_code}, not 206", hint="use --download")
             content_range = r.headers.get("Content-Range", "")
             m = _CONTENT_RANGE.fullmatch(content_range.strip())
             if m is None:  # `bytes a-b/*` (size unknown) or no header: the header's offsets cannot be checked
-                raise HubError(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range request "
-                               f"without the file's size (Content-Range: {content_range[:60]!r})",
-                               hint="use --download")
+                raise _RangesRefused(f"{self._label}: {filename}: {constants.ENDPOINT} answered a byte-range "
+                                     f"request without the file's size (Content-Range: {content_range[:60]!r})",
+                                     hint="use --download")
             size = int(m[1])
             data = r.read()
         if len(data) != min(stop, size) - start:
@@ -352,11 +359,20 @@ def _match_segments(parts: list[str], segments: list[str]) -> bool:
     return len(parts) == len(segments) and all(fnmatch.fnmatchcase(p, s) for p, s in zip(parts, segments))
 
 
+class _RangesRefused(HubError):
+    """The server (or a proxy) answered a byte-range request with the whole file or without its size."""
+
+
 class _RemoteFile:
-    """One safetensors file of a Hub repo: header fetched at open, tensors by byte range."""
+    """One safetensors file of a Hub repo: header fetched at open, tensors by byte range.
+
+    With `download`, the first read fetches the whole file into the Hub cache and every read is
+    then served from there: a run reading one layer with --include fetches only its shards.
+    """
 
     def __init__(self, hub: HubSource, filename: str):
         self._hub, self.filename = hub, filename
+        self._local: SafetensorsFile | None = None
         what = f"{hub._label}: {filename}"
         head, size = hub._get(filename, 0, 8)
         n = header_length(head, size, what)
@@ -371,8 +387,16 @@ class _RemoteFile:
         return self._infos[name]
 
     def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        if self._hub._download:
+            return self._downloaded().read(name, start, stop, out)
         dtype, begin, end = byte_span(self._infos[name], self._data_start + self._offsets[name][0], start, stop)
         if end <= begin:
             return np.empty(0, dtype)
         data, _ = self._hub._get(self.filename, begin, end)
         return np.frombuffer(data, dtype)
+
+    def _downloaded(self) -> SafetensorsFile:
+        with _download_lock:  # reader threads share the file: one download, one at a time
+            if self._local is None:
+                self._local = SafetensorsFile(self._hub._fetch(self.filename))
+        return self._local
