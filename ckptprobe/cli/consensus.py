@@ -70,12 +70,11 @@ def consensus(
 
     `ckptprobe consensus base/ rl-1/ rl-2/ --by tensor --include '*.layers.13.*'`
     """
-    from ckptprobe.cli._common import configure_threads
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, expand_series, head_dim_of, labels,
+                                       open_sources, pick_layer, report_skipped, require_some, tolerances, wrote)
 
-    configure_threads(threads, workers)  # first: before numpy starts its BLAS
+    configure_threads(threads, workers)  # before the analysis imports numpy: its BLAS then starts no thread
     from ckptprobe.analysis.consensus import consensus as run
-    from ckptprobe.cli._common import (check_output, check_plot, expand_series, head_dim_of, labels, open_sources,
-                                       pick_layer, report_skipped, require_some, tolerances, wrote)
     from ckptprobe.cli._common import emit as emit_result
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import fmt_num, progress_bar, table, warn

@@ -50,12 +50,11 @@ def drift(
 
     `ckptprobe drift $(ckptprobe demo --path base) $(ckptprobe demo --path rl-1-step050) $(ckptprobe demo --path rl-1)`
     """
-    from ckptprobe.cli._common import configure_threads
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, labels,
+                                       open_sources, report_skipped, require_some, wrote)
 
-    configure_threads(threads, workers)  # first: before numpy starts its BLAS
+    configure_threads(threads, workers)  # before the analysis imports numpy: its BLAS then starts no thread
     from ckptprobe.analysis.drift import drift as run
-    from ckptprobe.cli._common import (check_output, check_plot, emit, expand_series, labels, open_sources,
-                                       report_skipped, require_some, wrote)
     from ckptprobe.report.output import progress_bar, table, warn
 
     out = check_output(fmt, output, verbose)

@@ -187,8 +187,8 @@ def info(
     `ckptprobe masks info safe.safetensors --base ./base --format json`
     """
     from ckptprobe.analysis.masks import TensorMask, fingerprint_as, group_densities
-    from ckptprobe.cli._common import check_output, emit, open_sources
     from ckptprobe.analysis.weights import not_a_weight
+    from ckptprobe.cli._common import check_output, emit, open_sources
     from ckptprobe.io.maskfile import check_against, read_masks
     from ckptprobe.io.names import parse_name
     from ckptprobe.report.output import table, warn

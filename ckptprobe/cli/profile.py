@@ -57,12 +57,12 @@ def profile(
 
     `ckptprobe profile base/ run/step-*/ --smooth 9 -o profile.json`
     """
-    from ckptprobe.cli._common import configure_threads
+    from ckptprobe.cli._common import (check_output, check_plot, configure_threads, emit, expand_series, head_dim_of,
+                                       labels, open_sources, pick_layer, report_skipped, require_some, tolerances,
+                                       wrote)
 
-    configure_threads(threads, workers)  # first: before numpy starts its BLAS
+    configure_threads(threads, workers)  # before the analysis imports numpy: its BLAS then starts no thread
     from ckptprobe.analysis.profile import profile as run
-    from ckptprobe.cli._common import (check_output, check_plot, emit, expand_series, head_dim_of, labels,
-                                       open_sources, pick_layer, report_skipped, require_some, tolerances, wrote)
     from ckptprobe.errors import UsageError
     from ckptprobe.report.output import progress_bar, table, warn
 

@@ -48,11 +48,11 @@ def sparsity(
 
     `ckptprobe sparsity org/base org/ft@v2 --include '*.layers.13.*'`
     """
-    from ckptprobe.cli._common import configure_threads
+    from ckptprobe.cli._common import (check_output, configure_threads, emit, open_sources, report_skipped,
+                                       require_some, tolerances)
 
-    configure_threads(threads, workers)  # first: before numpy starts its BLAS
+    configure_threads(threads, workers)  # before the analysis imports numpy: its BLAS then starts no thread
     from ckptprobe.analysis.sparsity import sparsity as run
-    from ckptprobe.cli._common import check_output, emit, open_sources, report_skipped, require_some, tolerances
     from ckptprobe.report.output import progress_bar, table
 
     eta, atol = tolerances(mode, eta, atol)

@@ -26,14 +26,15 @@ from ckptprobe.io.writer import atomic_write, write_safetensors
 Transform = Callable[[str, TensorInfo, np.ndarray], np.ndarray]
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """The model's safetensors files in the folder (`model_files`), in order: the index's shards, or the files."""
+def shard_files(folder: Path) -> tuple[str | None, list[Path]]:
+    """The model's index in the folder (None without one) and its safetensors files, in order: the index's
+    shards, or the files (`model_files`)."""
     open_folder(folder)  # validates the index, the shards and that no tensor is held twice
     index, files = model_files([p.name for p in folder.iterdir()], str(folder))
     if index:
         weight_map = json.loads((folder / index).read_text())["weight_map"]
-        return [folder / s for s in sorted(set(map(str, weight_map.values())))]
-    return [folder / f for f in files]
+        return index, [folder / s for s in sorted(set(map(str, weight_map.values())))]
+    return None, [folder / f for f in files]
 
 
 def check_output_folder(base: Path, out: Path) -> None:
@@ -86,7 +87,7 @@ def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: T
         raise CheckpointNotFoundError(f"{base}: not a local checkpoint folder",
                                       hint="download a Hub model first, e.g. `hf download ORG/NAME --local-dir DIR`")
     check_output_folder(base, out)
-    shards = shard_files(base)
+    index, shards = shard_files(base)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (extra_files or {}).items():
         with atomic_write(out / name, "w") as f:
@@ -99,7 +100,6 @@ def rewrite_folder(base: str | os.PathLike, out: str | os.PathLike, transform: T
         if progress:
             progress(f"wrote {out / path.name}")
     written = {p.name for p in shards} | set(extra_files or {})
-    index = model_files([p.name for p in base.iterdir()], str(base))[0]
     for path in sorted(base.iterdir()):
         if path.name in written or not path.is_file() or path.name.startswith("."):
             continue

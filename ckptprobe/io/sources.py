@@ -87,9 +87,9 @@ def open_folder(folder: Path) -> MultiFileSource:
         return MultiFileSource(str(folder), shards, weight_map)
     if files:
         return MultiFileSource(str(folder), _open_files(folder / f for f in files))
-    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        _refuse_pickle(pickles[0])
+        _refuse_pickle(folder / pickles[0])
     raise CheckpointNotFoundError(f"{folder}: folder holds no *.safetensors files")
 
 
